@@ -1,0 +1,140 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wcc",
+    version,
+    about = "A compiler for trained ONNX models: rewrite, verify, write."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Rewrite a model with an optimization pipeline, verify it, and write it.
+    Optimize(OptimizeArgs),
+    /// Print the canonical text form of a model (stable, diff-friendly).
+    Print { model: PathBuf },
+    /// Summarize a model: ops, parameters and bytes by dtype, opsets, inputs and outputs.
+    Inspect {
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run two models on the same inputs and compare their outputs.
+    Verify {
+        reference: PathBuf,
+        candidate: PathBuf,
+        #[command(flatten)]
+        exec: ExecArgs,
+        #[command(flatten)]
+        gate: GateArgs,
+    },
+    /// Run a model and write its outputs to an .npz file.
+    Run {
+        model: PathBuf,
+        #[command(flatten)]
+        exec: ExecArgs,
+        /// Where to write the outputs (.npz).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// List the passes and the -O levels that include them.
+    Passes,
+    /// Measure a model's latency on a backend.
+    Bench {
+        model: PathBuf,
+        #[command(flatten)]
+        exec: ExecArgs,
+        /// Timed runs.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Untimed warm-up runs.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    Tract,
+    Ort,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Ep {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+/// How models are run (verification, gates, bench).
+#[derive(Args, Debug, Clone)]
+pub struct ExecArgs {
+    /// Backend: tract (embedded) or ort (ONNX Runtime).
+    #[arg(long, value_enum, default_value = "tract")]
+    pub backend: BackendKind,
+    /// Execution provider for --backend ort. Selecting cuda or tensorrt implies --backend ort.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub ep: Ep,
+    /// ONNX Runtime shared library (else ORT_DYLIB_PATH, else Python's onnxruntime).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// Inputs as an .npz file with one array per graph input (else seeded random inputs).
+    #[arg(long)]
+    pub inputs: Option<PathBuf>,
+    /// Symbolic dims for random inputs, e.g. batch=8,seq=128.
+    #[arg(long)]
+    pub dim: Option<String>,
+    /// Seed for random inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Fidelity gates: failing one is exit 1 and no output.
+#[derive(Args, Debug, Clone, Default)]
+pub struct GateArgs {
+    /// Every output's cosine similarity to the original must be at least this.
+    #[arg(long)]
+    pub min_cosine: Option<f64>,
+    /// Every output's relative L2 error against the original must be at most this.
+    #[arg(long)]
+    pub max_rel_error: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct OptimizeArgs {
+    pub model: PathBuf,
+    /// Optimization level: 0 (round trip) or 1 (lossless cleanup).
+    #[arg(short = 'O', default_value = "1", value_parser = ["0", "1"])]
+    pub level: String,
+    /// Output path (default: <input stem>.opt.onnx beside the input).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Run these passes (comma-separated, see `wcc passes`) instead of the level's pipeline.
+    #[arg(long, value_delimiter = ',')]
+    pub passes: Option<Vec<String>>,
+    /// Write a JSON report (per-pass statistics, fidelity) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Write tensors ≥ 1 KiB to <output>.data (automatic above 2 GB).
+    #[arg(long)]
+    pub external_data: bool,
+    /// Print the graph after this pass (or `all`) to stderr.
+    #[arg(long)]
+    pub dump_after: Option<String>,
+    /// Skip running original and result (no fidelity figures; not allowed with a gate).
+    #[arg(long)]
+    pub no_verify: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+    #[command(flatten)]
+    pub gate: GateArgs,
+}

@@ -1,0 +1,297 @@
+//! IR → ONNX. Writes through a temporary file in the target folder and renames it, never over an
+//! input. Tensors go into an external data file with `external_data` set, or automatically when the
+//! model would pass protobuf's 2 GB limit; bytes are streamed from their source (mmap or memory).
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use onnx_protobuf::{
+    tensor_proto::DataLocation, tensor_shape_proto, type_proto, GraphProto, Message, ModelProto,
+    NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto,
+    TypeProto, ValueInfoProto,
+};
+
+use crate::error::{IrError, Result};
+use crate::model::{Dim, Graph, Model, Node, ValueInfo, ValueType};
+use crate::tensor::Tensor;
+
+/// Above this many bytes of tensor data a model cannot be one protobuf (2 GiB less a margin).
+pub const AUTO_EXTERNAL_BYTES: u64 = (2u64 << 30) - (64 << 20);
+/// Tensors below this size stay inline even when writing external data.
+pub const EXTERNAL_MIN_BYTES: u64 = 1024;
+const EXTERNAL_ALIGN: u64 = 4096;
+
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    /// Force tensors ≥ `EXTERNAL_MIN_BYTES` into `<output>.data`.
+    pub external_data: bool,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct SaveSummary {
+    pub model_bytes: u64,
+    pub external_file: Option<PathBuf>,
+    pub external_bytes: u64,
+}
+
+/// Total bytes of tensor data in the model (all graphs).
+pub fn tensor_bytes(model: &Model) -> u64 {
+    fn g(graph: &Graph) -> u64 {
+        graph
+            .initializers
+            .iter()
+            .map(|t| t.byte_size())
+            .sum::<u64>()
+            + graph
+                .nodes
+                .iter()
+                .flat_map(|n| &n.attributes)
+                .flat_map(|a| &a.graphs)
+                .map(g)
+                .sum::<u64>()
+    }
+    g(&model.graph)
+}
+
+/// The whole model as one in-memory protobuf with all data embedded (for small models and for
+/// handing to a runtime).
+pub fn to_proto(model: &Model) -> Result<ModelProto> {
+    let mut sink = None;
+    model_proto(model, &mut sink)
+}
+
+pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
+    to_proto(model)?
+        .write_to_bytes()
+        .map_err(|e| IrError::Other(format!("serializing: {e}")))
+}
+
+/// Writes the model to `path` atomically. Refuses to write over any file the model was read from.
+pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummary> {
+    let werr = |detail: String| IrError::Write {
+        path: path.into(),
+        detail,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| werr("not a file path".into()))?
+        .to_string_lossy()
+        .to_string();
+    let data_name = format!("{file_name}.data");
+    let data_path = dir.join(&data_name);
+    let cdir = dir
+        .canonicalize()
+        .map_err(|e| werr(format!("folder: {e}")))?;
+    for target in [cdir.join(&file_name), cdir.join(&data_name)] {
+        if model.sources.iter().any(|s| *s == target) {
+            return Err(werr(format!(
+                "{} is one of the input's files: refusing to overwrite it",
+                target.display()
+            )));
+        }
+    }
+    let external = opts.external_data || tensor_bytes(model) > AUTO_EXTERNAL_BYTES;
+
+    let mut tmp_data = None;
+    let mut sink = if external {
+        let f = tempfile::Builder::new()
+            .prefix(".wcc-")
+            .tempfile_in(&dir)
+            .map_err(|e| werr(format!("temporary file: {e}")))?;
+        let w = BufWriter::with_capacity(1 << 20, f.reopen().map_err(|e| werr(e.to_string()))?);
+        tmp_data = Some(f);
+        Some(ExternalSink {
+            location: data_name.clone(),
+            out: w,
+            offset: 0,
+        })
+    } else {
+        None
+    };
+    let proto = model_proto(model, &mut sink)?;
+    let mut external_bytes = 0;
+    if let Some(mut s) = sink {
+        s.out
+            .flush()
+            .map_err(|e| werr(format!("writing {}: {e}", data_path.display())))?;
+        external_bytes = s.offset;
+    }
+
+    let tmp = tempfile::Builder::new()
+        .prefix(".wcc-")
+        .tempfile_in(&dir)
+        .map_err(|e| werr(format!("temporary file: {e}")))?;
+    {
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+        proto
+            .write_to_writer(&mut w)
+            .map_err(|e| werr(format!("serializing: {e}")))?;
+        w.flush().map_err(|e| werr(e.to_string()))?;
+    }
+    let model_bytes = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(0);
+    let external_file = if let Some(d) = tmp_data {
+        d.persist(&data_path)
+            .map_err(|e| werr(format!("renaming into {}: {e}", data_path.display())))?;
+        Some(data_path)
+    } else {
+        None
+    };
+    tmp.persist(path)
+        .map_err(|e| werr(format!("renaming: {e}")))?;
+    Ok(SaveSummary {
+        model_bytes,
+        external_file,
+        external_bytes,
+    })
+}
+
+struct ExternalSink {
+    location: String,
+    out: BufWriter<File>,
+    offset: u64,
+}
+
+impl ExternalSink {
+    fn put(&mut self, t: &Tensor) -> Result<TensorProto> {
+        let werr = |e: std::io::Error| IrError::Other(format!("writing external data: {e}"));
+        let pad = (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
+        self.out.write_all(&vec![0u8; pad as usize]).map_err(werr)?;
+        self.offset += pad;
+        let bytes = t.raw_bytes()?;
+        self.out.write_all(&bytes).map_err(werr)?;
+        let mut p = t.header_proto();
+        let entry = |k: &str, v: String| StringStringEntryProto {
+            key: k.into(),
+            value: v,
+            ..Default::default()
+        };
+        p.external_data = vec![
+            entry("location", self.location.clone()),
+            entry("offset", self.offset.to_string()),
+            entry("length", bytes.len().to_string()),
+        ];
+        p.data_location = DataLocation::EXTERNAL.into();
+        self.offset += bytes.len() as u64;
+        Ok(p)
+    }
+}
+
+fn model_proto(model: &Model, sink: &mut Option<ExternalSink>) -> Result<ModelProto> {
+    let mut p = model.rest.clone();
+    p.ir_version = model.ir_version;
+    p.opset_import = model
+        .opset_imports
+        .iter()
+        .map(|(d, v)| OperatorSetIdProto {
+            domain: d.clone(),
+            version: *v,
+            ..Default::default()
+        })
+        .collect();
+    p.graph = protobuf::MessageField::some(graph_proto(&model.graph, sink)?);
+    p.functions = model.functions.clone();
+    Ok(p)
+}
+
+fn graph_proto(g: &Graph, sink: &mut Option<ExternalSink>) -> Result<GraphProto> {
+    let mut p = g.rest.clone();
+    p.name = g.name.clone();
+    p.node = g
+        .nodes
+        .iter()
+        .map(|n| node_proto(n, sink))
+        .collect::<Result<_>>()?;
+    p.initializer = g
+        .initializers
+        .iter()
+        .map(|t| match sink {
+            Some(s)
+                if t.byte_size() >= EXTERNAL_MIN_BYTES
+                    && t.dtype().is_ok_and(|d| d.bits().is_some()) =>
+            {
+                s.put(t)
+            }
+            _ => t.to_embedded_proto(),
+        })
+        .collect::<Result<_>>()?;
+    p.input = g.inputs.iter().map(value_info_proto).collect();
+    p.output = g.outputs.iter().map(value_info_proto).collect();
+    p.value_info = g.value_info.iter().map(value_info_proto).collect();
+    Ok(p)
+}
+
+fn node_proto(n: &Node, sink: &mut Option<ExternalSink>) -> Result<NodeProto> {
+    let mut p = n.rest.clone();
+    p.name = n.name.clone();
+    p.op_type = n.op_type.clone();
+    p.domain = n.domain.clone();
+    p.input = n.inputs.clone();
+    p.output = n.outputs.clone();
+    p.attribute = n
+        .attributes
+        .iter()
+        .map(|a| {
+            let mut ap = a.proto.clone();
+            use onnx_protobuf::attribute_proto::AttributeType;
+            match a.proto.type_.enum_value() {
+                Ok(AttributeType::GRAPH) if !a.graphs.is_empty() => {
+                    ap.g = protobuf::MessageField::some(graph_proto(&a.graphs[0], sink)?)
+                }
+                Ok(AttributeType::GRAPHS) => {
+                    ap.graphs = a
+                        .graphs
+                        .iter()
+                        .map(|g| graph_proto(g, sink))
+                        .collect::<Result<_>>()?
+                }
+                _ => {}
+            }
+            Ok(ap)
+        })
+        .collect::<Result<_>>()?;
+    Ok(p)
+}
+
+pub fn value_info_proto(v: &ValueInfo) -> ValueInfoProto {
+    let mut p = v.rest.clone();
+    p.name = v.name.clone();
+    p.type_ = match &v.ty {
+        ValueType::Missing => protobuf::MessageField::none(),
+        ValueType::Other(tp) => protobuf::MessageField::some(tp.clone()),
+        ValueType::Tensor(t) => {
+            let shape = t.shape.as_ref().map(|dims| TensorShapeProto {
+                dim: dims
+                    .iter()
+                    .map(|d| tensor_shape_proto::Dimension {
+                        value: match d {
+                            Dim::Known(v) => {
+                                Some(tensor_shape_proto::dimension::Value::DimValue(*v))
+                            }
+                            Dim::Sym(s) => {
+                                Some(tensor_shape_proto::dimension::Value::DimParam(s.clone()))
+                            }
+                            Dim::Unknown => None,
+                        },
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            });
+            protobuf::MessageField::some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: t.dtype.map(|d| d.code()).unwrap_or(0),
+                    shape: shape.into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+        }
+    };
+    p
+}

@@ -1,0 +1,345 @@
+//! ONNX → IR. Reads the protobuf, resolves external data through mmap (paths must stay inside the
+//! model's folder), and converts graphs recursively (subgraphs of If/Loop/Scan included).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use onnx_protobuf::{
+    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, Message, ModelProto, NodeProto, TensorProto, TypeProto,
+    ValueInfoProto,
+};
+
+use crate::dtype::DataType;
+use crate::error::{IrError, Result};
+use crate::model::{Attribute, Dim, Graph, Model, Node, TensorType, ValueInfo, ValueType};
+use crate::tensor::{ExternalSlice, Tensor};
+
+/// Reads a model file. External data is resolved relative to the file's folder.
+pub fn load(path: &Path) -> Result<Model> {
+    let file = File::open(path).map_err(|e| IrError::Io {
+        path: path.into(),
+        source: e,
+    })?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let proto = ModelProto::parse_from_reader(&mut reader).map_err(|e| IrError::Parse {
+        path: path.into(),
+        detail: e.to_string(),
+    })?;
+    let dir = path.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    });
+    let mut model = from_proto(proto, dir, path)?;
+    if let Ok(c) = path.canonicalize() {
+        model.sources.insert(0, c);
+    }
+    Ok(model)
+}
+
+/// Parses a model from bytes; external data is an error (there is no folder to resolve it in).
+pub fn load_bytes(bytes: &[u8]) -> Result<Model> {
+    let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| IrError::Parse {
+        path: "<memory>".into(),
+        detail: e.to_string(),
+    })?;
+    from_proto(proto, None, Path::new("<memory>"))
+}
+
+/// Converts a parsed ModelProto. `dir` is where external data files are looked up.
+pub fn from_proto(mut proto: ModelProto, dir: Option<&Path>, path: &Path) -> Result<Model> {
+    let gp = proto.graph.take().ok_or_else(|| IrError::Parse {
+        path: path.into(),
+        detail: "the model has no graph".into(),
+    })?;
+    if proto.ir_version >= 3 && proto.opset_import.is_empty() {
+        return Err(IrError::Parse {
+            path: path.into(),
+            detail: format!(
+                "IR version {} requires opset_import, and it is empty",
+                proto.ir_version
+            ),
+        });
+    }
+    let mut ctx = Importer {
+        dir: dir.map(Path::to_path_buf),
+        canonical_dir: None,
+        maps: HashMap::new(),
+    };
+    let graph = ctx.graph(gp)?;
+    let opset_imports = std::mem::take(&mut proto.opset_import)
+        .into_iter()
+        .map(|o| (normalize_domain(&o.domain), o.version))
+        .collect();
+    let functions = std::mem::take(&mut proto.functions);
+    let mut sources: Vec<PathBuf> = ctx.maps.keys().cloned().collect();
+    sources.sort();
+    Ok(Model {
+        ir_version: proto.ir_version,
+        opset_imports,
+        graph,
+        functions,
+        rest: proto,
+        sources,
+    })
+}
+
+fn normalize_domain(d: &str) -> String {
+    if d == "ai.onnx" {
+        String::new()
+    } else {
+        d.to_string()
+    }
+}
+
+struct Importer {
+    dir: Option<PathBuf>,
+    canonical_dir: Option<PathBuf>,
+    maps: HashMap<PathBuf, Arc<Mmap>>,
+}
+
+impl Importer {
+    fn graph(&mut self, mut g: GraphProto) -> Result<Graph> {
+        let nodes = std::mem::take(&mut g.node)
+            .into_iter()
+            .map(|n| self.node(n))
+            .collect::<Result<_>>()?;
+        let initializers = std::mem::take(&mut g.initializer)
+            .into_iter()
+            .map(|t| self.tensor(t))
+            .collect::<Result<_>>()?;
+        let inputs = std::mem::take(&mut g.input)
+            .into_iter()
+            .map(value_info)
+            .collect::<Result<_>>()?;
+        let outputs = std::mem::take(&mut g.output)
+            .into_iter()
+            .map(value_info)
+            .collect::<Result<_>>()?;
+        let value_info = std::mem::take(&mut g.value_info)
+            .into_iter()
+            .map(value_info)
+            .collect::<Result<_>>()?;
+        let name = std::mem::take(&mut g.name);
+        Ok(Graph {
+            name,
+            nodes,
+            inputs,
+            outputs,
+            value_info,
+            initializers,
+            rest: g,
+        })
+    }
+
+    fn node(&mut self, mut n: NodeProto) -> Result<Node> {
+        let attributes = std::mem::take(&mut n.attribute)
+            .into_iter()
+            .map(|a| self.attribute(a, &n.name))
+            .collect::<Result<_>>()?;
+        Ok(Node {
+            name: std::mem::take(&mut n.name),
+            op_type: std::mem::take(&mut n.op_type),
+            domain: normalize_domain(&std::mem::take(&mut n.domain)),
+            inputs: std::mem::take(&mut n.input),
+            outputs: std::mem::take(&mut n.output),
+            attributes,
+            rest: n,
+        })
+    }
+
+    fn attribute(&mut self, mut a: AttributeProto, node: &str) -> Result<Attribute> {
+        let mut graphs = vec![];
+        match a.type_.enum_value() {
+            Ok(AttributeType::GRAPH) => {
+                if let Some(g) = a.g.take() {
+                    graphs.push(self.graph(g)?);
+                }
+            }
+            Ok(AttributeType::GRAPHS) => {
+                for g in std::mem::take(&mut a.graphs) {
+                    graphs.push(self.graph(g)?);
+                }
+            }
+            Ok(AttributeType::TENSOR) => {
+                if let Some(t) = a.t.take() {
+                    let t = self.tensor(t).map_err(|e| {
+                        IrError::Other(format!("node '{node}', attribute '{}': {e}", a.name))
+                    })?;
+                    a.t = protobuf::MessageField::some(t.to_embedded_proto()?);
+                }
+            }
+            _ => {}
+        }
+        Ok(Attribute { proto: a, graphs })
+    }
+
+    fn tensor(&mut self, t: TensorProto) -> Result<Tensor> {
+        let external = t.data_location.enum_value() == Ok(DataLocation::EXTERNAL)
+            || (!t.external_data.is_empty() && t.raw_data.is_empty());
+        if !external {
+            return Tensor::from_proto(t);
+        }
+        let slice = self.external_slice(&t)?;
+        Tensor::with_external(t, slice)
+    }
+
+    fn external_slice(&mut self, t: &TensorProto) -> Result<ExternalSlice> {
+        let err = |detail: String| IrError::ExternalData {
+            tensor: t.name.clone(),
+            detail,
+        };
+        let entry = |k: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key == k)
+                .map(|e| e.value.as_str())
+        };
+        let location = entry("location").ok_or_else(|| err("has no 'location'".into()))?;
+        let dir = self.dir.clone().ok_or_else(|| {
+            err(format!(
+                "'{location}' cannot be resolved: model was not read from a file"
+            ))
+        })?;
+        let rel = Path::new(location);
+        if location.is_empty() || rel.is_absolute() || rel.has_root() {
+            return Err(err(format!(
+                "location '{location}' is absolute: it must be relative to the model's folder"
+            )));
+        }
+        if rel
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(err(format!(
+                "location '{location}' leaves the model's folder"
+            )));
+        }
+        if self.canonical_dir.is_none() {
+            self.canonical_dir = Some(
+                dir.canonicalize()
+                    .map_err(|e| err(format!("model folder: {e}")))?,
+            );
+        }
+        let cdir = self.canonical_dir.as_ref().unwrap();
+        let full = dir.join(rel);
+        let canon = full
+            .canonicalize()
+            .map_err(|e| err(format!("file '{location}' cannot be opened: {e}")))?;
+        if !canon.starts_with(cdir) {
+            return Err(err(format!(
+                "location '{location}' resolves to {} outside the model's folder (a link that leaves it)",
+                canon.display()
+            )));
+        }
+        let parse = |k: &str| -> Result<Option<u64>> {
+            entry(k)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| err(format!("'{k}' is not a number: '{v}'")))
+                })
+                .transpose()
+        };
+        let offset = parse("offset")?.unwrap_or(0);
+        let map = match self.maps.get(&canon) {
+            Some(m) => m.clone(),
+            None => {
+                let f = File::open(&canon).map_err(|e| err(format!("file '{location}': {e}")))?;
+                // SAFETY: the file is mapped read-only; wcc never writes to its inputs (output paths
+                // that collide with an input or its data files are refused).
+                let m = Arc::new(
+                    unsafe { Mmap::map(&f) }.map_err(|e| err(format!("mmap '{location}': {e}")))?,
+                );
+                self.maps.insert(canon.clone(), m.clone());
+                m
+            }
+        };
+        let dtype = DataType::from_code(t.data_type, &t.name)?;
+        let need = dtype
+            .storage_bytes(crate::tensor::element_count(&t.dims, &t.name)?)
+            .ok_or_else(|| err("string tensors cannot be external".into()))?;
+        let length = parse("length")?.unwrap_or(need);
+        let end = offset
+            .checked_add(length)
+            .filter(|e| *e <= map.len() as u64)
+            .ok_or_else(|| {
+                err(format!(
+                    "range {offset}+{length} runs past the end of '{location}' ({} bytes)",
+                    map.len()
+                ))
+            })?;
+        let _ = end;
+        Ok(ExternalSlice {
+            map,
+            offset: offset as usize,
+            len: length as usize,
+        })
+    }
+}
+
+fn value_info(mut v: ValueInfoProto) -> Result<ValueInfo> {
+    let name = std::mem::take(&mut v.name);
+    let ty = match v.type_.take() {
+        None => ValueType::Missing,
+        Some(tp) => tensor_type(&tp, &name)?
+            .map(ValueType::Tensor)
+            .unwrap_or(ValueType::Other(tp)),
+    };
+    Ok(ValueInfo { name, ty, rest: v })
+}
+
+/// A TypeProto as a TensorType, when it is a plain tensor type without denotations.
+fn tensor_type(tp: &TypeProto, name: &str) -> Result<Option<TensorType>> {
+    let Some(type_proto::Value::TensorType(tt)) = &tp.value else {
+        return Ok(None);
+    };
+    if !tp.denotation.is_empty() {
+        return Ok(None);
+    }
+    let dtype = if tt.elem_type == 0 {
+        None
+    } else {
+        Some(DataType::from_code(tt.elem_type, name)?)
+    };
+    let shape = match tt.shape.as_ref() {
+        None => None,
+        Some(s) => {
+            let mut dims = vec![];
+            for d in &s.dim {
+                if !d.denotation.is_empty() {
+                    return Ok(None);
+                }
+                dims.push(match &d.value {
+                    Some(tensor_shape_proto::dimension::Value::DimValue(v)) => {
+                        if *v < 0 {
+                            return Err(IrError::tensor(name, format!("negative dimension {v}")));
+                        }
+                        Dim::Known(*v)
+                    }
+                    Some(tensor_shape_proto::dimension::Value::DimParam(p)) => Dim::Sym(p.clone()),
+                    _ => Dim::Unknown,
+                });
+            }
+            let static_dims: Vec<i64> = dims
+                .iter()
+                .filter_map(|d| {
+                    if let Dim::Known(v) = d {
+                        Some(*v)
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            crate::tensor::element_count(&static_dims, name)?;
+            Some(dims)
+        }
+    };
+    Ok(Some(TensorType { dtype, shape }))
+}

@@ -1,0 +1,114 @@
+//! The pass trait and the pass manager: pipelines by `-O` level or by name, per-pass statistics and
+//! timings, validation after every pass (so a broken rewrite is caught at the pass that made it),
+//! and dumps of the graph between passes.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{IrError, Result};
+use crate::model::Model;
+use crate::stats::GraphStats;
+
+/// What a pass reports about one run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PassOutcome {
+    /// Number of rewrites the pass made (0: nothing fired).
+    pub changes: usize,
+    /// Human-readable notes: what fired, and why something did not.
+    pub notes: Vec<String>,
+}
+
+impl PassOutcome {
+    pub fn changed(n: usize) -> Self {
+        PassOutcome {
+            changes: n,
+            notes: vec![],
+        }
+    }
+}
+
+/// One rewrite over the IR.
+pub trait Pass {
+    /// Stable name used by `--passes` and reports.
+    fn name(&self) -> &'static str;
+    /// One line saying what the pass does.
+    fn description(&self) -> &'static str;
+    /// Whether the pass preserves outputs exactly (up to float reassociation).
+    fn lossless(&self) -> bool {
+        true
+    }
+    fn run(&self, model: &mut Model) -> Result<PassOutcome>;
+}
+
+/// Statistics of one pass execution.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassRecord {
+    pub pass: String,
+    pub changes: usize,
+    pub notes: Vec<String>,
+    pub millis: f64,
+    pub before: GraphStats,
+    pub after: GraphStats,
+}
+
+pub struct PassManager {
+    passes: Vec<Box<dyn Pass>>,
+    /// Repeat the whole pipeline until no pass changes anything (at most this many rounds).
+    pub max_rounds: usize,
+    /// Called with (pass name, model) after each pass whose name matches.
+    pub dump_after: Option<(String, Box<dyn FnMut(&str, &Model)>)>,
+}
+
+impl PassManager {
+    pub fn new(passes: Vec<Box<dyn Pass>>) -> Self {
+        PassManager {
+            passes,
+            max_rounds: 4,
+            dump_after: None,
+        }
+    }
+
+    pub fn pass_names(&self) -> Vec<&'static str> {
+        self.passes.iter().map(|p| p.name()).collect()
+    }
+
+    /// Runs the pipeline to a fixed point (bounded by `max_rounds`), validating after each pass.
+    pub fn run(&mut self, model: &mut Model) -> Result<Vec<PassRecord>> {
+        let mut records = vec![];
+        for _round in 0..self.max_rounds.max(1) {
+            let mut any = false;
+            for p in &self.passes {
+                let before = GraphStats::of(model);
+                let t0 = Instant::now();
+                let out = p.run(model)?;
+                let millis = t0.elapsed().as_secs_f64() * 1e3;
+                crate::validate::validate(model).map_err(|e| {
+                    IrError::Other(format!(
+                        "internal error: pass '{}' produced an invalid graph: {e}",
+                        p.name()
+                    ))
+                })?;
+                let after = GraphStats::of(model);
+                any |= out.changes > 0;
+                if let Some((name, f)) = &mut self.dump_after {
+                    if name == p.name() || name == "all" {
+                        f(p.name(), model);
+                    }
+                }
+                records.push(PassRecord {
+                    pass: p.name().to_string(),
+                    changes: out.changes,
+                    notes: out.notes,
+                    millis,
+                    before,
+                    after,
+                });
+            }
+            if !any {
+                break;
+            }
+        }
+        Ok(records)
+    }
+}

@@ -1,0 +1,421 @@
+//! Tensors (initializers and constants). The `TensorProto` itself is the storage for embedded data,
+//! so whatever the file held (raw or typed fields, doc strings, metadata) survives a round trip.
+//! Data in external files is a slice of a shared read-only mmap: never copied unless a pass edits it.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use onnx_protobuf::{tensor_proto::DataLocation, TensorProto};
+use protobuf::EnumOrUnknown;
+
+use crate::dtype::DataType;
+use crate::error::{IrError, Result};
+
+/// Largest element count wcc accepts for one tensor (2^40): anything above is a corrupt header.
+pub const MAX_ELEMENTS: u64 = 1 << 40;
+
+/// Bytes of a tensor that live in an mmapped external-data file.
+#[derive(Clone)]
+pub struct ExternalSlice {
+    pub map: Arc<Mmap>,
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl ExternalSlice {
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.offset..self.offset + self.len]
+    }
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    /// Name, dims, type, doc string and (when embedded) the data itself. For an external tensor the
+    /// data fields are empty and `external` holds the bytes; `external_data` entries are dropped.
+    pub proto: TensorProto,
+    external: Option<ExternalSlice>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({} {:?} {:?})",
+            self.proto.name,
+            self.dtype().ok(),
+            self.proto.dims
+        )
+    }
+}
+
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Self) -> bool {
+        self.proto.name == other.proto.name
+            && self.proto.data_type == other.proto.data_type
+            && self.proto.dims == other.proto.dims
+            && match (self.raw_bytes(), other.raw_bytes()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => self.proto.string_data == other.proto.string_data,
+            }
+    }
+}
+
+/// Element count of `dims`, rejecting negative dims, overflow and absurd sizes.
+pub fn element_count(dims: &[i64], context: &str) -> Result<u64> {
+    let mut n: u64 = 1;
+    for &d in dims {
+        if d < 0 {
+            return Err(IrError::tensor(
+                context,
+                format!("negative dimension {d} in {dims:?}"),
+            ));
+        }
+        n = n
+            .checked_mul(d as u64)
+            .filter(|n| *n <= MAX_ELEMENTS)
+            .ok_or_else(|| {
+                IrError::tensor(
+                    context,
+                    format!(
+                        "dims {dims:?} give more than 2^40 elements: refusing an absurd tensor"
+                    ),
+                )
+            })?;
+    }
+    Ok(n)
+}
+
+impl Tensor {
+    /// Wraps an embedded tensor proto after checking that its data matches its dims and type.
+    pub fn from_proto(proto: TensorProto) -> Result<Self> {
+        let t = Tensor {
+            proto,
+            external: None,
+        };
+        t.check_embedded()?;
+        Ok(t)
+    }
+
+    /// A tensor whose bytes live in an external file (already bounds-checked by the caller).
+    pub fn with_external(mut proto: TensorProto, slice: ExternalSlice) -> Result<Self> {
+        proto.external_data.clear();
+        proto.data_location = EnumOrUnknown::new(DataLocation::DEFAULT);
+        let dtype = DataType::from_code(proto.data_type, &proto.name)?;
+        let n = element_count(&proto.dims, &proto.name)?;
+        let want = dtype.storage_bytes(n).ok_or_else(|| {
+            IrError::tensor(&proto.name, "string tensors cannot live in external data")
+        })?;
+        if want != slice.len as u64 {
+            return Err(IrError::ExternalData {
+                tensor: proto.name.clone(),
+                detail: format!(
+                    "has length {} but dims {:?} of {dtype} need {want} bytes",
+                    slice.len, proto.dims
+                ),
+            });
+        }
+        Ok(Tensor {
+            proto,
+            external: Some(slice),
+        })
+    }
+
+    /// A new tensor from little-endian raw bytes.
+    pub fn from_raw(name: &str, dtype: DataType, dims: &[i64], raw: Vec<u8>) -> Result<Self> {
+        let proto = TensorProto {
+            name: name.to_string(),
+            data_type: dtype.code(),
+            dims: dims.to_vec(),
+            raw_data: raw,
+            ..Default::default()
+        };
+        Tensor::from_proto(proto)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.proto.name
+    }
+
+    pub fn dtype(&self) -> Result<DataType> {
+        DataType::from_code(self.proto.data_type, &self.proto.name)
+    }
+
+    pub fn dims(&self) -> &[i64] {
+        &self.proto.dims
+    }
+
+    pub fn numel(&self) -> u64 {
+        // Checked at construction.
+        element_count(&self.proto.dims, "").unwrap_or(0)
+    }
+
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
+    }
+
+    /// Bytes the data takes (packed storage size; strings by their lengths).
+    pub fn byte_size(&self) -> u64 {
+        match self.dtype() {
+            Ok(DataType::String) => self.proto.string_data.iter().map(|s| s.len() as u64).sum(),
+            Ok(d) => d.storage_bytes(self.numel()).unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+
+    fn check_embedded(&self) -> Result<()> {
+        let p = &self.proto;
+        let dtype = DataType::from_code(p.data_type, &p.name)?;
+        let n = element_count(&p.dims, &p.name)?;
+        if p.data_location.enum_value() == Ok(DataLocation::EXTERNAL) || !p.external_data.is_empty()
+        {
+            return Err(IrError::tensor(&p.name, "external data was not resolved"));
+        }
+        if dtype == DataType::String {
+            if p.string_data.len() as u64 != n {
+                return Err(IrError::tensor(
+                    &p.name,
+                    format!("has {} strings but dims {:?}", p.string_data.len(), p.dims),
+                ));
+            }
+            return Ok(());
+        }
+        let want = dtype.storage_bytes(n).unwrap_or(0);
+        let have = self.raw_bytes()?.len() as u64;
+        if have != want {
+            return Err(IrError::tensor(
+                &p.name,
+                format!(
+                    "holds {have} bytes of data but dims {:?} of {dtype} need {want}",
+                    p.dims
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The data as little-endian packed bytes, whatever field holds it. Borrowed when possible.
+    pub fn raw_bytes(&self) -> Result<Cow<'_, [u8]>> {
+        if let Some(ext) = &self.external {
+            return Ok(Cow::Borrowed(ext.bytes()));
+        }
+        let p = &self.proto;
+        if !p.raw_data.is_empty() {
+            return Ok(Cow::Borrowed(&p.raw_data));
+        }
+        let dtype = DataType::from_code(p.data_type, &p.name)?;
+        let bytes: Vec<u8> = match dtype {
+            DataType::String => {
+                return Err(IrError::tensor(&p.name, "string tensors have no raw bytes"))
+            }
+            DataType::F32 | DataType::Complex64 => {
+                p.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            DataType::F64 | DataType::Complex128 => {
+                p.double_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            DataType::I64 => p.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DataType::U64 => p.uint64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DataType::U32 => p
+                .uint64_data
+                .iter()
+                .flat_map(|v| (*v as u32).to_le_bytes())
+                .collect(),
+            DataType::I32 => p.int32_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DataType::I16 | DataType::U16 | DataType::F16 | DataType::BF16 => p
+                .int32_data
+                .iter()
+                .flat_map(|v| (*v as u16).to_le_bytes())
+                .collect(),
+            // 8-bit types hold one element per int32; packed 4/2-bit types one byte per int32.
+            _ => p.int32_data.iter().map(|v| *v as u8).collect(),
+        };
+        Ok(Cow::Owned(bytes))
+    }
+
+    /// A copy with the data embedded as `raw_data` (typed fields and external references dropped).
+    pub fn to_embedded_proto(&self) -> Result<TensorProto> {
+        if self.external.is_none() {
+            return Ok(self.proto.clone());
+        }
+        let mut p = self.proto.clone();
+        p.raw_data = self.raw_bytes()?.into_owned();
+        Ok(p)
+    }
+
+    /// The tensor's metadata only (no data fields), for writing as external data.
+    pub fn header_proto(&self) -> TensorProto {
+        let mut p = self.proto.clone();
+        p.raw_data.clear();
+        p.float_data.clear();
+        p.int32_data.clear();
+        p.int64_data.clear();
+        p.double_data.clear();
+        p.uint64_data.clear();
+        p
+    }
+
+    /// 64-bit FNV-1a of dtype, dims and data: stable across runs and platforms.
+    pub fn content_hash(&self) -> u64 {
+        let mut h = Fnv64::new();
+        h.write(&self.proto.data_type.to_le_bytes());
+        for d in &self.proto.dims {
+            h.write(&d.to_le_bytes());
+        }
+        match self.raw_bytes() {
+            Ok(b) => h.write(&b),
+            Err(_) => {
+                for s in &self.proto.string_data {
+                    h.write(&(s.len() as u64).to_le_bytes());
+                    h.write(s);
+                }
+            }
+        }
+        h.finish()
+    }
+
+    /// Element values as f64 (for small tensors: printing, shape arithmetic, scalars).
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        let dtype = self.dtype()?;
+        let b = self.raw_bytes()?;
+        let vals: Vec<f64> = match dtype {
+            DataType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            DataType::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            DataType::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            DataType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            DataType::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            DataType::I32 => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            DataType::U32 => b
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            DataType::U64 => b
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            DataType::I16 => b
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]) as f64)
+                .collect(),
+            DataType::U16 => b
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as f64)
+                .collect(),
+            DataType::I8 => b.iter().map(|v| *v as i8 as f64).collect(),
+            DataType::U8 | DataType::Bool => b.iter().map(|v| *v as f64).collect(),
+            other => {
+                return Err(IrError::tensor(
+                    self.name(),
+                    format!("cannot read {other} values"),
+                ))
+            }
+        };
+        Ok(vals)
+    }
+
+    /// Integer element values (for shape tensors: i64/i32 only).
+    pub fn to_i64_vec(&self) -> Option<Vec<i64>> {
+        let b = self.raw_bytes().ok()?;
+        match self.dtype().ok()? {
+            DataType::I64 => Some(
+                b.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            DataType::I32 => Some(
+                b.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// FNV-1a, 64 bit.
+pub struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fnv64 {
+    pub fn new() -> Self {
+        Fnv64(0xcbf29ce484222325)
+    }
+    pub fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+    }
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_and_raw_fields_give_the_same_bytes() {
+        let raw = Tensor::from_raw(
+            "a",
+            DataType::F32,
+            &[2],
+            [1.5f32, -2.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        )
+        .unwrap();
+        let typed = Tensor::from_proto(TensorProto {
+            name: "a".into(),
+            data_type: 1,
+            dims: vec![2],
+            float_data: vec![1.5, -2.0],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(raw.raw_bytes().unwrap(), typed.raw_bytes().unwrap());
+        assert_eq!(raw.content_hash(), typed.content_hash());
+        assert_eq!(typed.to_f64_vec().unwrap(), vec![1.5, -2.0]);
+    }
+
+    #[test]
+    fn size_mismatch_and_absurd_dims_are_errors() {
+        let e = Tensor::from_raw("w", DataType::F32, &[3], vec![0; 8])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'w'") && e.contains("need 12"), "{e}");
+        let e = Tensor::from_raw("big", DataType::F32, &[1 << 31, 1 << 31], vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absurd"), "{e}");
+        let e = Tensor::from_raw("neg", DataType::F32, &[-1], vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("negative"), "{e}");
+    }
+}

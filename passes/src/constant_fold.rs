@@ -1,0 +1,231 @@
+//! Constant folding with a size guard. A node whose inputs are all constant (non-overridable
+//! initializers, Constant nodes, earlier folded values) is evaluated by the IR's reference
+//! evaluator; so is shape arithmetic whose dims are statically known (`Shape`, and `Gather`/`Slice`
+//! of a partially known shape). Only values still read by the remaining graph become initializers.
+//! Size guard: a folded value may take at most `max(2 × its inputs' bytes, 64 KiB)`, so Tile,
+//! Expand or ConstantOfShape are never materialized into tensors much larger than what made them.
+//! Random ops, other domains and nodes with subgraphs are never folded. Recurses into subgraphs
+//! (which see small constants of the graphs around them).
+//! May touch: nodes (removed), initializers (added). Lossless: values computed in the graph's dtype.
+
+use std::collections::{HashMap, HashSet};
+
+use wcc_ir::eval::{eval_node, Array};
+use wcc_ir::infer::{infer_graph, TypeMap};
+use wcc_ir::pass::{Pass, PassOutcome};
+use wcc_ir::validate::collect_outer_reads;
+use wcc_ir::{Graph, Model, Result};
+
+use crate::graph_util::{constant_initializers, is_nondeterministic};
+
+/// Folded values up to this size are always allowed (shape tensors, masks of static size, scalars).
+pub const GUARD_SMALL_BYTES: u64 = 64 << 10;
+/// Otherwise a folded value may be at most this many times the bytes of its inputs.
+pub const GUARD_FACTOR: u64 = 2;
+/// Constants of enclosing graphs up to this size are visible to folding inside subgraphs.
+const OUTER_CONST_BYTES: u64 = 64 << 10;
+
+pub struct ConstantFolding;
+
+impl Pass for ConstantFolding {
+    fn name(&self) -> &'static str {
+        "constant-fold"
+    }
+    fn description(&self) -> &'static str {
+        "evaluates constant subgraphs and known shape arithmetic, under a size guard"
+    }
+    fn run(&self, model: &mut Model) -> Result<PassOutcome> {
+        let opset = model.default_opset();
+        let mut out = PassOutcome::default();
+        fold_graph(&mut model.graph, opset, None, &HashMap::new(), &mut out);
+        Ok(out)
+    }
+}
+
+fn guard_ok(out_bytes: u64, in_bytes: u64) -> bool {
+    out_bytes <= GUARD_SMALL_BYTES.max(in_bytes.saturating_mul(GUARD_FACTOR))
+}
+
+fn fold_graph(
+    g: &mut Graph,
+    opset: i64,
+    outer_types: Option<&TypeMap>,
+    outer: &HashMap<String, Array>,
+    out: &mut PassOutcome,
+) {
+    let types = infer_graph(g, opset, outer_types);
+    let consts = constant_initializers(g);
+
+    // Phase 1: evaluate.
+    let mut values: HashMap<String, Array> = HashMap::new();
+    let mut folded: HashSet<usize> = HashSet::new();
+    let mut guarded = 0usize;
+    for (idx, n) in g.nodes.iter().enumerate() {
+        if !n.domain.is_empty()
+            || n.has_subgraphs()
+            || is_nondeterministic(&n.op_type)
+            || n.outputs.is_empty()
+        {
+            continue;
+        }
+        // Shape arithmetic whose every element is known (from static dims).
+        if let Some(a) = known_shape_value(n, &types) {
+            values.insert(n.outputs[0].clone(), a);
+            folded.insert(idx);
+            continue;
+        }
+        // All present inputs constant?
+        let mut ok = true;
+        let mut in_bytes = 0u64;
+        for i in n.present_inputs() {
+            if !values.contains_key(i) {
+                let loaded = if consts.contains(i) {
+                    g.initializer(i).and_then(Array::from_tensor)
+                } else {
+                    outer.get(i).cloned()
+                };
+                match loaded {
+                    Some(a) => {
+                        values.insert(i.to_string(), a);
+                    }
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            in_bytes += values[i].byte_size();
+        }
+        if !ok {
+            continue;
+        }
+        // Pre-check the guard from inferred static shapes, before allocating anything.
+        let predicted: u64 = n
+            .outputs
+            .iter()
+            .filter_map(|o| {
+                let t = types.get(o)?;
+                let dims = t.static_dims()?;
+                t.dtype?
+                    .storage_bytes(dims.iter().map(|d| *d as u64).product())
+            })
+            .sum();
+        if !guard_ok(predicted, in_bytes) {
+            guarded += 1;
+            continue;
+        }
+        let inputs: Vec<Option<&Array>> = n
+            .inputs
+            .iter()
+            .map(|i| if i.is_empty() { None } else { values.get(i) })
+            .collect();
+        let Some(results) = eval_node(n, &inputs, opset) else {
+            continue;
+        };
+        let out_bytes: u64 = results.iter().map(|a| a.byte_size()).sum();
+        if !guard_ok(out_bytes, in_bytes) {
+            guarded += 1;
+            continue;
+        }
+        for (name, a) in n.outputs.iter().zip(results) {
+            if !name.is_empty() {
+                values.insert(name.clone(), a);
+            }
+        }
+        folded.insert(idx);
+    }
+
+    // Phase 2: materialize the folded values the rest of the graph still reads.
+    if !folded.is_empty() {
+        let mut read: HashSet<String> = g.outputs.iter().map(|o| o.name.clone()).collect();
+        for (idx, n) in g.nodes.iter().enumerate() {
+            if folded.contains(&idx) {
+                continue;
+            }
+            read.extend(n.present_inputs().map(str::to_string));
+            for a in &n.attributes {
+                for sg in &a.graphs {
+                    collect_outer_reads(sg, &mut |x| {
+                        read.insert(x.to_string());
+                    });
+                }
+            }
+        }
+        let mut new_inits = vec![];
+        for idx in folded
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            for o in &g.nodes[idx].outputs {
+                if !o.is_empty() && read.contains(o) {
+                    if let Some(a) = values.get(o) {
+                        new_inits.push(a.to_tensor(o));
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        g.nodes.retain(|_| {
+            i += 1;
+            !folded.contains(&(i - 1))
+        });
+        g.initializers.extend(new_inits);
+        g.value_info
+            .retain(|v| !g.initializers.iter().any(|t| t.name() == v.name));
+        out.changes += folded.len();
+    }
+    if guarded > 0 {
+        out.notes.push(format!(
+            "size guard kept {guarded} constant node(s) unfolded in graph '{}'",
+            g.name
+        ));
+    }
+
+    // Subgraphs see this graph's small constants.
+    let has_sub = g.nodes.iter().any(|n| n.has_subgraphs());
+    if has_sub {
+        let types = infer_graph(g, opset, outer_types);
+        let mut visible = outer.clone();
+        for t in &g.initializers {
+            if consts.contains(t.name()) && t.byte_size() <= OUTER_CONST_BYTES {
+                if let Some(a) = Array::from_tensor(t) {
+                    visible.insert(t.name().to_string(), a);
+                }
+            }
+        }
+        for n in &mut g.nodes {
+            for a in &mut n.attributes {
+                for sg in &mut a.graphs {
+                    fold_graph(sg, opset, Some(&types), &visible, out);
+                }
+            }
+        }
+    }
+}
+
+/// The value of a single-output integer/bool node of rank ≤ 1 when shape inference knows every
+/// element (e.g. `Gather(Shape(x), 2)` where dim 2 of x is static).
+fn known_shape_value(n: &wcc_ir::Node, types: &TypeMap) -> Option<Array> {
+    if n.outputs.len() != 1 || n.op_type == "Constant" {
+        return None;
+    }
+    let out = &n.outputs[0];
+    let vals = types.ints(out)?;
+    let shape: Vec<usize> = types
+        .get(out)?
+        .static_dims()?
+        .iter()
+        .map(|d| *d as usize)
+        .collect();
+    if shape.len() > 1 || shape.iter().product::<usize>() != vals.len() {
+        return None;
+    }
+    let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), vals).ok()?;
+    Some(match types.dtype(out)? {
+        wcc_ir::DataType::I64 => Array::I64(a),
+        wcc_ir::DataType::I32 => Array::I32(a.mapv(|v| v as i32)),
+        wcc_ir::DataType::Bool => Array::Bool(a.mapv(|v| v != 0)),
+        _ => return None,
+    })
+}

@@ -1,0 +1,218 @@
+//! Fusion of consecutive shape ops: Unsqueeze∘Unsqueeze → one Unsqueeze, Reshape∘Reshape → the
+//! second Reshape (when its target has no 0 copying from the intermediate), Transpose∘Transpose →
+//! one Transpose (or nothing, when the permutations cancel). Only when every reader of the
+//! intermediate is such a node (each then reads the source directly). May touch: node inputs, attributes and initializers for new axes; no data.
+
+use wcc_ir::infer::{infer_graph, TypeMap};
+use wcc_ir::pass::{Pass, PassOutcome};
+use wcc_ir::{Attribute, DataType, Graph, Model, Result, Tensor};
+
+use crate::graph_util::{constant_initializers, fresh_name, output_names, rename_uses, use_counts};
+
+pub struct FuseConsecutive;
+
+impl Pass for FuseConsecutive {
+    fn name(&self) -> &'static str {
+        "fuse-consecutive"
+    }
+    fn description(&self) -> &'static str {
+        "merges Unsqueeze→Unsqueeze, Reshape→Reshape and Transpose→Transpose chains"
+    }
+    fn run(&self, model: &mut Model) -> Result<PassOutcome> {
+        let opset = model.default_opset();
+        let mut changes = 0;
+        run_graph(&mut model.graph, opset, None, &mut changes);
+        Ok(PassOutcome::changed(changes))
+    }
+}
+
+/// Positions of the inserted dims after two Unsqueezes on a rank-`r` input.
+fn combined_unsqueeze_axes(r: usize, first: &[i64], second: &[i64]) -> Option<Vec<i64>> {
+    let mut marks = vec![false; r];
+    for axes in [first, second] {
+        let out_rank = marks.len() + axes.len();
+        let mut ax: Vec<usize> = axes
+            .iter()
+            .map(|a| {
+                let a = if *a < 0 { a + out_rank as i64 } else { *a };
+                (0..out_rank as i64).contains(&a).then_some(a as usize)
+            })
+            .collect::<Option<_>>()?;
+        ax.sort_unstable();
+        for a in ax {
+            marks.insert(a, true);
+        }
+    }
+    Some(
+        marks
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| **m)
+            .map(|(i, _)| i as i64)
+            .collect(),
+    )
+}
+
+fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut usize) {
+    if g.nodes.iter().any(|n| n.has_subgraphs()) {
+        let types = infer_graph(g, opset, outer);
+        for n in &mut g.nodes {
+            for a in &mut n.attributes {
+                for sg in &mut a.graphs {
+                    run_graph(sg, opset, Some(&types), changes);
+                }
+            }
+        }
+    }
+    let outputs = output_names(g);
+    let mut local = 0;
+    loop {
+        // Recomputed after every edit: edits add initializers and rewire inputs.
+        let types = infer_graph(g, opset, outer);
+        let consts = constant_initializers(g);
+        let uses = use_counts(g);
+        let mut edit: Option<(usize, Vec<(usize, Rewrite)>)> = None;
+        for (i, p) in g.nodes.iter().enumerate() {
+            if !p.domain.is_empty()
+                || !matches!(p.op_type.as_str(), "Unsqueeze" | "Reshape" | "Transpose")
+                || p.outputs.len() != 1
+            {
+                continue;
+            }
+            let mid = &p.outputs[0];
+            if outputs.contains(mid) {
+                continue;
+            }
+            // Every reader must be the same op reading `mid` as its data input.
+            let readers: Vec<usize> = g
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.inputs.iter().any(|x| x == mid))
+                .map(|(j, _)| j)
+                .collect();
+            if readers.is_empty() || uses.get(mid).copied() != Some(readers.len()) {
+                continue;
+            }
+            let mut rewrites = vec![];
+            for &j in &readers {
+                let n = &g.nodes[j];
+                if !n.domain.is_empty()
+                    || n.op_type != p.op_type
+                    || n.inputs[0] != *mid
+                    || n.inputs.iter().skip(1).any(|x| x == mid)
+                {
+                    break;
+                }
+                let r = match n.op_type.as_str() {
+                    "Unsqueeze" if opset >= 13 => {
+                        let axes_known = |x: &str| {
+                            consts.contains(x) || g.initializers.iter().any(|t| t.name() == x)
+                        };
+                        if !axes_known(&p.inputs[1]) || !axes_known(&n.inputs[1]) {
+                            break;
+                        }
+                        let (Some(a1), Some(a2)) =
+                            (types.ints(&p.inputs[1]), types.ints(&n.inputs[1]))
+                        else {
+                            break;
+                        };
+                        let Some(r) = types.shape(&p.inputs[0]).map(|s| s.len()) else {
+                            break;
+                        };
+                        let Some(axes) = combined_unsqueeze_axes(r, &a1, &a2) else {
+                            break;
+                        };
+                        Rewrite::Axes(axes)
+                    }
+                    "Reshape" => {
+                        let Some(t2) = types.ints(&n.inputs[1]) else {
+                            break;
+                        };
+                        if t2.contains(&0) && n.attr_i("allowzero").unwrap_or(0) == 0 {
+                            break;
+                        }
+                        Rewrite::Bypass
+                    }
+                    "Transpose" => {
+                        let (Some(p1), Some(p2)) = (p.attr_ints("perm"), n.attr_ints("perm"))
+                        else {
+                            break;
+                        };
+                        if p1.len() != p2.len() {
+                            break;
+                        }
+                        Rewrite::Perm(p2.iter().map(|&k| p1[k as usize]).collect())
+                    }
+                    _ => break,
+                };
+                rewrites.push((j, r));
+            }
+            if rewrites.len() == readers.len() {
+                edit = Some((i, rewrites));
+                break;
+            }
+        }
+        let Some((first, rewrites)) = edit else { break };
+        let src = g.nodes[first].inputs[0].clone();
+        let mut drop = vec![first];
+        for (j, r) in rewrites {
+            match r {
+                Rewrite::Axes(axes) => {
+                    let name = fresh_name(g, &format!("{}_axes", g.nodes[j].outputs[0]));
+                    let raw = axes.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    g.initializers.push(
+                        Tensor::from_raw(&name, DataType::I64, &[axes.len() as i64], raw)
+                            .expect("consistent"),
+                    );
+                    g.nodes[j].inputs = vec![src.clone(), name];
+                }
+                Rewrite::Bypass => g.nodes[j].inputs[0] = src.clone(),
+                Rewrite::Perm(perm) => {
+                    let out = g.nodes[j].outputs[0].clone();
+                    if perm.iter().enumerate().all(|(i, p)| i as i64 == *p)
+                        && !outputs.contains(&out)
+                    {
+                        rename_uses(g, &out, &src);
+                        drop.push(j);
+                    } else {
+                        let n = &mut g.nodes[j];
+                        n.inputs[0] = src.clone();
+                        n.attributes.retain(|a| a.name() != "perm");
+                        n.attributes.push(Attribute::ints("perm", &perm));
+                    }
+                }
+            }
+        }
+        drop.sort_unstable();
+        for d in drop.into_iter().rev() {
+            g.nodes.remove(d);
+        }
+        local += 1;
+    }
+    *changes += local;
+}
+
+/// What happens to one reader of the fused intermediate.
+enum Rewrite {
+    /// Unsqueeze with these axes, straight from the source.
+    Axes(Vec<i64>),
+    /// Reshape straight from the source.
+    Bypass,
+    /// Transpose with this permutation from the source (removed when identity).
+    Perm(Vec<i64>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::combined_unsqueeze_axes;
+
+    #[test]
+    fn unsqueeze_axes_compose() {
+        // x:[a] → unsqueeze 0 → [1,a] → unsqueeze -1 → [1,a,1]
+        assert_eq!(combined_unsqueeze_axes(1, &[0], &[-1]), Some(vec![0, 2]));
+        // x:[a,b] → unsqueeze 1 → [a,1,b] → unsqueeze 1 → [a,1,1,b]
+        assert_eq!(combined_unsqueeze_axes(2, &[1], &[1]), Some(vec![1, 2]));
+        assert_eq!(combined_unsqueeze_axes(1, &[5], &[0]), None);
+    }
+}

@@ -1,0 +1,87 @@
+//! Helpers shared by passes: use counts, renaming, which values are constant.
+
+use std::collections::{HashMap, HashSet};
+
+use wcc_ir::validate::collect_outer_reads;
+use wcc_ir::Graph;
+
+/// How many times each value is read in `g` (node inputs, subgraph reads, graph outputs).
+pub fn use_counts(g: &Graph) -> HashMap<String, usize> {
+    let mut m: HashMap<String, usize> = HashMap::new();
+    for n in &g.nodes {
+        for i in n.present_inputs() {
+            *m.entry(i.to_string()).or_default() += 1;
+        }
+        for a in &n.attributes {
+            for sg in &a.graphs {
+                collect_outer_reads(sg, &mut |x| *m.entry(x.to_string()).or_default() += 1);
+            }
+        }
+    }
+    for o in &g.outputs {
+        *m.entry(o.name.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// Replaces every read of `from` by `to` in `g` and its subgraphs (node inputs and subgraph
+/// outputs that refer to outer values; graph outputs of `g` itself are left alone).
+pub fn rename_uses(g: &mut Graph, from: &str, to: &str) {
+    for n in &mut g.nodes {
+        for i in &mut n.inputs {
+            if i == from {
+                *i = to.to_string();
+            }
+        }
+        for a in &mut n.attributes {
+            for sg in &mut a.graphs {
+                rename_uses(sg, from, to);
+                for o in &mut sg.outputs {
+                    if o.name == from {
+                        o.name = to.to_string();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Names of initializers that are constant (not overridable by a graph input of the same name).
+pub fn constant_initializers(g: &Graph) -> HashSet<String> {
+    let inputs: HashSet<&str> = g.inputs.iter().map(|v| v.name.as_str()).collect();
+    g.initializers
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|n| !inputs.contains(n.as_str()))
+        .collect()
+}
+
+/// Names of the graph's outputs.
+pub fn output_names(g: &Graph) -> HashSet<String> {
+    g.outputs.iter().map(|o| o.name.clone()).collect()
+}
+
+/// Ops whose results are not a function of their inputs: never folded, merged or evaluated.
+pub fn is_nondeterministic(op: &str) -> bool {
+    matches!(
+        op,
+        "RandomNormal"
+            | "RandomNormalLike"
+            | "RandomUniform"
+            | "RandomUniformLike"
+            | "Multinomial"
+            | "Bernoulli"
+    )
+}
+
+/// `base`, or `base_N` with the smallest N that no value or node output of `g` uses.
+pub fn fresh_name(g: &Graph, base: &str) -> String {
+    let used = g.defined_names();
+    if !used.contains(base) {
+        return base.to_string();
+    }
+    (1..)
+        .map(|i| format!("{base}_{i}"))
+        .find(|n| !used.contains(n))
+        .unwrap()
+}

@@ -1,0 +1,116 @@
+//! Output comparison: per output, max absolute error, relative L2 error and cosine similarity.
+
+use serde::Serialize;
+use wcc_ir::eval::Array;
+
+use crate::inputs::NamedArrays;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OutputFidelity {
+    pub name: String,
+    pub max_abs_error: f64,
+    /// ‖a − b‖₂ / ‖a‖₂ (0 when both are zero).
+    pub rel_l2_error: f64,
+    /// a·b / (‖a‖ ‖b‖) (1 when both are zero).
+    pub cosine: f64,
+    /// Every element bitwise equal.
+    pub bitwise_equal: bool,
+}
+
+fn values(a: &Array) -> Vec<f64> {
+    match a {
+        Array::F32(x) => x.iter().map(|v| *v as f64).collect(),
+        Array::F64(x) => x.iter().copied().collect(),
+        Array::F16(x) => x.iter().map(|v| v.to_f64()).collect(),
+        Array::I64(x) => x.iter().map(|v| *v as f64).collect(),
+        Array::I32(x) => x.iter().map(|v| *v as f64).collect(),
+        Array::I8(x) => x.iter().map(|v| *v as f64).collect(),
+        Array::U8(x) => x.iter().map(|v| *v as f64).collect(),
+        Array::Bool(x) => x.iter().map(|v| *v as u8 as f64).collect(),
+    }
+}
+
+/// Compares `b` (candidate) against `a` (reference), output by output, matched by position; names
+/// must agree. A shape or dtype mismatch is an error naming the output.
+pub fn compare_outputs(a: &NamedArrays, b: &NamedArrays) -> Result<Vec<OutputFidelity>, String> {
+    if a.len() != b.len() {
+        return Err(format!(
+            "the models have {} and {} outputs",
+            a.len(),
+            b.len()
+        ));
+    }
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .map(|(i, ((na, xa), (nb, xb)))| {
+            if na != nb {
+                return Err(format!(
+                    "output #{i} is named '{na}' in one model and '{nb}' in the other"
+                ));
+            }
+            if xa.shape() != xb.shape() {
+                return Err(format!(
+                    "output '{na}': shape {:?} vs {:?}",
+                    xa.shape(),
+                    xb.shape()
+                ));
+            }
+            if xa.dtype() != xb.dtype() {
+                return Err(format!(
+                    "output '{na}': dtype {} vs {}",
+                    xa.dtype(),
+                    xb.dtype()
+                ));
+            }
+            Ok(fidelity(na, xa, xb))
+        })
+        .collect()
+}
+
+pub fn fidelity(name: &str, a: &Array, b: &Array) -> OutputFidelity {
+    let bitwise_equal = a == b || bitwise(a, b);
+    let (va, vb) = (values(a), values(b));
+    let (mut max_abs, mut diff2, mut na2, mut nb2, mut dot) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for (x, y) in va.iter().zip(&vb) {
+        let d = (x - y).abs();
+        if d.is_nan() || d > max_abs {
+            max_abs = if d.is_nan() { f64::NAN } else { d };
+        }
+        diff2 += (x - y) * (x - y);
+        na2 += x * x;
+        nb2 += y * y;
+        dot += x * y;
+    }
+    let rel = if na2 == 0.0 {
+        if diff2 == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        (diff2 / na2).sqrt()
+    };
+    let cosine = if na2 == 0.0 && nb2 == 0.0 {
+        1.0
+    } else if na2 == 0.0 || nb2 == 0.0 {
+        0.0
+    } else {
+        dot / (na2.sqrt() * nb2.sqrt())
+    };
+    OutputFidelity {
+        name: name.to_string(),
+        max_abs_error: max_abs,
+        rel_l2_error: rel,
+        cosine,
+        bitwise_equal,
+    }
+}
+
+fn bitwise(a: &Array, b: &Array) -> bool {
+    match (a, b) {
+        (Array::F32(x), Array::F32(y)) => x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+        (Array::F64(x), Array::F64(y)) => x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+        _ => false,
+    }
+}

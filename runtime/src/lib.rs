@@ -1,0 +1,15 @@
+//! wcc's execution backends and what is built on them: input generation (seeded random or .npz),
+//! running a model on tract (embedded) or ONNX Runtime (CPU/CUDA/TensorRT), output comparison, and
+//! latency benchmarking.
+
+pub mod backend;
+pub mod bench;
+pub mod compare;
+pub mod inputs;
+pub mod ort_backend;
+pub mod rng;
+pub mod tract_backend;
+
+pub use backend::{Backend, Provider, RunError};
+pub use compare::{compare_outputs, OutputFidelity};
+pub use inputs::{load_npz, save_npz, InputSpec, NamedArrays};

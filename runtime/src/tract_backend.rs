@@ -1,0 +1,112 @@
+//! tract backend: embedded, pure Rust, needs nothing installed. Input facts come from the concrete
+//! inputs, so symbolic dims are resolved before optimization.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use wcc_ir::eval::Array;
+
+use crate::backend::{Prepared, RunError};
+use crate::inputs::NamedArrays;
+
+pub struct TractModel {
+    plan: Arc<TypedRunnableModel>,
+    output_names: Vec<String>,
+}
+
+fn err(e: impl std::fmt::Display) -> RunError {
+    RunError::Run {
+        backend: "tract".into(),
+        detail: format!("{e:#}"),
+    }
+}
+
+fn to_tract(a: &Array) -> Tensor {
+    match a {
+        Array::F32(x) => Tensor::from(x.clone()),
+        Array::F64(x) => Tensor::from(x.clone()),
+        Array::F16(x) => Tensor::from(x.clone()),
+        Array::I64(x) => Tensor::from(x.clone()),
+        Array::I32(x) => Tensor::from(x.clone()),
+        Array::I8(x) => Tensor::from(x.clone()),
+        Array::U8(x) => Tensor::from(x.clone()),
+        Array::Bool(x) => Tensor::from(x.clone()),
+    }
+}
+
+fn from_tract(t: &Tensor) -> Result<Array, RunError> {
+    let dt = t.datum_type();
+    Ok(if dt == f32::datum_type() {
+        Array::F32(t.to_plain_array_view::<f32>().map_err(err)?.to_owned())
+    } else if dt == f64::datum_type() {
+        Array::F64(t.to_plain_array_view::<f64>().map_err(err)?.to_owned())
+    } else if dt == f16::datum_type() {
+        Array::F16(t.to_plain_array_view::<f16>().map_err(err)?.to_owned())
+    } else if dt == i64::datum_type() {
+        Array::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned())
+    } else if dt == i32::datum_type() {
+        Array::I32(t.to_plain_array_view::<i32>().map_err(err)?.to_owned())
+    } else if dt == i8::datum_type() {
+        Array::I8(t.to_plain_array_view::<i8>().map_err(err)?.to_owned())
+    } else if dt == u8::datum_type() {
+        Array::U8(t.to_plain_array_view::<u8>().map_err(err)?.to_owned())
+    } else if dt == bool::datum_type() {
+        Array::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned())
+    } else {
+        return Err(err(format!(
+            "output type {dt:?} is not supported by wcc's comparison"
+        )));
+    })
+}
+
+impl TractModel {
+    pub fn load(bytes: &[u8], inputs: &NamedArrays) -> Result<Self, RunError> {
+        // tract unifies declared shapes with the concrete input facts; symbolic dims in value_info
+        // and output types (as the dynamo exporter writes them) would clash, so drop them: tract
+        // infers every intermediate shape itself.
+        let onnx = tract_onnx::onnx();
+        let mut proto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(err)?;
+        if let Some(g) = proto.graph.as_mut() {
+            g.value_info.clear();
+            for o in &mut g.output {
+                o.r#type = None;
+            }
+        }
+        let mut model = onnx.model_for_proto_model(&proto).map_err(err)?;
+        for (i, (_, a)) in inputs.iter().enumerate() {
+            let fact = InferenceFact::dt_shape_from_tensor(&to_tract(a));
+            model = model.with_input_fact(i, fact).map_err(err)?;
+        }
+        let output_names = model
+            .output_outlets()
+            .map_err(err)?
+            .iter()
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
+            })
+            .collect();
+        let plan = model
+            .into_optimized()
+            .map_err(err)?
+            .into_runnable()
+            .map_err(err)?;
+        Ok(TractModel { plan, output_names })
+    }
+}
+
+impl Prepared for TractModel {
+    fn run(&mut self, inputs: &NamedArrays) -> Result<NamedArrays, RunError> {
+        let tv: TVec<TValue> = inputs
+            .iter()
+            .map(|(_, a)| to_tract(a).into_tvalue())
+            .collect();
+        let outs = self.plan.run(tv).map_err(err)?;
+        outs.iter()
+            .zip(&self.output_names)
+            .map(|(t, n)| Ok((n.clone(), from_tract(t)?)))
+            .collect()
+    }
+}
