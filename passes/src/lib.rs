@@ -7,7 +7,8 @@ pub mod fuse_consecutive;
 pub mod graph_util;
 pub mod noop;
 
-use wcc_ir::pass::Pass;
+use wcc_ir::pass::{Pass, PassManager, PassRecord};
+use wcc_ir::{Model, Result};
 
 /// An optimization level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,4 +54,18 @@ pub fn by_names(names: &[&str]) -> std::result::Result<Vec<Box<dyn Pass>>, Strin
                 .ok_or_else(|| format!("unknown pass '{n}' (see `wcc passes`)"))
         })
         .collect()
+}
+
+/// Runs a pipeline to its fixed point and leaves the graph sorted and validated: what
+/// `wcc optimize` does between reading and writing.
+pub fn optimize(model: &mut Model, passes: Vec<Box<dyn Pass>>) -> Result<Vec<PassRecord>> {
+    optimize_with(model, PassManager::new(passes))
+}
+
+/// As `optimize`, with a configured manager (dumps between passes).
+pub fn optimize_with(model: &mut Model, mut pm: PassManager) -> Result<Vec<PassRecord>> {
+    let records = pm.run(model)?;
+    wcc_ir::validate::topo_sort(&mut model.graph);
+    wcc_ir::validate::validate(model)?;
+    Ok(records)
 }

@@ -141,10 +141,7 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
         }
         // The output is a graph output: rename the producer of `inp` to `out`, if `inp` is a node
         // output that is not itself a graph output.
-        let producer = g
-            .nodes
-            .iter()
-            .position(|m| m.outputs.iter().any(|o| *o == inp));
+        let producer = g.nodes.iter().position(|m| m.outputs.contains(&inp));
         if let Some(p) =
             producer.filter(|_| !outputs.contains(&inp) && !graph_inputs.contains(&inp))
         {

@@ -123,11 +123,9 @@ fn index_bound(model: &Model, input: &str) -> Option<i64> {
                     }
                 }
                 "Cast" | "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "Identity"
-                    if n.inputs.first() == Some(&cur) =>
+                    if n.inputs.first() == Some(&cur) && names.len() < 64 =>
                 {
-                    if names.len() < 64 {
-                        names.extend(n.outputs.iter().cloned());
-                    }
+                    names.extend(n.outputs.iter().cloned());
                 }
                 _ => {}
             }

@@ -264,9 +264,7 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, CliError> {
     }
     progress("optimizing");
     let t0 = Instant::now();
-    let records = pm.run(&mut model)?;
-    validate::topo_sort(&mut model.graph);
-    validate::validate(&model)?;
+    let records = wcc_passes::optimize_with(&mut model, pm)?;
     let optimize_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !pass_list.is_empty() {
         model.set_metadata("wcc.version", env!("CARGO_PKG_VERSION"));

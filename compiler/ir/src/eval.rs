@@ -388,7 +388,7 @@ fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Option<Ve
     }
     if let Some(i) = infer {
         let rest: usize = out.iter().product();
-        if rest == 0 || total % rest != 0 {
+        if rest == 0 || !total.is_multiple_of(rest) {
             return None;
         }
         out[i] = total / rest;
@@ -874,7 +874,7 @@ pub fn eval_node(n: &Node, inputs: &[Option<&Array>], opset: i64) -> Option<Vec<
                 return None;
             }
             one(
-                each_opt!(&value, v => v.iter().next().map(|e| ArrayD::from_elem(IxDyn(&shape), e.clone()))),
+                each_opt!(&value, v => v.iter().next().map(|e| ArrayD::from_elem(IxDyn(&shape), *e))),
             )
         }
         "Range" => {

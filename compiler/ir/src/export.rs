@@ -89,7 +89,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummar
         .canonicalize()
         .map_err(|e| werr(format!("folder: {e}")))?;
     for target in [cdir.join(&file_name), cdir.join(&data_name)] {
-        if model.sources.iter().any(|s| *s == target) {
+        if model.sources.contains(&target) {
             return Err(werr(format!(
                 "{} is one of the input's files: refusing to overwrite it",
                 target.display()

@@ -320,10 +320,10 @@ pub fn infer_node(n: &Node, opset: i64, m: &TypeMap) -> Vec<TensorType> {
             out1(dt(0), s)
         }
         "Flatten" => {
-            let s = sh(0).and_then(|s| {
+            let s = sh(0).map(|s| {
                 let a = n.attr_i("axis").unwrap_or(1);
                 let a = if a < 0 { a + s.len() as i64 } else { a } as usize;
-                Some(vec![prod(&s[..a.min(s.len())]), prod(&s[a.min(s.len())..])])
+                vec![prod(&s[..a.min(s.len())]), prod(&s[a.min(s.len())..])]
             });
             out1(dt(0), s)
         }

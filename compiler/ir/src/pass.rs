@@ -52,12 +52,15 @@ pub struct PassRecord {
     pub after: GraphStats,
 }
 
+/// Receives (pass name, model) for `--dump-after`.
+pub type DumpFn = Box<dyn FnMut(&str, &Model)>;
+
 pub struct PassManager {
     passes: Vec<Box<dyn Pass>>,
     /// Repeat the whole pipeline until no pass changes anything (at most this many rounds).
     pub max_rounds: usize,
     /// Called with (pass name, model) after each pass whose name matches.
-    pub dump_after: Option<(String, Box<dyn FnMut(&str, &Model)>)>,
+    pub dump_after: Option<(String, DumpFn)>,
 }
 
 impl PassManager {

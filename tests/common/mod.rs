@@ -1,0 +1,82 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use wcc_ir::Model;
+use wcc_passes::OptLevel;
+use wcc_runtime::{Backend, NamedArrays, Provider};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+pub fn models_dir() -> PathBuf {
+    root().join("fixtures/models")
+}
+
+/// Every committed fixture model, by stem (e.g. `bert.legacy`), sorted.
+pub fn fixture_stems() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(models_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter_map(|n| n.strip_suffix(".onnx").map(str::to_string))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 20, "fixtures missing: found {}", v.len());
+    v
+}
+
+pub fn fixture_path(stem: &str) -> PathBuf {
+    models_dir().join(format!("{stem}.onnx"))
+}
+
+pub fn load(stem: &str) -> Model {
+    let m = wcc_ir::import::load(&fixture_path(stem)).unwrap_or_else(|e| panic!("{stem}: {e}"));
+    wcc_ir::validate::validate(&m).unwrap_or_else(|e| panic!("{stem}: {e}"));
+    m
+}
+
+pub fn inputs(stem: &str, which: &str) -> NamedArrays {
+    let m = load(stem);
+    let given = wcc_runtime::load_npz(&models_dir().join(format!("{stem}.{which}.npz"))).unwrap();
+    wcc_runtime::inputs::match_inputs(&m, given).unwrap()
+}
+
+pub fn optimized(stem: &str, level: OptLevel) -> Model {
+    let mut m = load(stem);
+    wcc_passes::optimize(&mut m, wcc_passes::pipeline(level))
+        .unwrap_or_else(|e| panic!("{stem}: {e}"));
+    m
+}
+
+/// The ONNX Runtime library: ORT_DYLIB_PATH, else the copy `runtime/install-ort.sh` puts in `.ort/`.
+/// Missing is a test failure, not a skip: run `runtime/install-ort.sh` (tests/run.sh does).
+pub fn ort() -> Backend {
+    let lib = match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(p) => PathBuf::from(p),
+        None => root().join(".ort/libonnxruntime.so.1.31.1"),
+    };
+    assert!(
+        lib.is_file(),
+        "ONNX Runtime library not found at {}: run runtime/install-ort.sh",
+        lib.display()
+    );
+    Backend::Ort {
+        lib: Some(lib),
+        provider: Provider::Cpu,
+    }
+}
+
+pub fn run(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<NamedArrays, String> {
+    let bytes = wcc_ir::export::to_bytes(m).map_err(|e| e.to_string())?;
+    backend.run(&bytes, inputs).map_err(|e| e.to_string())
+}
+
+pub fn wcc() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wcc"))
+}

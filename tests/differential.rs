@@ -1,0 +1,116 @@
+//! Differential tests: every fixture after -O1 computes what the original computes, on ONNX
+//! Runtime 1.31.1 (within 1e-5 relative L2 per output, on both input sets) and on tract where
+//! tract runs the model; and the original agrees with PyTorch's reference outputs.
+
+mod common;
+
+use common::*;
+use wcc_passes::OptLevel;
+use wcc_runtime::{compare_outputs, Backend};
+
+const LOSSLESS_REL: f64 = 1e-5;
+
+fn check(backend: &Backend, stem: &str, which: &str) -> Result<(), String> {
+    let a = load(stem);
+    let b = optimized(stem, OptLevel::O1);
+    let inputs = inputs(stem, which);
+    let ra = run(backend, &a, &inputs)?;
+    let rb = run(backend, &b, &inputs)?;
+    for f in compare_outputs(&ra, &rb)? {
+        assert!(
+            f.rel_l2_error <= LOSSLESS_REL && f.cosine > 1.0 - 1e-9,
+            "{stem} ({which}) on {}: output {} rel {:e} cos {}",
+            backend.label(),
+            f.name,
+            f.rel_l2_error,
+            f.cosine
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn o1_matches_original_on_onnx_runtime() {
+    let ort = ort();
+    for stem in fixture_stems() {
+        for which in ["inputs", "alt.inputs"] {
+            check(&ort, &stem, which).unwrap_or_else(|e| panic!("{stem}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn o1_output_loads_in_onnx_runtime_and_matches_pytorch() {
+    let ort = ort();
+    for stem in fixture_stems() {
+        let b = optimized(&stem, OptLevel::O1);
+        let out = run(&ort, &b, &inputs(&stem, "inputs")).unwrap();
+        let reference =
+            wcc_runtime::load_npz(&models_dir().join(format!("{stem}.ref.npz"))).unwrap();
+        for f in compare_outputs(&reference, &out).unwrap() {
+            assert!(
+                f.max_abs_error < 1e-4,
+                "{stem}: {} differs from PyTorch by {:e}",
+                f.name,
+                f.max_abs_error
+            );
+        }
+    }
+}
+
+#[test]
+fn o1_matches_original_on_tract() {
+    let mut ran = 0;
+    for stem in fixture_stems() {
+        match check(&Backend::Tract, &stem, "inputs") {
+            Ok(()) => ran += 1,
+            Err(e) => eprintln!("tract does not run {stem}: {e}"),
+        }
+    }
+    // tract runs every exporter's output we ship; a drop here is a regression to look at.
+    assert_eq!(ran, fixture_stems().len(), "tract ran only {ran} fixtures");
+}
+
+#[test]
+fn tract_and_onnx_runtime_agree() {
+    let ort = ort();
+    for stem in fixture_stems() {
+        let m = optimized(&stem, OptLevel::O1);
+        let inputs = inputs(&stem, "inputs");
+        let a = run(&ort, &m, &inputs).unwrap();
+        let b = run(&Backend::Tract, &m, &inputs).unwrap();
+        for f in compare_outputs(&a, &b).unwrap() {
+            assert!(
+                f.rel_l2_error < 1e-4,
+                "{stem}: {} rel {:e}",
+                f.name,
+                f.rel_l2_error
+            );
+        }
+    }
+}
+
+#[test]
+fn o1_never_has_more_nodes_and_is_deterministic() {
+    for stem in fixture_stems() {
+        let a = load(&stem);
+        let b = optimized(&stem, OptLevel::O1);
+        assert!(
+            b.graph.total_nodes() <= a.graph.total_nodes(),
+            "{stem}: -O1 added nodes"
+        );
+        // The legacy exporter always leaves Constant nodes and shape arithmetic to fold.
+        if stem.contains("legacy") {
+            assert!(
+                b.graph.total_nodes() < a.graph.total_nodes(),
+                "{stem}: -O1 removed nothing"
+            );
+        }
+        let again = optimized(&stem, OptLevel::O1);
+        assert_eq!(
+            wcc_ir::export::to_bytes(&b).unwrap(),
+            wcc_ir::export::to_bytes(&again).unwrap(),
+            "{stem}"
+        );
+    }
+}
