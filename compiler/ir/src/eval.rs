@@ -926,3 +926,127 @@ pub fn eval_node(n: &Node, inputs: &[Option<&Array>], opset: i64) -> Option<Vec<
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Attribute, Node};
+
+    fn f32s(shape: &[usize], v: &[f32]) -> Array {
+        Array::F32(ArrayD::from_shape_vec(IxDyn(shape), v.to_vec()).unwrap())
+    }
+    fn i64s(v: &[i64]) -> Array {
+        Array::I64(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.to_vec()).unwrap())
+    }
+    fn node(op: &str, attrs: Vec<Attribute>) -> Node {
+        let mut n = Node::new("n", op, vec![], vec!["y".into()]);
+        n.attributes = attrs;
+        n
+    }
+    fn eval(op: &str, attrs: Vec<Attribute>, inputs: &[Option<&Array>]) -> Option<Array> {
+        eval_node(&node(op, attrs), inputs, 17).map(|mut v| v.remove(0))
+    }
+
+    #[test]
+    fn broadcasting_arithmetic_and_integer_division() {
+        let a = f32s(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let b = f32s(&[2], &[10.0, 20.0]);
+        assert_eq!(
+            eval("Add", vec![], &[Some(&a), Some(&b)]),
+            Some(f32s(&[2, 2], &[11.0, 22.0, 13.0, 24.0]))
+        );
+        // Integer Div truncates; division by zero is left to the runtime.
+        assert_eq!(
+            eval(
+                "Div",
+                vec![],
+                &[Some(&i64s(&[-7, 7])), Some(&i64s(&[2, 2]))]
+            ),
+            Some(i64s(&[-3, 3]))
+        );
+        assert_eq!(
+            eval("Div", vec![], &[Some(&i64s(&[1])), Some(&i64s(&[0]))]),
+            None
+        );
+    }
+
+    #[test]
+    fn shape_ops() {
+        let x = f32s(&[2, 3], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let t = eval(
+            "Transpose",
+            vec![Attribute::ints("perm", &[1, 0])],
+            &[Some(&x)],
+        )
+        .unwrap();
+        assert_eq!(t, f32s(&[3, 2], &[0.0, 3.0, 1.0, 4.0, 2.0, 5.0]));
+        let r = eval("Reshape", vec![], &[Some(&x), Some(&i64s(&[-1, 0]))]);
+        assert_eq!(r.unwrap().shape(), &[2, 3]);
+        let s = eval(
+            "Slice",
+            vec![],
+            &[
+                Some(&x),
+                Some(&i64s(&[2])),
+                Some(&i64s(&[0])),
+                Some(&i64s(&[1])),
+                Some(&i64s(&[-1])),
+            ],
+        );
+        assert_eq!(s, Some(f32s(&[2, 2], &[2.0, 1.0, 5.0, 4.0])));
+        let g = eval(
+            "Gather",
+            vec![Attribute::int("axis", 1)],
+            &[Some(&x), Some(&Array::I64(ndarray::arr0(-1).into_dyn()))],
+        );
+        assert_eq!(g, Some(f32s(&[2], &[2.0, 5.0])));
+        let c = eval(
+            "Concat",
+            vec![Attribute::int("axis", 0)],
+            &[Some(&i64s(&[1, 2])), Some(&i64s(&[3]))],
+        );
+        assert_eq!(c, Some(i64s(&[1, 2, 3])));
+        let sh = eval("Shape", vec![Attribute::int("start", -1)], &[Some(&x)]);
+        assert_eq!(sh, Some(i64s(&[3])));
+        let m = eval(
+            "MatMul",
+            vec![],
+            &[Some(&x), Some(&f32s(&[3, 1], &[1.0, 1.0, 1.0]))],
+        );
+        assert_eq!(m, Some(f32s(&[2, 1], &[3.0, 12.0])));
+        let u = eval("Unsqueeze", vec![], &[Some(&i64s(&[5])), Some(&i64s(&[0]))]).unwrap();
+        assert_eq!(u.shape(), &[1, 1]);
+    }
+
+    #[test]
+    fn oversized_results_are_refused() {
+        let shape = i64s(&[1 << 13, 1 << 12]);
+        assert!(eval("ConstantOfShape", vec![], &[Some(&shape)]).is_none());
+        assert!(eval(
+            "Range",
+            vec![],
+            &[
+                Some(&i64s(&[0])),
+                Some(&i64s(&[1 << 40])),
+                Some(&i64s(&[1]))
+            ]
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn uncovered_ops_and_domains_are_not_evaluated() {
+        let x = f32s(&[1], &[1.0]);
+        assert!(eval("Erf", vec![], &[Some(&x)]).is_none());
+        let mut n = node("Relu", vec![]);
+        n.domain = "com.example".into();
+        assert!(eval_node(&n, &[Some(&x)], 17).is_none());
+    }
+
+    #[test]
+    fn tensors_round_trip_through_arrays() {
+        let a = f32s(&[2], &[1.5, -0.25]);
+        let t = a.to_tensor("t");
+        assert_eq!(Array::from_tensor(&t), Some(a));
+    }
+}

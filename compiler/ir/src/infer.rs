@@ -941,3 +941,117 @@ fn sym_binary(op: &str, a: &Dim, b: &Dim) -> Dim {
         _ => Unknown,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Attribute, Graph, ValueInfo};
+
+    fn sym(s: &str) -> Dim {
+        Dim::Sym(s.into())
+    }
+
+    /// x:[batch,seq,48] → Shape → Gather(2) → Div 4 → Concat([0,0,4,?]) → Reshape
+    #[test]
+    fn symbolic_shape_arithmetic_resolves_reshape_targets() {
+        let i64t = |name: &str, v: &[i64]| {
+            Tensor::from_raw(
+                name,
+                DataType::I64,
+                &[v.len() as i64],
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+            .unwrap()
+        };
+        let scalar =
+            Tensor::from_raw("two", DataType::I64, &[], 2i64.to_le_bytes().to_vec()).unwrap();
+        let four =
+            Tensor::from_raw("four", DataType::I64, &[], 4i64.to_le_bytes().to_vec()).unwrap();
+        let n = |op: &str, ins: &[&str], out: &str| {
+            Node::new(
+                out,
+                op,
+                ins.iter().map(|s| s.to_string()).collect(),
+                vec![out.to_string()],
+            )
+        };
+        let mut concat = n("Concat", &["zz", "four1", "hd"], "target");
+        concat.attributes.push(Attribute::int("axis", 0));
+        let g = Graph {
+            inputs: vec![ValueInfo::tensor(
+                "x",
+                TensorType::new(
+                    DataType::F32,
+                    vec![sym("batch"), sym("seq"), Dim::Known(48)],
+                ),
+            )],
+            initializers: vec![
+                scalar,
+                four,
+                i64t("zz", &[0, 0]),
+                i64t("four1", &[4]),
+                i64t("ax0", &[0]),
+            ],
+            nodes: vec![
+                n("Shape", &["x"], "s"),
+                n("Gather", &["s", "two"], "d"),
+                n("Div", &["d", "four"], "hd0"),
+                n("Unsqueeze", &["hd0", "ax0"], "hd"),
+                concat,
+                n("Reshape", &["x", "target"], "y"),
+            ],
+            ..Default::default()
+        };
+        let m = infer_graph(&g, 17, None);
+        assert_eq!(m.ints("hd"), Some(vec![12]));
+        assert_eq!(
+            m.shape("y"),
+            Some(&vec![
+                sym("batch"),
+                sym("seq"),
+                Dim::Known(4),
+                Dim::Known(12)
+            ])
+        );
+        assert_eq!(
+            m.vals.get("s"),
+            Some(&vec![sym("batch"), sym("seq"), Dim::Known(48)])
+        );
+    }
+
+    #[test]
+    fn reshape_minus_one_cancels_symbols() {
+        let inp = [sym("batch"), sym("seq"), Dim::Known(32)];
+        let out = reshape_shape(Some(&inp), &[Dim::Known(-1), Dim::Known(32)], false);
+        assert_eq!(out, vec![Dim::Unknown, Dim::Known(32)]);
+        let out = reshape_shape(
+            Some(&inp),
+            &[Dim::Known(-1), sym("seq"), Dim::Known(32)],
+            false,
+        );
+        assert_eq!(out, vec![sym("batch"), sym("seq"), Dim::Known(32)]);
+        let out = reshape_shape(
+            Some(&inp),
+            &[sym("batch"), sym("seq"), Dim::Known(4), Dim::Known(-1)],
+            false,
+        );
+        assert_eq!(out[3], Dim::Known(8));
+    }
+
+    #[test]
+    fn broadcast_and_matmul_shapes() {
+        assert_eq!(
+            broadcast(&[sym("b"), Dim::Known(1)], &[Dim::Known(5)]),
+            vec![sym("b"), Dim::Known(5)]
+        );
+        assert_eq!(
+            matmul_shape(
+                &[sym("b"), sym("s"), Dim::Known(8)],
+                &[Dim::Known(8), Dim::Known(3)]
+            ),
+            vec![sym("b"), sym("s"), Dim::Known(3)]
+        );
+        assert_eq!(slice_len(10, -3, i64::MAX, 1), 3);
+        assert_eq!(slice_len(10, -1, i64::MIN, -1), 10);
+    }
+}

@@ -1,0 +1,382 @@
+//! What the fixtures do not exercise: model-local functions, unknown domains, metadata, every
+//! element type, denotations, If subgraphs (folded inside), the size guard, and loud provider errors.
+
+mod common;
+
+use common::*;
+use onnx_protobuf::{
+    attribute_proto::AttributeType, type_proto, AttributeProto, FunctionProto, GraphProto,
+    ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use protobuf::Message;
+use wcc_passes::OptLevel;
+
+fn vi(name: &str, elem: i32, dims: &[i64]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        type_: protobuf::MessageField::some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: elem,
+                shape: protobuf::MessageField::some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| onnx_protobuf::tensor_shape_proto::Dimension {
+                            value: Some(
+                                onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(*d),
+                            ),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, domain: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        domain: domain.into(),
+        name: format!("{op}_{}", outputs[0]),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn constant(out: &str, vals: &[f32]) -> NodeProto {
+    let mut n = node("Constant", "", &[], &[out]);
+    n.attribute.push(AttributeProto {
+        name: "value".into(),
+        type_: AttributeType::TENSOR.into(),
+        t: protobuf::MessageField::some(TensorProto {
+            data_type: 1,
+            dims: vec![vals.len() as i64],
+            float_data: vals.to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    n
+}
+
+fn graph_attr(name: &str, g: GraphProto) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        type_: AttributeType::GRAPH.into(),
+        g: protobuf::MessageField::some(g),
+        ..Default::default()
+    }
+}
+
+fn opset(domain: &str, v: i64) -> OperatorSetIdProto {
+    OperatorSetIdProto {
+        domain: domain.into(),
+        version: v,
+        ..Default::default()
+    }
+}
+
+/// y = If(cond, then: x + c1*c2, else: x - c3), with the constant product foldable inside.
+fn if_model() -> ModelProto {
+    let then_g = GraphProto {
+        name: "then".into(),
+        node: vec![
+            constant("c1", &[1.0, 2.0, 3.0, 4.0]),
+            constant("c2", &[0.5, 0.5, 2.0, -1.0]),
+            node("Mul", "", &["c1", "c2"], &["p"]),
+            node("Add", "", &["x", "p"], &["t_out"]),
+        ],
+        output: vec![vi("t_out", 1, &[4])],
+        ..Default::default()
+    };
+    let else_g = GraphProto {
+        name: "else".into(),
+        node: vec![
+            constant("c3", &[1.0, 1.0, 1.0, 1.0]),
+            node("Identity", "", &["c3"], &["c3i"]),
+            node("Sub", "", &["x", "c3i"], &["e_out"]),
+        ],
+        output: vec![vi("e_out", 1, &[4])],
+        ..Default::default()
+    };
+    let mut if_node = node("If", "", &["cond"], &["y"]);
+    if_node.attribute = vec![
+        graph_attr("then_branch", then_g),
+        graph_attr("else_branch", else_g),
+    ];
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![opset("", 17)],
+        graph: protobuf::MessageField::some(GraphProto {
+            name: "main".into(),
+            node: vec![if_node],
+            input: vec![vi("cond", 9, &[]), vi("x", 1, &[4])],
+            output: vec![vi("y", 1, &[4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn tensor(name: &str, dtype: i32, dims: &[i64]) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        data_type: dtype,
+        dims: dims.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Everything the importer must keep, in one model (not runnable: it has an unknown domain).
+fn kitchen_sink() -> ModelProto {
+    let mut m = if_model();
+    m.producer_name = "hand".into();
+    m.doc_string = "a model with everything".into();
+    m.metadata_props.push(StringStringEntryProto {
+        key: "k".into(),
+        value: "v".into(),
+        ..Default::default()
+    });
+    m.opset_import.push(opset("com.example", 1));
+    m.opset_import.push(opset("local", 1));
+    m.functions.push(FunctionProto {
+        name: "MyRelu".into(),
+        domain: "local".into(),
+        input: vec!["a".into()],
+        output: vec!["b".into()],
+        node: vec![node("Relu", "", &["a"], &["b"])],
+        opset_import: vec![opset("", 17)],
+        ..Default::default()
+    });
+    let g = m.graph.as_mut().unwrap();
+    g.node.push(node("MyRelu", "local", &["y"], &["r"]));
+    let mut frob = node("Frobnicate", "com.example", &["r", "f16"], &["z"]);
+    frob.doc_string = "unknown op".into();
+    frob.attribute.push(AttributeProto {
+        name: "mode".into(),
+        type_: AttributeType::STRING.into(),
+        s: b"fast".to_vec(),
+        ..Default::default()
+    });
+    g.node.push(frob);
+    g.output = vec![vi("z", 1, &[4])];
+    let mut den = vi("y", 1, &[4]);
+    den.type_.as_mut().unwrap().denotation = "TENSOR".into();
+    g.value_info.push(den);
+    // Every storage flavour of initializer.
+    let mut f16 = tensor("f16", 10, &[2]);
+    f16.raw_data = vec![0x00, 0x3c, 0x00, 0xc0];
+    let mut bf16 = tensor("bf16", 16, &[2]);
+    bf16.int32_data = vec![0x3f80, 0xc000];
+    let mut i4 = tensor("i4", 22, &[3]);
+    i4.raw_data = vec![0x21, 0x0f];
+    let mut f8 = tensor("f8", 17, &[2]);
+    f8.raw_data = vec![0x38, 0xb8];
+    let mut s = tensor("s", 8, &[2]);
+    s.string_data = vec![b"hello".to_vec(), b"".to_vec()];
+    let mut u64t = tensor("u64", 13, &[1]);
+    u64t.uint64_data = vec![u64::MAX];
+    let mut f64t = tensor("f64", 11, &[1]);
+    f64t.double_data = vec![std::f64::consts::PI];
+    g.initializer = vec![f16, bf16, i4, f8, s, u64t, f64t];
+    m
+}
+
+#[test]
+fn everything_survives_a_round_trip() {
+    let original = kitchen_sink();
+    let model = wcc_ir::import::load_bytes(&original.write_to_bytes().unwrap()).unwrap();
+    wcc_ir::validate::validate(&model).unwrap();
+    assert!(wcc_ir::export::to_proto(&model).unwrap() == original);
+    // -O1 keeps the function, the unknown op and its attribute, metadata and the denotation.
+    let mut m = model.clone();
+    wcc_passes::optimize(&mut m, wcc_passes::pipeline(OptLevel::O1)).unwrap();
+    let p = wcc_ir::export::to_proto(&m).unwrap();
+    assert_eq!(p.functions, original.functions);
+    assert_eq!(p.metadata_props[0].value, "v");
+    let frob = p
+        .graph
+        .node
+        .iter()
+        .find(|n| n.op_type == "Frobnicate")
+        .unwrap();
+    assert_eq!(
+        (
+            frob.domain.as_str(),
+            frob.attribute[0].s.as_slice(),
+            frob.doc_string.as_str()
+        ),
+        ("com.example", &b"fast"[..], "unknown op")
+    );
+    assert!(p
+        .graph
+        .node
+        .iter()
+        .any(|n| n.op_type == "MyRelu" && n.domain == "local"));
+    assert_eq!(p.graph.value_info[0].type_.denotation, "TENSOR");
+    // The initializer read by the unknown op stays with its bytes; the unused ones go.
+    let f16 = p
+        .graph
+        .initializer
+        .iter()
+        .find(|t| t.name == "f16")
+        .unwrap();
+    assert_eq!(f16.raw_data, vec![0x00, 0x3c, 0x00, 0xc0]);
+    // The printer shows every dtype by name.
+    let text = wcc_ir::print::print_model(&model);
+    for s in [
+        "f16[2]",
+        "bf16[2]",
+        "i4[3]",
+        "f8e4m3fn[2]",
+        "string[2]",
+        "u64[1]",
+        "f64[1]",
+        "com.example::Frobnicate",
+        "local::MyRelu",
+        "function local::MyRelu",
+    ] {
+        assert!(text.contains(s), "missing {s} in\n{text}");
+    }
+}
+
+#[test]
+fn o1_folds_inside_subgraphs_and_keeps_results() {
+    let proto = if_model();
+    let a = wcc_ir::import::load_bytes(&proto.write_to_bytes().unwrap()).unwrap();
+    let mut b = a.clone();
+    wcc_passes::optimize(&mut b, wcc_passes::pipeline(OptLevel::O1)).unwrap();
+    let branch_nodes = |m: &wcc_ir::Model| -> Vec<usize> {
+        m.graph.nodes[0]
+            .attributes
+            .iter()
+            .map(|at| at.graphs[0].nodes.len())
+            .collect()
+    };
+    assert_eq!(branch_nodes(&a), vec![4, 3]);
+    // then: Constant, Constant, Mul folded into one initializer; else: Constant folded, Identity gone.
+    assert_eq!(branch_nodes(&b), vec![1, 1]);
+    let ort = ort();
+    for cond in [true, false] {
+        let inputs = vec![
+            (
+                "cond".to_string(),
+                wcc_ir::eval::Array::Bool(ndarray::arr0(cond).into_dyn()),
+            ),
+            (
+                "x".to_string(),
+                wcc_ir::eval::Array::F32(ndarray::arr1(&[0.25f32, -1.0, 3.0, 8.0]).into_dyn()),
+            ),
+        ];
+        let ra = run(&ort, &a, &inputs).unwrap();
+        let rb = run(&ort, &b, &inputs).unwrap();
+        assert!(
+            wcc_runtime::compare_outputs(&ra, &rb)
+                .unwrap()
+                .iter()
+                .all(|f| f.bitwise_equal),
+            "cond={cond}"
+        );
+    }
+}
+
+/// A model whose constants would blow up if folded: ConstantOfShape / Expand / Tile to 2^24 floats.
+#[test]
+fn size_guard_keeps_large_constants_unfolded() {
+    let int_t = |name: &str, vals: &[i64]| TensorProto {
+        name: name.into(),
+        data_type: 7,
+        dims: vec![vals.len() as i64],
+        int64_data: vals.to_vec(),
+        ..Default::default()
+    };
+    let mut one = tensor("one", 1, &[1]);
+    one.float_data = vec![1.0];
+    let mut m = ModelProto {
+        ir_version: 8,
+        opset_import: vec![opset("", 17)],
+        graph: protobuf::MessageField::some(GraphProto {
+            name: "g".into(),
+            node: vec![
+                node("ConstantOfShape", "", &["big_shape"], &["zeros"]),
+                node("Expand", "", &["one", "big_shape"], &["ones"]),
+                node("Tile", "", &["one", "reps"], &["tiled"]),
+                node("ConstantOfShape", "", &["small_shape"], &["small"]),
+                node("ReduceSum", "", &["zeros"], &["s1"]),
+                node("ReduceSum", "", &["ones"], &["s2"]),
+                node("ReduceSum", "", &["tiled"], &["s3"]),
+                node("ReduceSum", "", &["small"], &["s4"]),
+                node("Sum", "", &["s1", "s2", "s3", "s4", "x"], &["y"]),
+            ],
+            initializer: vec![
+                int_t("big_shape", &[4096, 4096]),
+                int_t("small_shape", &[4, 4]),
+                int_t("reps", &[1 << 24]),
+                one,
+            ],
+            input: vec![vi("x", 1, &[])],
+            output: vec![vi("y", 1, &[])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    m.graph.as_mut().unwrap().node[4..8]
+        .iter_mut()
+        .for_each(|n| {
+            n.attribute.push(AttributeProto {
+                name: "keepdims".into(),
+                type_: AttributeType::INT.into(),
+                i: 0,
+                ..Default::default()
+            })
+        });
+    let a = wcc_ir::import::load_bytes(&m.write_to_bytes().unwrap()).unwrap();
+    let mut b = a.clone();
+    let records = wcc_passes::optimize(&mut b, wcc_passes::pipeline(OptLevel::O1)).unwrap();
+    let ops: Vec<&str> = b.graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    // The small ConstantOfShape and its ReduceSum fold; the three large producers stay.
+    assert!(
+        ops.contains(&"Expand")
+            && ops.contains(&"Tile")
+            && ops.iter().filter(|o| **o == "ConstantOfShape").count() == 1,
+        "{ops:?}"
+    );
+    assert!(
+        b.graph
+            .initializers
+            .iter()
+            .all(|t| t.byte_size() <= 64 << 10),
+        "a large constant was materialized"
+    );
+    assert!(
+        records
+            .iter()
+            .flat_map(|r| &r.notes)
+            .any(|n| n.contains("size guard")),
+        "the guard should say it held"
+    );
+}
+
+#[test]
+fn an_unavailable_execution_provider_is_an_error_not_a_fallback() {
+    let lib = match ort() {
+        wcc_runtime::Backend::Ort { lib, .. } => lib.unwrap(),
+        _ => unreachable!(),
+    };
+    let o = wcc()
+        .arg("bench")
+        .arg(fixture_path("bert.legacy"))
+        .args(["--ep", "cuda", "--runs", "1", "--warmup", "0", "--ort-lib"])
+        .arg(&lib)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("Cuda") || err.contains("CUDA"), "{err}");
+}
