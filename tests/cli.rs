@@ -349,7 +349,7 @@ fn optimize_writes_output_report_and_summary() {
     let m = wcc_ir::import::load(&out).unwrap();
     assert_eq!(
         m.metadata("wcc.passes"),
-        Some("remove-noops,constant-fold,fuse-consecutive,cse,dce")
+        Some("remove-noops,constant-fold,fuse-consecutive,miss-branch,algebra,cse,dce")
     );
 
     // Same input and flags: byte-identical output.
@@ -462,6 +462,8 @@ fn print_inspect_passes_run() {
         "remove-noops",
         "constant-fold",
         "fuse-consecutive",
+        "miss-branch",
+        "algebra",
         "cse",
         "dce",
     ] {

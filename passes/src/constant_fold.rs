@@ -2,13 +2,15 @@
 //! initializers, Constant nodes, earlier folded values) is evaluated by the IR's reference
 //! evaluator; so is shape arithmetic whose dims are statically known (`Shape`, and `Gather`/`Slice`
 //! of a partially known shape). Only values still read by the remaining graph become initializers.
-//! Size guard: a folded value may take at most `max(2 × its inputs' bytes, 64 KiB)`, so Tile,
-//! Expand or ConstantOfShape are never materialized into tensors much larger than what made them.
+//! Size guard: a folded value is stored only if it takes at most `max(2 × the bytes of the
+//! initializers it is computed from, 64 KiB)`, so Tile, Expand or ConstantOfShape are never
+//! materialized into tensors much larger than what made them, while a merged weight such as
+//! `W + s·A·B` (as large as W) is. Intermediates are only transient (capped by the evaluator).
 //! Random ops, other domains and nodes with subgraphs are never folded. Recurses into subgraphs
 //! (which see small constants of the graphs around them).
 //! May touch: nodes (removed), initializers (added). Lossless: values computed in the graph's dtype.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use wcc_ir::eval::{eval_node, Array};
 use wcc_ir::infer::{infer_graph, TypeMap};
@@ -56,10 +58,12 @@ fn fold_graph(
     let types = infer_graph(g, opset, outer_types);
     let consts = constant_initializers(g);
 
-    // Phase 1: evaluate.
+    // Phase 1: evaluate every constant node. Intermediates are transient (the evaluator caps any
+    // one array at 2^24 elements); the size guard applies to what gets stored, in phase 2.
     let mut values: HashMap<String, Array> = HashMap::new();
-    let mut folded: HashSet<usize> = HashSet::new();
-    let mut guarded = 0usize;
+    // Bytes of the initializers and Constant nodes each value is computed from (an upper bound).
+    let mut src_bytes: HashMap<String, u64> = HashMap::new();
+    let mut folded: BTreeSet<usize> = BTreeSet::new();
     for (idx, n) in g.nodes.iter().enumerate() {
         if !n.domain.is_empty()
             || n.has_subgraphs()
@@ -70,13 +74,14 @@ fn fold_graph(
         }
         // Shape arithmetic whose every element is known (from static dims).
         if let Some(a) = known_shape_value(n, &types) {
+            src_bytes.insert(n.outputs[0].clone(), a.byte_size());
             values.insert(n.outputs[0].clone(), a);
             folded.insert(idx);
             continue;
         }
         // All present inputs constant?
         let mut ok = true;
-        let mut in_bytes = 0u64;
+        let mut src = 0u64;
         for i in n.present_inputs() {
             if !values.contains_key(i) {
                 let loaded = if consts.contains(i) {
@@ -86,6 +91,7 @@ fn fold_graph(
                 };
                 match loaded {
                     Some(a) => {
+                        src_bytes.insert(i.to_string(), a.byte_size());
                         values.insert(i.to_string(), a);
                     }
                     None => {
@@ -94,24 +100,9 @@ fn fold_graph(
                     }
                 }
             }
-            in_bytes += values[i].byte_size();
+            src = src.saturating_add(src_bytes[i]);
         }
         if !ok {
-            continue;
-        }
-        // Pre-check the guard from inferred static shapes, before allocating anything.
-        let predicted: u64 = n
-            .outputs
-            .iter()
-            .filter_map(|o| {
-                let t = types.get(o)?;
-                let dims = t.static_dims()?;
-                t.dtype?
-                    .storage_bytes(dims.iter().map(|d| *d as u64).product())
-            })
-            .sum();
-        if !guard_ok(predicted, in_bytes) {
-            guarded += 1;
             continue;
         }
         let inputs: Vec<Option<&Array>> = n
@@ -122,24 +113,26 @@ fn fold_graph(
         let Some(results) = eval_node(n, &inputs, opset) else {
             continue;
         };
-        let out_bytes: u64 = results.iter().map(|a| a.byte_size()).sum();
-        if !guard_ok(out_bytes, in_bytes) {
-            guarded += 1;
-            continue;
+        if n.op_type == "Constant" {
+            src = results.iter().map(|a| a.byte_size()).sum();
         }
         for (name, a) in n.outputs.iter().zip(results) {
             if !name.is_empty() {
+                src_bytes.insert(name.clone(), src);
                 values.insert(name.clone(), a);
             }
         }
         folded.insert(idx);
     }
 
-    // Phase 2: materialize the folded values the rest of the graph still reads.
-    if !folded.is_empty() {
+    // Phase 2: the folded values the rest of the graph reads become initializers, unless one
+    // would be much larger than what it is computed from: then its node stays (and that node's
+    // own inputs are checked in turn), until nothing changes.
+    let mut keep: BTreeSet<usize> = BTreeSet::new();
+    let read = loop {
         let mut read: HashSet<String> = g.outputs.iter().map(|o| o.name.clone()).collect();
         for (idx, n) in g.nodes.iter().enumerate() {
-            if folded.contains(&idx) {
+            if folded.contains(&idx) && !keep.contains(&idx) {
                 continue;
             }
             read.extend(n.present_inputs().map(str::to_string));
@@ -151,12 +144,28 @@ fn fold_graph(
                 }
             }
         }
-        let mut new_inits = vec![];
-        for idx in folded
+        let too_big: Vec<usize> = folded
             .iter()
             .copied()
-            .collect::<std::collections::BTreeSet<_>>()
-        {
+            .filter(|idx| !keep.contains(idx))
+            .filter(|idx| {
+                g.nodes[*idx].outputs.iter().any(|o| {
+                    read.contains(o)
+                        && values.get(o).is_some_and(|a| {
+                            !guard_ok(a.byte_size(), src_bytes.get(o).copied().unwrap_or(0))
+                        })
+                })
+            })
+            .collect();
+        if too_big.is_empty() {
+            break read;
+        }
+        keep.extend(too_big);
+    };
+    let removed: BTreeSet<usize> = folded.difference(&keep).copied().collect();
+    if !removed.is_empty() {
+        let mut new_inits = vec![];
+        for &idx in &removed {
             for o in &g.nodes[idx].outputs {
                 if !o.is_empty() && read.contains(o) {
                     if let Some(a) = values.get(o) {
@@ -168,13 +177,14 @@ fn fold_graph(
         let mut i = 0;
         g.nodes.retain(|_| {
             i += 1;
-            !folded.contains(&(i - 1))
+            !removed.contains(&(i - 1))
         });
         g.initializers.extend(new_inits);
-        g.value_info
-            .retain(|v| !g.initializers.iter().any(|t| t.name() == v.name));
-        out.changes += folded.len();
+        let names: HashSet<&str> = g.initializers.iter().map(|t| t.name()).collect();
+        g.value_info.retain(|v| !names.contains(v.name.as_str()));
+        out.changes += removed.len();
     }
+    let guarded = keep.len();
     if guarded > 0 {
         out.notes.push(format!(
             "size guard kept {guarded} constant node(s) unfolded in graph '{}'",

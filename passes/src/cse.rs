@@ -1,5 +1,6 @@
 //! Common-subexpression elimination: nodes with the same op, domain, attributes and inputs are
-//! merged; initializers with the same dtype, dims and bytes are merged. Random ops and nodes with
+//! merged; initializers with the same dtype, dims and bytes are merged (compared by a sampled
+//! fingerprint first, then in full). Random ops and nodes with
 //! subgraphs are left alone. Recurses into subgraphs.
 
 use std::collections::HashMap;
@@ -43,12 +44,10 @@ fn run_graph(g: &mut Graph, changes: &mut usize) {
         if !consts.contains(t.name()) || outputs.contains(t.name()) {
             continue;
         }
-        let key = (t.content_hash(), t.proto.data_type, t.dims().to_vec());
+        // A sampled fingerprint keeps large distinct weights from being read in full.
+        let key = (t.fingerprint(), t.proto.data_type, t.dims().to_vec());
         let cands = first.entry(key).or_default();
-        if let Some(&j) = cands.iter().find(|&&j| {
-            g.initializers[j].raw_bytes().ok() == t.raw_bytes().ok()
-                && g.initializers[j].proto.string_data == t.proto.string_data
-        }) {
+        if let Some(&j) = cands.iter().find(|&&j| g.initializers[j].same_data(t)) {
             renames.push((t.name().to_string(), g.initializers[j].name().to_string()));
         } else {
             cands.push(i);

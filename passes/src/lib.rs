@@ -1,10 +1,12 @@
 //! wcc's rewrite passes, one module each, and the pipelines (`-O` levels) built from them.
 
+pub mod algebra;
 pub mod constant_fold;
 pub mod cse;
 pub mod dce;
 pub mod fuse_consecutive;
 pub mod graph_util;
+pub mod miss_branch;
 pub mod noop;
 
 use wcc_ir::pass::{Pass, PassManager, PassRecord};
@@ -19,38 +21,73 @@ pub enum OptLevel {
     O1,
 }
 
+/// A pass and the `-O` levels that include it.
+pub type Registered = (Box<dyn Pass>, &'static [OptLevel]);
+
+/// What configures the passes: user rule files and the e-graph's limits.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineOptions {
+    pub rule_files: Vec<std::path::PathBuf>,
+    pub egraph_limits: wcc_egraph::Limits,
+}
+
 /// Every pass wcc has, with the levels that include it.
-pub fn registry() -> Vec<(Box<dyn Pass>, &'static [OptLevel])> {
-    vec![
+pub fn registry_with(
+    opts: &PipelineOptions,
+) -> std::result::Result<Vec<Registered>, String> {
+    let files: Vec<&std::path::Path> = opts.rule_files.iter().map(|p| p.as_path()).collect();
+    let mut algebra = algebra::Algebra::new(&files)?;
+    algebra.limits = opts.egraph_limits.clone();
+    Ok(vec![
         (Box::new(noop::RemoveNoOps), &[OptLevel::O1]),
         (Box::new(constant_fold::ConstantFolding), &[OptLevel::O1]),
         (Box::new(fuse_consecutive::FuseConsecutive), &[OptLevel::O1]),
+        (Box::new(miss_branch::MissBranch), &[OptLevel::O1]),
+        (Box::new(algebra), &[OptLevel::O1]),
         (
             Box::new(cse::CommonSubexpressionElimination),
             &[OptLevel::O1],
         ),
         (Box::new(dce::DeadCodeElimination), &[OptLevel::O1]),
-    ]
+    ])
+}
+
+/// The registry with default options.
+pub fn registry() -> Vec<Registered> {
+    registry_with(&PipelineOptions::default()).expect("the built-in rules parse")
 }
 
 /// The passes of one level, in pipeline order.
 pub fn pipeline(level: OptLevel) -> Vec<Box<dyn Pass>> {
-    registry()
+    pipeline_with(level, &PipelineOptions::default()).expect("the built-in rules parse")
+}
+
+pub fn pipeline_with(
+    level: OptLevel,
+    opts: &PipelineOptions,
+) -> std::result::Result<Vec<Box<dyn Pass>>, String> {
+    Ok(registry_with(opts)?
         .into_iter()
         .filter(|(_, l)| l.contains(&level))
         .map(|(p, _)| p)
-        .collect()
+        .collect())
 }
 
 /// Passes by name (for `--passes a,b,c`); the error names the unknown pass.
-pub fn by_names(names: &[&str]) -> std::result::Result<Vec<Box<dyn Pass>>, String> {
+pub fn by_names(
+    names: &[&str],
+    opts: &PipelineOptions,
+) -> std::result::Result<Vec<Box<dyn Pass>>, String> {
+    let mut all: Vec<Option<Box<dyn Pass>>> = registry_with(opts)?
+        .into_iter()
+        .map(|(p, _)| Some(p))
+        .collect();
     names
         .iter()
         .map(|n| {
-            registry()
-                .into_iter()
-                .map(|(p, _)| p)
-                .find(|p| p.name() == *n)
+            all.iter_mut()
+                .find(|p| p.as_ref().is_some_and(|p| p.name() == *n))
+                .and_then(|p| p.take())
                 .ok_or_else(|| format!("unknown pass '{n}' (see `wcc passes`)"))
         })
         .collect()

@@ -130,6 +130,18 @@ pub struct OptimizeArgs {
     /// Print the graph after this pass (or `all`) to stderr.
     #[arg(long)]
     pub dump_after: Option<String>,
+    /// Extra rewrite rules for the algebra pass (egg pattern syntax, see README); repeatable.
+    #[arg(long = "rules", value_name = "FILE")]
+    pub rules: Vec<PathBuf>,
+    /// E-graph limit: e-nodes.
+    #[arg(long, default_value_t = 200_000)]
+    pub egraph_node_limit: usize,
+    /// E-graph limit: saturation iterations.
+    #[arg(long, default_value_t = 12)]
+    pub egraph_iter_limit: usize,
+    /// E-graph limit: seconds of saturation per graph.
+    #[arg(long, default_value_t = 10.0)]
+    pub egraph_time_limit: f64,
     /// Skip running original and result (no fidelity figures; not allowed with a gate).
     #[arg(long)]
     pub no_verify: bool,

@@ -244,10 +244,20 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, CliError> {
         "0" => OptLevel::O0,
         _ => OptLevel::O1,
     };
+    let opts = wcc_passes::PipelineOptions {
+        rule_files: a.rules.clone(),
+        egraph_limits: wcc_egraph::Limits {
+            nodes: a.egraph_node_limit,
+            iterations: a.egraph_iter_limit,
+            time: std::time::Duration::from_secs_f64(a.egraph_time_limit),
+        },
+    };
     let passes = match &a.passes {
-        Some(names) => wcc_passes::by_names(&names.iter().map(String::as_str).collect::<Vec<_>>())
-            .map_err(CliError::Usage)?,
-        None => wcc_passes::pipeline(level),
+        Some(names) => {
+            wcc_passes::by_names(&names.iter().map(String::as_str).collect::<Vec<_>>(), &opts)
+                .map_err(CliError::Usage)?
+        }
+        None => wcc_passes::pipeline_with(level, &opts).map_err(CliError::Usage)?,
     };
     let pass_names: Vec<&str> = passes.iter().map(|p| p.name()).collect();
     let pass_list = pass_names.join(",");

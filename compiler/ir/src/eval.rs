@@ -236,6 +236,9 @@ fn zip2<A: Clone, B: Clone, R>(
     f: impl Fn(A, B) -> R,
 ) -> Option<ArrayD<R>> {
     let sh = broadcast_shape(a.shape(), b.shape())?;
+    if !fits(&sh) {
+        return None;
+    }
     let av = a.broadcast(IxDyn(&sh))?;
     let bv = b.broadcast(IxDyn(&sh))?;
     Some(
@@ -471,27 +474,23 @@ fn expand<T: Clone>(a: &ArrayD<T>, shape: &[i64]) -> Option<ArrayD<T>> {
 }
 
 fn tile<T: Clone>(a: &ArrayD<T>, reps: &[i64]) -> Option<ArrayD<T>> {
+    if reps.len() != a.ndim() || reps.iter().any(|r| *r < 0) {
+        return None;
+    }
     let out_shape: Vec<usize> = a
         .shape()
         .iter()
         .zip(reps)
-        .map(|(d, r)| d * (*r).max(0) as usize)
+        .map(|(d, r)| d * *r as usize)
         .collect();
-    if reps.len() != a.ndim() || !fits(&out_shape) {
+    if !fits(&out_shape) {
         return None;
     }
-    let mut out = a.clone();
-    for (ax, &r) in reps.iter().enumerate() {
-        let views: Vec<_> = (0..r.max(0)).map(|_| out.view()).collect();
-        out = if views.is_empty() {
-            let mut sh = out.shape().to_vec();
-            sh[ax] = 0;
-            ArrayD::from_shape_vec(IxDyn(&sh), vec![]).ok()?
-        } else {
-            ndarray::concatenate(Axis(ax), &views).ok()?
-        };
-    }
-    Some(out)
+    let dims = a.shape().to_vec();
+    Some(ArrayD::from_shape_fn(IxDyn(&out_shape), |ix| {
+        let src: Vec<usize> = (0..dims.len()).map(|k| ix[k] % dims[k]).collect();
+        a[IxDyn(&src)].clone()
+    }))
 }
 
 fn matmul_f<T: ndarray::LinalgScalar>(a: &ArrayD<T>, b: &ArrayD<T>) -> Option<ArrayD<T>> {
@@ -677,6 +676,9 @@ pub fn eval_node(n: &Node, inputs: &[Option<&Array>], opset: i64) -> Option<Vec<
             macro_rules! wh {
                 ($a:expr, $b:expr, $v:ident) => {{
                     let sh = broadcast_shape(&broadcast_shape(c.shape(), $a.shape())?, $b.shape())?;
+                    if !fits(&sh) {
+                        return None;
+                    }
                     let (cv, av, bv) = (
                         c.broadcast(IxDyn(&sh))?,
                         $a.broadcast(IxDyn(&sh))?,

@@ -22,6 +22,12 @@ pub const AUTO_EXTERNAL_BYTES: u64 = (2u64 << 30) - (64 << 20);
 pub const EXTERNAL_MIN_BYTES: u64 = 1024;
 const EXTERNAL_ALIGN: u64 = 4096;
 
+/// Outputs are created like any new file (0666 less the umask), not private like temporaries.
+fn output_mode() -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::Permissions::from_mode(0o666)
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct SaveOptions {
     /// Force tensors ≥ `EXTERNAL_MIN_BYTES` into `<output>.data`.
@@ -102,6 +108,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummar
     let mut sink = if external {
         let f = tempfile::Builder::new()
             .prefix(".wcc-")
+            .permissions(output_mode())
             .tempfile_in(&dir)
             .map_err(|e| werr(format!("temporary file: {e}")))?;
         let w = BufWriter::with_capacity(1 << 20, f.reopen().map_err(|e| werr(e.to_string()))?);
@@ -125,6 +132,7 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummar
 
     let tmp = tempfile::Builder::new()
         .prefix(".wcc-")
+        .permissions(output_mode())
         .tempfile_in(&dir)
         .map_err(|e| werr(format!("temporary file: {e}")))?;
     {
@@ -163,8 +171,12 @@ impl ExternalSink {
         let pad = (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
         self.out.write_all(&vec![0u8; pad as usize]).map_err(werr)?;
         self.offset += pad;
-        let bytes = t.raw_bytes()?;
-        self.out.write_all(&bytes).map_err(werr)?;
+        let out = &mut self.out;
+        let mut len = 0usize;
+        t.for_each_chunk(&mut |c| {
+            len += c.len();
+            out.write_all(c)
+        })?;
         let mut p = t.header_proto();
         let entry = |k: &str, v: String| StringStringEntryProto {
             key: k.into(),
@@ -174,10 +186,10 @@ impl ExternalSink {
         p.external_data = vec![
             entry("location", self.location.clone()),
             entry("offset", self.offset.to_string()),
-            entry("length", bytes.len().to_string()),
+            entry("length", len.to_string()),
         ];
         p.data_location = DataLocation::EXTERNAL.into();
-        self.offset += bytes.len() as u64;
+        self.offset += len as u64;
         Ok(p)
     }
 }

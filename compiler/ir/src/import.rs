@@ -102,7 +102,7 @@ fn normalize_domain(d: &str) -> String {
 struct Importer {
     dir: Option<PathBuf>,
     canonical_dir: Option<PathBuf>,
-    maps: HashMap<PathBuf, Arc<Mmap>>,
+    maps: HashMap<PathBuf, (Arc<Mmap>, Arc<File>)>,
 }
 
 impl Importer {
@@ -248,7 +248,7 @@ impl Importer {
                 .transpose()
         };
         let offset = parse("offset")?.unwrap_or(0);
-        let map = match self.maps.get(&canon) {
+        let (map, file) = match self.maps.get(&canon) {
             Some(m) => m.clone(),
             None => {
                 let f = File::open(&canon).map_err(|e| err(format!("file '{location}': {e}")))?;
@@ -257,8 +257,9 @@ impl Importer {
                 let m = Arc::new(
                     unsafe { Mmap::map(&f) }.map_err(|e| err(format!("mmap '{location}': {e}")))?,
                 );
-                self.maps.insert(canon.clone(), m.clone());
-                m
+                let entry = (m, Arc::new(f));
+                self.maps.insert(canon.clone(), entry.clone());
+                entry
             }
         };
         let dtype = DataType::from_code(t.data_type, &t.name)?;
@@ -278,6 +279,7 @@ impl Importer {
         let _ = end;
         Ok(ExternalSlice {
             map,
+            file,
             offset: offset as usize,
             len: length as usize,
         })

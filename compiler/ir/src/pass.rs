@@ -17,13 +17,16 @@ pub struct PassOutcome {
     pub changes: usize,
     /// Human-readable notes: what fired, and why something did not.
     pub notes: Vec<String>,
+    /// Structured statistics for the report (e.g. e-graph sizes, rules fired).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 impl PassOutcome {
     pub fn changed(n: usize) -> Self {
         PassOutcome {
             changes: n,
-            notes: vec![],
+            ..Default::default()
         }
     }
 }
@@ -47,6 +50,8 @@ pub struct PassRecord {
     pub pass: String,
     pub changes: usize,
     pub notes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
     pub millis: f64,
     pub before: GraphStats,
     pub after: GraphStats,
@@ -103,6 +108,7 @@ impl PassManager {
                     pass: p.name().to_string(),
                     changes: out.changes,
                     notes: out.notes,
+                    details: out.details,
                     millis,
                     before,
                     after,

@@ -12,13 +12,19 @@ use protobuf::EnumOrUnknown;
 use crate::dtype::DataType;
 use crate::error::{IrError, Result};
 
+/// Chunk size for scans of external data.
+const CHUNK: usize = 4 << 20;
+
 /// Largest element count wcc accepts for one tensor (2^40): anything above is a corrupt header.
 pub const MAX_ELEMENTS: u64 = 1 << 40;
 
-/// Bytes of a tensor that live in an mmapped external-data file.
+/// Bytes of a tensor that live in an mmapped external-data file. Whole-tensor scans (hashing,
+/// writing) read through `file` instead of the map, so they go through the page cache without
+/// making the pages part of wcc's resident memory.
 #[derive(Clone)]
 pub struct ExternalSlice {
     pub map: Arc<Mmap>,
+    pub file: Arc<std::fs::File>,
     pub offset: usize,
     pub len: usize,
 }
@@ -255,6 +261,93 @@ impl Tensor {
         p
     }
 
+    /// Calls `f` with the data in order, in chunks. External data is read with positioned reads
+    /// (not through the mmap), so scanning a large model does not grow resident memory.
+    pub fn for_each_chunk(&self, f: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> Result<()> {
+        let werr = |e: std::io::Error| IrError::tensor(self.name(), format!("reading data: {e}"));
+        match &self.external {
+            Some(ext) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; CHUNK.min(ext.len.max(1))];
+                let mut done = 0usize;
+                while done < ext.len {
+                    let n = CHUNK.min(ext.len - done);
+                    ext.file
+                        .read_exact_at(&mut buf[..n], (ext.offset + done) as u64)
+                        .map_err(werr)?;
+                    f(&buf[..n]).map_err(werr)?;
+                    done += n;
+                }
+                Ok(())
+            }
+            None => f(&self.raw_bytes()?).map_err(werr),
+        }
+    }
+
+    /// Up to `len` bytes at `at` (clamped), read without touching the mmap for external data.
+    fn sample(&self, at: usize, len: usize) -> Vec<u8> {
+        match &self.external {
+            Some(ext) => {
+                use std::os::unix::fs::FileExt;
+                let at = at.min(ext.len);
+                let mut buf = vec![0u8; len.min(ext.len - at)];
+                match ext.file.read_exact_at(&mut buf, (ext.offset + at) as u64) {
+                    Ok(()) => buf,
+                    Err(_) => vec![],
+                }
+            }
+            None => match self.raw_bytes() {
+                Ok(b) => {
+                    let at = at.min(b.len());
+                    b[at..(at + len).min(b.len())].to_vec()
+                }
+                Err(_) => vec![],
+            },
+        }
+    }
+
+    /// A cheap fingerprint: dtype, dims and three 4 KiB samples of the data (start, middle, end).
+    /// Tensors with different fingerprints differ; equal ones may still differ (see `same_data`).
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = Fnv64::new();
+        h.write(&self.proto.data_type.to_le_bytes());
+        for d in &self.proto.dims {
+            h.write(&d.to_le_bytes());
+        }
+        let n = self.byte_size() as usize;
+        for at in [0, n / 2, n.saturating_sub(4096)] {
+            h.write(&self.sample(at, 4096));
+        }
+        for s in &self.proto.string_data {
+            h.write(&(s.len() as u64).to_le_bytes());
+            h.write(s);
+        }
+        h.finish()
+    }
+
+    /// Whether the two tensors hold the same dtype, dims and bytes (chunked comparison).
+    pub fn same_data(&self, other: &Tensor) -> bool {
+        if self.proto.data_type != other.proto.data_type || self.proto.dims != other.proto.dims {
+            return false;
+        }
+        if self.dtype().ok() == Some(DataType::String) {
+            return self.proto.string_data == other.proto.string_data;
+        }
+        if self.byte_size() != other.byte_size() {
+            return false;
+        }
+        let mut pos = 0usize;
+        let mut equal = true;
+        let r = self.for_each_chunk(&mut |chunk| {
+            if equal && other.sample(pos, chunk.len()) != chunk {
+                equal = false;
+            }
+            pos += chunk.len();
+            Ok(())
+        });
+        r.is_ok() && equal
+    }
+
     /// 64-bit FNV-1a of dtype, dims and data: stable across runs and platforms.
     pub fn content_hash(&self) -> u64 {
         let mut h = Fnv64::new();
@@ -262,14 +355,16 @@ impl Tensor {
         for d in &self.proto.dims {
             h.write(&d.to_le_bytes());
         }
-        match self.raw_bytes() {
-            Ok(b) => h.write(&b),
-            Err(_) => {
-                for s in &self.proto.string_data {
-                    h.write(&(s.len() as u64).to_le_bytes());
-                    h.write(s);
-                }
+        if self.dtype().ok() == Some(DataType::String) {
+            for s in &self.proto.string_data {
+                h.write(&(s.len() as u64).to_le_bytes());
+                h.write(s);
             }
+        } else {
+            let _ = self.for_each_chunk(&mut |c| {
+                h.write(c);
+                Ok(())
+            });
         }
         h.finish()
     }
