@@ -32,9 +32,7 @@ pub struct PipelineOptions {
 }
 
 /// Every pass wcc has, with the levels that include it.
-pub fn registry_with(
-    opts: &PipelineOptions,
-) -> std::result::Result<Vec<Registered>, String> {
+pub fn registry_with(opts: &PipelineOptions) -> std::result::Result<Vec<Registered>, String> {
     let files: Vec<&std::path::Path> = opts.rule_files.iter().map(|p| p.as_path()).collect();
     let mut algebra = algebra::Algebra::new(&files)?;
     algebra.limits = opts.egraph_limits.clone();
