@@ -308,3 +308,163 @@ fn the_engine_stops_within_its_limits_and_says_so() {
         }
     }
 }
+
+/// (base model, adapter directory, PEFT's merged export)
+const PEFT_DIRS: &[(&str, &str, &str)] = &[
+    (
+        "bert_lora.base.legacy",
+        "bert_lora",
+        "bert_lora.merged.legacy",
+    ),
+    (
+        "llama_lora.base.legacy",
+        "llama_lora",
+        "llama_lora.merged.legacy",
+    ),
+    (
+        "llama_miss.base.legacy",
+        "llama_miss",
+        "llama_miss.merged.legacy",
+    ),
+];
+
+fn with_adapter(base: &str, adapter: &str) -> wcc_ir::Model {
+    let mut m = load(base);
+    let opts = wcc_passes::PipelineOptions {
+        adapter: Some(root().join("fixtures/adapters").join(adapter)),
+        ..Default::default()
+    };
+    wcc_passes::optimize(
+        &mut m,
+        wcc_passes::pipeline_with(OptLevel::O1, &opts).unwrap(),
+    )
+    .unwrap();
+    m
+}
+
+#[test]
+fn adapter_directories_merge_like_peft() {
+    let ort = ort();
+    for (base, adapter, merged) in PEFT_DIRS {
+        let a = with_adapter(base, adapter);
+        let b = optimized(merged, OptLevel::O1);
+        assert_eq!(histogram(&a), histogram(&b), "{base} + {adapter}");
+        let reference = load(merged);
+        for which in ["inputs", "alt.inputs"] {
+            let inputs = inputs(merged, which);
+            for f in wcc_runtime::compare_outputs(
+                &run(&ort, &reference, &inputs).unwrap(),
+                &run(&ort, &a, &inputs).unwrap(),
+            )
+            .unwrap()
+            {
+                assert!(
+                    f.rel_l2_error <= 1e-5,
+                    "{base} + {adapter} ({which}): {} rel {:e}",
+                    f.name,
+                    f.rel_l2_error
+                );
+            }
+        }
+        // And the adapter made a difference: the base alone computes something else.
+        let inputs = inputs(merged, "inputs");
+        let plain = wcc_runtime::compare_outputs(
+            &run(&ort, &reference, &inputs).unwrap(),
+            &run(&ort, &load(base), &inputs).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            plain.iter().any(|f| f.rel_l2_error > 1e-3),
+            "{adapter} changes nothing?"
+        );
+    }
+}
+
+/// (name, shape, values) of one f32 tensor.
+type NamedF32<'a> = (&'a str, Vec<usize>, Vec<f32>);
+
+/// Writes a one-tensor-per-entry f32 safetensors file.
+fn write_safetensors(path: &std::path::Path, tensors: &[NamedF32]) {
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = vec![];
+    for (name, shape, vals) in tensors {
+        let start = data.len();
+        data.extend(vals.iter().flat_map(|v| v.to_le_bytes()));
+        header.insert(name.to_string(), serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}));
+    }
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn adapter_keys_that_do_not_fit_are_errors_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": false, "use_dora": false}"#;
+    let cases: Vec<(&str, Vec<NamedF32>, &str)> = vec![
+        (
+            "nowhere",
+            vec![
+                (
+                    "base_model.model.encoder.layer.9.attention.self.query.lora_A.weight",
+                    vec![4, 32],
+                    vec![0.1; 128],
+                ),
+                (
+                    "base_model.model.encoder.layer.9.attention.self.query.lora_B.weight",
+                    vec![32, 4],
+                    vec![0.1; 128],
+                ),
+            ],
+            "module 'encoder.layer.9.attention.self.query'",
+        ),
+        (
+            "shape",
+            vec![
+                (
+                    "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight",
+                    vec![4, 31],
+                    vec![0.1; 124],
+                ),
+                (
+                    "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight",
+                    vec![32, 4],
+                    vec![0.1; 128],
+                ),
+            ],
+            "lora_A [4, 31] and lora_B [32, 4] do not fit a weight of 32×32",
+        ),
+        (
+            "key",
+            vec![(
+                "base_model.model.encoder.layer.0.attention.self.query.lora_E.weight",
+                vec![1],
+                vec![0.0],
+            )],
+            "key 'base_model.model.encoder.layer.0.attention.self.query.lora_E.weight'",
+        ),
+    ];
+    for (name, tensors, expect) in cases {
+        let ad = dir.path().join(name);
+        std::fs::create_dir(&ad).unwrap();
+        std::fs::write(ad.join("adapter_config.json"), cfg).unwrap();
+        write_safetensors(&ad.join("adapter_model.safetensors"), &tensors);
+        let out = dir.path().join(format!("{name}.onnx"));
+        let o = wcc()
+            .arg("optimize")
+            .arg(fixture_path("bert_lora.base.legacy"))
+            .arg("--adapter")
+            .arg(&ad)
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(expect), "{name}: expected '{expect}' in {err}");
+        assert!(!out.exists());
+    }
+}

@@ -1,5 +1,6 @@
 //! wcc's rewrite passes, one module each, and the pipelines (`-O` levels) built from them.
 
+pub mod adapter_merge;
 pub mod algebra;
 pub mod constant_fold;
 pub mod cse;
@@ -27,6 +28,8 @@ pub type Registered = (Box<dyn Pass>, &'static [OptLevel]);
 /// What configures the passes: user rule files and the e-graph's limits.
 #[derive(Debug, Clone, Default)]
 pub struct PipelineOptions {
+    /// A PEFT adapter directory to merge into the base weights first (`--adapter`).
+    pub adapter: Option<std::path::PathBuf>,
     pub rule_files: Vec<std::path::PathBuf>,
     pub egraph_limits: wcc_egraph::Limits,
 }
@@ -64,11 +67,18 @@ pub fn pipeline_with(
     level: OptLevel,
     opts: &PipelineOptions,
 ) -> std::result::Result<Vec<Box<dyn Pass>>, String> {
-    Ok(registry_with(opts)?
-        .into_iter()
-        .filter(|(_, l)| l.contains(&level))
-        .map(|(p, _)| p)
-        .collect())
+    let mut passes: Vec<Box<dyn Pass>> = vec![];
+    // The adapter is part of the model the user means: it is merged at every level, first.
+    if let Some(dir) = &opts.adapter {
+        passes.push(Box::new(adapter_merge::AdapterMerge { dir: dir.clone() }));
+    }
+    passes.extend(
+        registry_with(opts)?
+            .into_iter()
+            .filter(|(_, l)| l.contains(&level))
+            .map(|(p, _)| p),
+    );
+    Ok(passes)
 }
 
 /// Passes by name (for `--passes a,b,c`); the error names the unknown pass.

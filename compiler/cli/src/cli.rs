@@ -130,6 +130,10 @@ pub struct OptimizeArgs {
     /// Print the graph after this pass (or `all`) to stderr.
     #[arg(long)]
     pub dump_after: Option<String>,
+    /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to merge into the
+    /// model's weights first: LoRA, rsLoRA, DoRA, MiSS/Bone.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Extra rewrite rules for the algebra pass (egg pattern syntax, see README); repeatable.
     #[arg(long = "rules", value_name = "FILE")]
     pub rules: Vec<PathBuf>,

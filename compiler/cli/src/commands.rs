@@ -245,6 +245,7 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, CliError> {
         _ => OptLevel::O1,
     };
     let opts = wcc_passes::PipelineOptions {
+        adapter: a.adapter.clone(),
         rule_files: a.rules.clone(),
         egraph_limits: wcc_egraph::Limits {
             nodes: a.egraph_node_limit,

@@ -162,6 +162,11 @@ impl Array {
         }
     }
 
+    /// The array converted to another element type (None for types the evaluator lacks).
+    pub fn cast_to(&self, to: DataType) -> Option<Array> {
+        self.cast(to)
+    }
+
     fn cast(&self, to: DataType) -> Option<Array> {
         if self.dtype() == to {
             return Some(self.clone());

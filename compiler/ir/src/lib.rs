@@ -10,6 +10,7 @@ pub mod infer;
 pub mod model;
 pub mod pass;
 pub mod print;
+pub mod safetensors;
 pub mod stats;
 pub mod tensor;
 pub mod validate;

@@ -41,6 +41,11 @@ pub trait Pass {
     fn lossless(&self) -> bool {
         true
     }
+    /// Passes that must not run twice (e.g. adding an adapter into weights) run only in the first
+    /// round of the pipeline's fixed point.
+    fn run_once(&self) -> bool {
+        false
+    }
     fn run(&self, model: &mut Model) -> Result<PassOutcome>;
 }
 
@@ -84,9 +89,12 @@ impl PassManager {
     /// Runs the pipeline to a fixed point (bounded by `max_rounds`), validating after each pass.
     pub fn run(&mut self, model: &mut Model) -> Result<Vec<PassRecord>> {
         let mut records = vec![];
-        for _round in 0..self.max_rounds.max(1) {
+        for round in 0..self.max_rounds.max(1) {
             let mut any = false;
             for p in &self.passes {
+                if round > 0 && p.run_once() {
+                    continue;
+                }
                 let before = GraphStats::of(model);
                 let t0 = Instant::now();
                 let out = p.run(model)?;
