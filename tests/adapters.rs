@@ -19,6 +19,11 @@ const PAIRS: &[(&str, &str)] = &[
     ("bert_lora.legacy", "bert_lora.merged.legacy"),
     ("llama_lora.legacy", "llama_lora.merged.legacy"),
     ("llama_miss.legacy", "llama_miss.merged.legacy"),
+    ("llama_dora.legacy", "llama_dora.merged.legacy"),
+    ("llama_rslora.legacy", "llama_rslora.merged.legacy"),
+    ("gpt2_lora.legacy", "gpt2_lora.merged.legacy"),
+    // A weight reparameterized in forward (weight compander) against the same weights folded.
+    ("reparam.legacy", "reparam.folded.legacy"),
     // The dynamo export of the same LoRA model; its merged reference is the plain dynamo Llama
     // structure (same weights merged), so compare structure with llama.dynamo.
     ("llama_lora.dynamo", "llama.dynamo"),
@@ -43,7 +48,7 @@ fn unmerged_adapters_merge_to_the_reference_structure() {
 #[test]
 fn merged_adapters_compute_what_the_reference_merge_computes() {
     let ort = ort();
-    for (unmerged, merged) in PAIRS.iter().take(3) {
+    for (unmerged, merged) in PAIRS.iter().filter(|(u, _)| !u.ends_with("dynamo")) {
         let a = optimized(unmerged, OptLevel::O1);
         let b = load(merged);
         for which in ["inputs", "alt.inputs"] {
@@ -467,4 +472,55 @@ fn adapter_keys_that_do_not_fit_are_errors_naming_them() {
         assert!(err.contains(expect), "{name}: expected '{expect}' in {err}");
         assert!(!out.exists());
     }
+}
+
+#[test]
+fn the_attention_scale_folds_into_the_query_projection_when_enabled() {
+    let ort = ort();
+    for stem in ["bert.legacy", "vit.legacy"] {
+        let mut m = load(stem);
+        let opts = wcc_passes::PipelineOptions {
+            enable: vec!["fold-attention-scale".into()],
+            ..Default::default()
+        };
+        wcc_passes::optimize(
+            &mut m,
+            wcc_passes::pipeline_with(OptLevel::O1, &opts).unwrap(),
+        )
+        .unwrap();
+        let plain = optimized(stem, OptLevel::O1);
+        // One scale multiplication per layer (2 layers) leaves the scores.
+        assert_eq!(
+            histogram(&plain)["Mul"] - histogram(&m).get("Mul").copied().unwrap_or(0),
+            2,
+            "{stem}"
+        );
+        assert_eq!(
+            histogram(&plain)["MatMul"],
+            histogram(&m)["MatMul"],
+            "{stem}: no product may be duplicated"
+        );
+        let inputs = inputs(stem, "inputs");
+        for f in wcc_runtime::compare_outputs(
+            &run(&ort, &load(stem), &inputs).unwrap(),
+            &run(&ort, &m, &inputs).unwrap(),
+        )
+        .unwrap()
+        {
+            assert!(
+                f.rel_l2_error <= 1e-5,
+                "{stem}: {} rel {:e}",
+                f.name,
+                f.rel_l2_error
+            );
+        }
+    }
+    let bad = wcc_passes::PipelineOptions {
+        enable: vec!["dce".into()],
+        ..Default::default()
+    };
+    assert!(wcc_passes::pipeline_with(OptLevel::O1, &bad)
+        .err()
+        .unwrap()
+        .contains("not an opt-in pass"));
 }

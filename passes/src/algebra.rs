@@ -13,6 +13,8 @@ use wcc_ir::pass::{Pass, PassOutcome};
 use wcc_ir::{Model, Result};
 
 pub struct Algebra {
+    name: &'static str,
+    description: &'static str,
     pub rules: Arc<Vec<Rule>>,
     pub limits: Limits,
     pub cost: CostModel,
@@ -22,7 +24,22 @@ impl Algebra {
     /// The built-in rules and the given rule files; an error names the file and line.
     pub fn new(rule_files: &[&std::path::Path]) -> std::result::Result<Self, String> {
         Ok(Algebra {
+            name: "algebra",
+            description: "e-graph rewriting with rules as data: merges LoRA/DoRA branches, folds scales into weights, reassociates constants",
             rules: Arc::new(wcc_egraph::load_rules(rule_files)?),
+            limits: Limits::default(),
+            cost: CostModel::default(),
+        })
+    }
+
+    /// The same engine with the opt-in attention-scale rules (`fold-attention-scale`).
+    pub fn with_attention_scale(
+        rule_files: &[&std::path::Path],
+    ) -> std::result::Result<Self, String> {
+        Ok(Algebra {
+            name: "fold-attention-scale",
+            description: "opt-in: moves the attention scale (1/sqrt(d)) into the query projection (blocks ORT's attention fusion)",
+            rules: Arc::new(wcc_egraph::load_rules_with(&[("built-in attention-scale.rules", wcc_egraph::ATTENTION_SCALE)], rule_files)?),
             limits: Limits::default(),
             cost: CostModel::default(),
         })
@@ -31,10 +48,10 @@ impl Algebra {
 
 impl Pass for Algebra {
     fn name(&self) -> &'static str {
-        "algebra"
+        self.name
     }
     fn description(&self) -> &'static str {
-        "e-graph rewriting with rules as data: merges LoRA branches, folds scales, reassociates constants"
+        self.description
     }
     fn run(&self, model: &mut Model) -> Result<PassOutcome> {
         let opset = model.default_opset();

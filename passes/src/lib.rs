@@ -28,6 +28,8 @@ pub type Registered = (Box<dyn Pass>, &'static [OptLevel]);
 /// What configures the passes: user rule files and the e-graph's limits.
 #[derive(Debug, Clone, Default)]
 pub struct PipelineOptions {
+    /// Opt-in passes to add to the level's pipeline (`--enable`).
+    pub enable: Vec<String>,
     /// A PEFT adapter directory to merge into the base weights first (`--adapter`).
     pub adapter: Option<std::path::PathBuf>,
     pub rule_files: Vec<std::path::PathBuf>,
@@ -39,12 +41,16 @@ pub fn registry_with(opts: &PipelineOptions) -> std::result::Result<Vec<Register
     let files: Vec<&std::path::Path> = opts.rule_files.iter().map(|p| p.as_path()).collect();
     let mut algebra = algebra::Algebra::new(&files)?;
     algebra.limits = opts.egraph_limits.clone();
+    let mut attention_scale = algebra::Algebra::with_attention_scale(&files)?;
+    attention_scale.limits = opts.egraph_limits.clone();
     Ok(vec![
         (Box::new(noop::RemoveNoOps), &[OptLevel::O1]),
         (Box::new(constant_fold::ConstantFolding), &[OptLevel::O1]),
         (Box::new(fuse_consecutive::FuseConsecutive), &[OptLevel::O1]),
         (Box::new(miss_branch::MissBranch), &[OptLevel::O1]),
         (Box::new(algebra), &[OptLevel::O1]),
+        // Opt-in (`--enable`): in no level.
+        (Box::new(attention_scale), &[]),
         (
             Box::new(cse::CommonSubexpressionElimination),
             &[OptLevel::O1],
@@ -72,10 +78,30 @@ pub fn pipeline_with(
     if let Some(dir) = &opts.adapter {
         passes.push(Box::new(adapter_merge::AdapterMerge { dir: dir.clone() }));
     }
+    let registry = registry_with(opts)?;
+    for name in &opts.enable {
+        if !registry
+            .iter()
+            .any(|(p, l)| p.name() == name && l.is_empty())
+        {
+            let optin: Vec<&str> = registry
+                .iter()
+                .filter(|(_, l)| l.is_empty())
+                .map(|(p, _)| p.name())
+                .collect();
+            return Err(format!(
+                "--enable {name}: not an opt-in pass (opt-in: {})",
+                optin.join(", ")
+            ));
+        }
+    }
     passes.extend(
-        registry_with(opts)?
+        registry
             .into_iter()
-            .filter(|(_, l)| l.contains(&level))
+            .filter(|(p, l)| {
+                (l.contains(&level) && level != OptLevel::O0)
+                    || opts.enable.iter().any(|e| e == p.name())
+            })
             .map(|(p, _)| p),
     );
     Ok(passes)

@@ -130,6 +130,9 @@ pub struct OptimizeArgs {
     /// Print the graph after this pass (or `all`) to stderr.
     #[arg(long)]
     pub dump_after: Option<String>,
+    /// Add opt-in passes to the level's pipeline (see `wcc passes`), e.g. fold-attention-scale.
+    #[arg(long, value_delimiter = ',', value_name = "PASS")]
+    pub enable: Vec<String>,
     /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to merge into the
     /// model's weights first: LoRA, rsLoRA, DoRA, MiSS/Bone.
     #[arg(long, value_name = "DIR")]

@@ -117,20 +117,24 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Passes => {
-            println!("{:<16} {:<8} {:<6} description", "pass", "levels", "exact");
+            println!("{:<22} {:<8} {:<6} description", "pass", "levels", "exact");
             for (p, levels) in wcc_passes::registry() {
-                let l: Vec<String> = levels
+                let mut l: Vec<String> = levels
                     .iter()
                     .map(|l| format!("{l:?}").replace('O', "-O"))
                     .collect();
+                if l.is_empty() {
+                    l.push("opt-in".into());
+                }
                 println!(
-                    "{:<16} {:<8} {:<6} {}",
+                    "{:<22} {:<8} {:<6} {}",
                     p.name(),
                     l.join(","),
                     if p.lossless() { "yes" } else { "no" },
                     p.description()
                 );
             }
+            println!("{:<22} {:<8} {:<6} adds a PEFT adapter directory into the base weights (--adapter DIR)", "adapter-merge", "any", "yes");
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
@@ -246,6 +250,7 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, CliError> {
     };
     let opts = wcc_passes::PipelineOptions {
         adapter: a.adapter.clone(),
+        enable: a.enable.clone(),
         rule_files: a.rules.clone(),
         egraph_limits: wcc_egraph::Limits {
             nodes: a.egraph_node_limit,

@@ -149,6 +149,37 @@ impl Analysis<Op> for Facts {
                     attr: false,
                 }
             }
+            Op::Gemm([a, b, c]) => {
+                let (a, b, c) = (d(a), d(b), d(c));
+                let shape = match (&a.ty.shape, &b.ty.shape) {
+                    (Some(x), Some(y)) if x.len() == 2 && y.len() == 2 => {
+                        Some(vec![x[0].clone(), y[1].clone()])
+                    }
+                    _ => None,
+                };
+                Info {
+                    ty: TensorType {
+                        dtype: a.ty.dtype,
+                        shape,
+                    },
+                    constant: a.constant && b.constant && c.constant,
+                    scalar: None,
+                    attr: false,
+                }
+            }
+            Op::Reshape([x, _]) => {
+                // The target shape is data; the class learns its type from the original node.
+                let x = d(x);
+                Info {
+                    ty: TensorType {
+                        dtype: x.ty.dtype,
+                        shape: None,
+                    },
+                    constant: x.constant && d(&enode_child(enode, 1)).constant,
+                    scalar: None,
+                    attr: false,
+                }
+            }
             Op::Onnx(ch) => {
                 let tag = ch.first().and_then(|t| match egraph[*t].nodes.first() {
                     Some(Op::Leaf(s)) => leaf_parts(s).1.parse::<usize>().ok(),
@@ -220,4 +251,8 @@ impl Analysis<Op> for Facts {
         }
         DidMerge(*a != before, *a != b)
     }
+}
+
+fn enode_child(e: &Op, i: usize) -> Id {
+    egg::Language::children(e)[i]
 }

@@ -11,10 +11,11 @@ use wcc_ir::infer::infer_graph;
 use wcc_ir::validate::collect_outer_reads;
 use wcc_ir::{Attribute, Graph, Node, TensorType};
 
-use crate::analysis::Facts;
+use crate::analysis::{Facts, Info};
 use crate::extract::{cost_of, extract, CostModel};
 use crate::lang::{leaf, leaf_parts, parse_perm, perm_leaf, Op};
 use crate::rules::Rule;
+use egg::Analysis;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -49,7 +50,17 @@ pub struct Stats {
     pub rewritten: bool,
 }
 
-const ALGEBRA: [&str; 7] = ["MatMul", "Add", "Sub", "Mul", "Div", "Neg", "Transpose"];
+const ALGEBRA: [&str; 9] = [
+    "MatMul",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "Transpose",
+    "Reshape",
+    "Gemm",
+];
 
 fn is_deterministic(op: &str) -> bool {
     !matches!(
@@ -151,7 +162,12 @@ pub fn run_graph(
         let algebra = n.domain.is_empty()
             && n.outputs.len() == 1
             && ALGEBRA.contains(&n.op_type.as_str())
-            && n.attributes.iter().all(|a| a.name() == "perm");
+            && n.attributes.iter().all(|a| match a.name() {
+                "perm" => true,
+                "allowzero" | "transA" | "transB" => a.proto.i == 0,
+                "alpha" | "beta" => a.proto.f == 1.0,
+                _ => false,
+            });
         let enode = match n.op_type.as_str() {
             "MatMul" if algebra && arity_ok(2) => Some(Op::MatMul([arg(0, &ids), arg(1, &ids)])),
             "Add" if algebra && arity_ok(2) => Some(Op::Add([arg(0, &ids), arg(1, &ids)])),
@@ -159,6 +175,10 @@ pub fn run_graph(
             "Mul" if algebra && arity_ok(2) => Some(Op::Mul([arg(0, &ids), arg(1, &ids)])),
             "Div" if algebra && arity_ok(2) => Some(Op::Div([arg(0, &ids), arg(1, &ids)])),
             "Neg" if algebra && arity_ok(1) => Some(Op::Neg([arg(0, &ids)])),
+            "Reshape" if algebra && arity_ok(2) => Some(Op::Reshape([arg(0, &ids), arg(1, &ids)])),
+            "Gemm" if algebra && arity_ok(3) => {
+                Some(Op::Gemm([arg(0, &ids), arg(1, &ids), arg(2, &ids)]))
+            }
             "Transpose" if algebra && arity_ok(1) => {
                 n.attr_ints("perm").map(|p| p.to_vec()).map(|p| {
                     let pl = eg.add(perm_leaf(&p));
@@ -174,6 +194,14 @@ pub fn run_graph(
                 original.insert(id, e);
                 algebra_node_of.insert(id, idx);
                 ids.insert(n.outputs[0].clone(), id);
+                // What inference knows of the value refines what the analysis derived.
+                let mut data = eg[id].data.clone();
+                let seeded = Info {
+                    ty: ty(&n.outputs[0]),
+                    ..data.clone()
+                };
+                let _ = eg.analysis.merge(&mut data, seeded);
+                eg.set_analysis_data(id, data);
             }
             None => {
                 let tag = eg.add(leaf("n", &idx.to_string()));
@@ -463,6 +491,24 @@ impl Builder<'_> {
                 self.push(c, n);
                 out
             }
+            Op::Gemm([a, b, cc]) => {
+                let (av, bv, cv) = (
+                    self.value(*a, None),
+                    self.value(*b, None),
+                    self.value(*cc, None),
+                );
+                let out = self.name_for(c, want, &format!("{bv}/wcc_gemm"));
+                let n = self.new_node(c, "Gemm", vec![av, bv, cv], &out);
+                self.push(c, n);
+                out
+            }
+            Op::Reshape([x, sh]) => {
+                let (xv, shv) = (self.value(*x, None), self.value(*sh, None));
+                let out = self.name_for(c, want, &format!("{xv}/wcc_reshape"));
+                let n = self.new_node(c, "Reshape", vec![xv, shv], &out);
+                self.push(c, n);
+                out
+            }
             Op::Neg([a]) => {
                 let av = self.value(*a, None);
                 let out = self.name_for(c, want, &format!("{av}/wcc_neg"));
@@ -493,7 +539,12 @@ impl Builder<'_> {
                 let mut n = orig.clone();
                 n.inputs = inputs;
                 n.outputs = vec![out.to_string()];
-                n.attributes.retain(|a| a.name() == "perm");
+                n.attributes.retain(|a| {
+                    matches!(
+                        a.name(),
+                        "perm" | "allowzero" | "alpha" | "beta" | "transA" | "transB"
+                    )
+                });
                 n
             }
             _ => Node::new(out, op, inputs, vec![out.to_string()]),

@@ -11,6 +11,9 @@ use wcc_ir::Dim;
 use crate::analysis::{Facts, Info};
 use crate::lang::{leaf_parts, Op};
 
+/// The fixed cost of one node at run time, in FLOP-equivalents.
+pub const NODE_OVERHEAD: f64 = 256.0;
+
 /// Sizes for symbolic dims when estimating FLOPs.
 #[derive(Debug, Clone)]
 pub struct CostModel {
@@ -28,6 +31,13 @@ impl Default for CostModel {
 }
 
 impl CostModel {
+    /// The size of a symbolic dim; product names (`batch*seq`) multiply their parts.
+    fn sym(&self, name: &str) -> f64 {
+        name.split('*')
+            .map(|p| *self.dims.get(p).unwrap_or(&self.default_dim) as f64)
+            .product()
+    }
+
     fn numel(&self, info: &Info) -> f64 {
         match &info.ty.shape {
             None => self.default_dim as f64,
@@ -35,7 +45,7 @@ impl CostModel {
                 .iter()
                 .map(|d| match d {
                     Dim::Known(v) => *v as f64,
-                    Dim::Sym(n) => *self.dims.get(n).unwrap_or(&self.default_dim) as f64,
+                    Dim::Sym(n) => self.sym(n),
                     Dim::Unknown => self.default_dim as f64,
                 })
                 .product(),
@@ -56,24 +66,39 @@ impl CostModel {
             // Stored once as a parameter (a leaf is already one; a computed one will be).
             return self.bytes(info);
         }
-        match node {
-            Op::Leaf(_) | Op::Num(_) | Op::Out(_) => 0.0,
-            Op::MatMul([a, _]) => {
-                let k = egraph[*a]
-                    .data
-                    .ty
-                    .shape
-                    .as_ref()
-                    .and_then(|s| s.last().cloned());
-                let k = match k {
-                    Some(Dim::Known(v)) => v as f64,
-                    Some(Dim::Sym(n)) => *self.dims.get(&n).unwrap_or(&self.default_dim) as f64,
-                    _ => self.default_dim as f64,
-                };
-                2.0 * self.numel(info) * k
+        // Every node run costs something beyond its arithmetic (a kernel launch, a pass over memory).
+        NODE_OVERHEAD
+            + match node {
+                Op::Leaf(_) | Op::Num(_) | Op::Out(_) => return 0.0,
+                Op::Gemm([a, _, _]) => {
+                    let k = egraph[*a]
+                        .data
+                        .ty
+                        .shape
+                        .as_ref()
+                        .and_then(|s| s.last().cloned());
+                    let k = match k {
+                        Some(Dim::Known(v)) => v as f64,
+                        _ => self.default_dim as f64,
+                    };
+                    2.0 * self.numel(info) * k + self.numel(info)
+                }
+                Op::MatMul([a, _]) => {
+                    let k = egraph[*a]
+                        .data
+                        .ty
+                        .shape
+                        .as_ref()
+                        .and_then(|s| s.last().cloned());
+                    let k = match k {
+                        Some(Dim::Known(v)) => v as f64,
+                        Some(Dim::Sym(n)) => self.sym(&n),
+                        _ => self.default_dim as f64,
+                    };
+                    2.0 * self.numel(info) * k
+                }
+                _ => self.numel(info).max(1.0),
             }
-            _ => self.numel(info).max(1.0),
-        }
     }
 }
 
@@ -151,29 +176,109 @@ pub fn extract(egraph: &EGraph<Op, Facts>, roots: &[Id], model: &CostModel) -> O
             break;
         }
     }
-    let mut costs: BTreeMap<Id, f64> = BTreeMap::new();
-    let mut choice = HashMap::new();
-    let mut stack: Vec<Id> = roots.iter().map(|r| egraph.find(*r)).collect();
-    while let Some(c) = stack.pop() {
-        if choice.contains_key(&c) {
-            continue;
+    // Greedy per-class choices can duplicate work that a shared value already does (choosing a
+    // rewritten `x/s` that recomputes `x` when `x` is needed anyway). Improve the whole DAG: try
+    // every alternative node of every chosen class and keep it when the global cost drops.
+    let mut choice: HashMap<Id, Op> = best.iter().map(|(c, b)| (*c, b.node.clone())).collect();
+    let mut cost = dag_cost(egraph, roots, &choice, model)?;
+    for _pass in 0..4 {
+        let mut improved = false;
+        for c in reachable(egraph, roots, &choice) {
+            let nodes = &egraph[c].nodes;
+            if nodes.len() < 2 {
+                continue;
+            }
+            for n in nodes {
+                if choice.get(&c) == Some(n)
+                    || n.children()
+                        .iter()
+                        .any(|k| !choice.contains_key(&egraph.find(*k)))
+                {
+                    continue;
+                }
+                let old = choice.insert(c, n.clone());
+                match dag_cost(egraph, roots, &choice, model) {
+                    Some(v) if v + 1e-9 < cost => {
+                        cost = v;
+                        improved = true;
+                    }
+                    _ => {
+                        if let Some(o) = old {
+                            choice.insert(c, o);
+                        }
+                    }
+                }
+            }
         }
-        let b = best.get(&c)?;
-        for (k, v) in &b.costs {
-            costs.insert(*k, *v);
+        if !improved {
+            break;
         }
-        for k in b.node.children() {
-            stack.push(egraph.find(*k));
-        }
-        choice.insert(c, b.node.clone());
     }
-    Some(Extraction {
-        choice,
-        cost: costs.values().sum(),
-    })
+    let keep: std::collections::HashSet<Id> =
+        reachable(egraph, roots, &choice).into_iter().collect();
+    choice.retain(|c, _| keep.contains(c));
+    Some(Extraction { choice, cost })
 }
 
-/// The DAG cost of a given choice (used for the graph as it was imported).
+/// Classes reachable from the roots through the chosen nodes, in a stable order.
+fn reachable(egraph: &EGraph<Op, Facts>, roots: &[Id], choice: &HashMap<Id, Op>) -> Vec<Id> {
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<Id> = roots.iter().map(|r| egraph.find(*r)).collect();
+    let mut out = vec![];
+    while let Some(c) = stack.pop() {
+        if !seen.insert(c) {
+            continue;
+        }
+        out.push(c);
+        if let Some(n) = choice.get(&c) {
+            for k in n.children() {
+                stack.push(egraph.find(*k));
+            }
+        }
+    }
+    out
+}
+
+/// The cost of the DAG a choice selects, or None when it is incomplete or cyclic. A constant
+/// class costs its stored bytes; what computes it (at compile time) costs nothing, unless the
+/// run-time graph also reaches it.
+pub fn dag_cost(
+    egraph: &EGraph<Op, Facts>,
+    roots: &[Id],
+    choice: &HashMap<Id, Op>,
+    model: &CostModel,
+) -> Option<f64> {
+    // Complete and acyclic: iterative DFS with colours (1 = on the stack, 2 = done).
+    let mut colour: HashMap<Id, u8> = HashMap::new();
+    for r in roots {
+        let mut stack: Vec<(Id, bool)> = vec![(egraph.find(*r), false)];
+        while let Some((c, expanded)) = stack.pop() {
+            if expanded {
+                colour.insert(c, 2);
+                continue;
+            }
+            match colour.get(&c) {
+                Some(2) => continue,
+                Some(1) => return None,
+                _ => {}
+            }
+            colour.insert(c, 1);
+            stack.push((c, true));
+            for k in choice.get(&c)?.children() {
+                let k = egraph.find(*k);
+                match colour.get(&k) {
+                    Some(1) => return None,
+                    Some(2) => {}
+                    _ => stack.push((k, false)),
+                }
+            }
+        }
+    }
+    Some(cost_of(egraph, roots, choice, model))
+}
+
+/// The DAG cost of a given choice: every class the run-time graph reaches counts once; the
+/// inside of a constant class (computed at compile time) is not reached.
 pub fn cost_of(
     egraph: &EGraph<Op, Facts>,
     roots: &[Id],
@@ -181,19 +286,19 @@ pub fn cost_of(
     model: &CostModel,
 ) -> f64 {
     let mut seen = BTreeSet::new();
-    let mut stack: Vec<(Id, bool)> = roots.iter().map(|r| (egraph.find(*r), false)).collect();
+    let mut stack: Vec<Id> = roots.iter().map(|r| egraph.find(*r)).collect();
     let mut total = 0.0;
-    while let Some((c, under_const)) = stack.pop() {
+    while let Some(c) = stack.pop() {
         if !seen.insert(c) {
             continue;
         }
         let Some(node) = choice.get(&c) else { continue };
         let data = &egraph[c].data;
-        if !under_const {
-            total += model.node_cost(egraph, node, data);
-        }
-        for k in node.children() {
-            stack.push((egraph.find(*k), under_const || data.constant));
+        total += model.node_cost(egraph, node, data);
+        if !data.constant {
+            for k in node.children() {
+                stack.push(egraph.find(*k));
+            }
         }
     }
     total

@@ -18,6 +18,10 @@ define_language! {
         "neg" = Neg([Id; 1]),
         // (transpose PERM x)
         "transpose" = Transpose([Id; 2]),
+        // (reshape x shape), ONNX Reshape without allowzero
+        "reshape" = Reshape([Id; 2]),
+        // (gemm a b c) = a·b + c: ONNX Gemm with alpha = beta = 1 and no transposes
+        "gemm" = Gemm([Id; 3]),
         // (onnx TAG inputs...)
         "onnx" = Onnx(Box<[Id]>),
         // (out K tuple)

@@ -11,4 +11,4 @@ pub mod rules;
 
 pub use engine::{run_graph, Limits, Stats};
 pub use extract::CostModel;
-pub use rules::{load_rules, parse_rules, Rule};
+pub use rules::{load_rules, load_rules_with, parse_rules, Rule, ATTENTION_SCALE};

@@ -6,7 +6,10 @@
 //! ```
 //!
 //! Conditions: `const(?a)` (computable at compile time), `nonconst(?a)`, `scalar(?a)` (a constant
-//! with one element), `rank(?a)=N`, `rank(?a)>=N`, `same-shape(?a,?b)` (statically equal shapes).
+//! with one element), `rank(?a)=N`, `rank(?a)>=N`, `same-shape(?a,?b)` (statically equal shapes),
+//! `lastdim(?c,?w)` (a constant that varies only along its last axis, as long as ?w's last axis),
+//! `flattened-matmul(?x,?w)` (?x's last dim is ?w's first and the matched value has ?x's leading
+//! dims: a Reshape → MatMul → Reshape that only flattens the leading dims).
 //! Errors name the file and line. The built-in rules (`rules/lossless.rules`) are loaded the same way.
 
 use std::path::Path;
@@ -19,6 +22,8 @@ use crate::lang::Op;
 
 /// The rules shipped with wcc.
 pub const BUILTIN: &str = include_str!("../rules/lossless.rules");
+/// Opt-in rules that move the attention scale into the query projection.
+pub const ATTENTION_SCALE: &str = include_str!("../rules/attention-scale.rules");
 
 pub type Rule = Rewrite<Op, Facts>;
 
@@ -29,13 +34,16 @@ enum Pred {
     Scalar(Var),
     Rank(Var, usize, bool),
     SameShape(Var, Var),
+    LastDim(Var, Var),
+    /// ?x's last dim equals ?w's first, and the matched value keeps ?x's leading dims.
+    FlattenedMatMul(Var, Var),
 }
 
 #[derive(Debug, Clone)]
 struct Check(Vec<Pred>);
 
 impl Condition<Op, Facts> for Check {
-    fn check(&self, egraph: &mut EGraph<Op, Facts>, _eclass: Id, subst: &Subst) -> bool {
+    fn check(&self, egraph: &mut EGraph<Op, Facts>, eclass: Id, subst: &Subst) -> bool {
         let info = |v: &Var| &egraph[subst[*v]].data;
         self.0.iter().all(|p| match p {
             Pred::Const(v) => info(v).constant && !info(v).attr,
@@ -49,6 +57,29 @@ impl Condition<Op, Facts> for Check {
                 let (x, y) = (info(a).ty.shape.clone(), info(b).ty.shape.clone());
                 matches!((x, y), (Some(x), Some(y)) if x == y && x.iter().all(|d| !matches!(d, Dim::Unknown)))
             }
+            Pred::FlattenedMatMul(x, w) => {
+                let (xs, ws, rs) = (info(x).ty.shape.clone(), info(w).ty.shape.clone(), egraph[eclass].data.ty.shape.clone());
+                match (xs, ws, rs) {
+                    (Some(xs), Some(ws), Some(rs)) if xs.len() >= 2 && ws.len() == 2 && rs.len() == xs.len() => {
+                        let known = |d: &Dim| !matches!(d, Dim::Unknown);
+                        matches!((xs.last(), ws.first()), (Some(Dim::Known(a)), Some(Dim::Known(b))) if a == b)
+                            && rs[..rs.len() - 1] == xs[..xs.len() - 1]
+                            && rs.iter().all(known)
+                            && rs.last() == ws.last()
+                    }
+                    _ => false,
+                }
+            }
+            Pred::LastDim(c, w) => {
+                // A constant that only varies along the last axis, as long as ?w's last axis.
+                let (ci, wi) = (info(c), info(w));
+                match (&ci.ty.shape, &wi.ty.shape) {
+                    (Some(cs), Some(ws)) if ci.constant && !cs.is_empty() && cs.len() <= 2 => {
+                        cs[..cs.len() - 1].iter().all(|d| *d == Dim::Known(1)) && matches!((cs.last(), ws.last()), (Some(Dim::Known(a)), Some(Dim::Known(b))) if a == b)
+                    }
+                    _ => false,
+                }
+            }
         })
     }
 
@@ -59,7 +90,9 @@ impl Condition<Op, Facts> for Check {
                 Pred::Const(v) | Pred::NonConst(v) | Pred::Scalar(v) | Pred::Rank(v, _, _) => {
                     vec![*v]
                 }
-                Pred::SameShape(a, b) => vec![*a, *b],
+                Pred::SameShape(a, b) | Pred::LastDim(a, b) | Pred::FlattenedMatMul(a, b) => {
+                    vec![*a, *b]
+                }
             })
             .collect()
     }
@@ -106,11 +139,16 @@ fn parse_pred(c: &str) -> Result<Pred, String> {
                 .map_err(|_| format!("condition '{c}': '{n}' is not a number"))?;
             Pred::Rank(one()?, n, at_least)
         }
-        "same-shape" => {
+        "same-shape" | "lastdim" | "flattened-matmul" => {
             if args.len() != 2 {
                 return Err(format!("condition '{c}' takes two variables"));
             }
-            Pred::SameShape(parse_var(args[0])?, parse_var(args[1])?)
+            let (a, b) = (parse_var(args[0])?, parse_var(args[1])?);
+            match name {
+                "same-shape" => Pred::SameShape(a, b),
+                "lastdim" => Pred::LastDim(a, b),
+                _ => Pred::FlattenedMatMul(a, b),
+            }
         }
         other => {
             return Err(format!(
@@ -237,7 +275,15 @@ pub fn parse_rules(text: &str, origin: &str) -> Result<Vec<Rule>, String> {
 
 /// The built-in rules followed by the user's rule files.
 pub fn load_rules(user_files: &[&Path]) -> Result<Vec<Rule>, String> {
+    load_rules_with(&[], user_files)
+}
+
+/// The built-in rules, extra built-in rule sets (`(origin, text)`), then the user's files.
+pub fn load_rules_with(extra: &[(&str, &str)], user_files: &[&Path]) -> Result<Vec<Rule>, String> {
     let mut rules = parse_rules(BUILTIN, "built-in lossless.rules")?;
+    for (origin, text) in extra {
+        rules.extend(parse_rules(text, origin)?);
+    }
     for f in user_files {
         let text = std::fs::read_to_string(f)
             .map_err(|e| format!("cannot read rules file {}: {e}", f.display()))?;

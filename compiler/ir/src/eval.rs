@@ -354,6 +354,16 @@ fn unary_float(op: &str, a: &Array) -> Option<Array> {
                 "Ceil" => |v| v.ceil(),
                 "Relu" => |v| if v > 0.0 { v } else { 0.0 },
                 "Sigmoid" => |v| 1.0 / (1.0 + (-v).exp()),
+                // ONNX Sign(0) is 0 (Rust's signum gives 1).
+                "Sign" => |v| {
+                    if v > 0.0 {
+                        1.0
+                    } else if v < 0.0 {
+                        -1.0
+                    } else {
+                        v
+                    }
+                },
                 _ => return None,
             };
             $x.mapv(f)
@@ -675,7 +685,7 @@ pub fn eval_node(n: &Node, inputs: &[Option<&Array>], opset: i64) -> Option<Vec<
             _ => None,
         },
         "Neg" | "Abs" | "Sqrt" | "Reciprocal" | "Exp" | "Log" | "Sin" | "Cos" | "Tanh"
-        | "Floor" | "Ceil" | "Relu" | "Sigmoid" => one(unary_float(op, x(0)?)?),
+        | "Floor" | "Ceil" | "Relu" | "Sigmoid" | "Sign" => one(unary_float(op, x(0)?)?),
         "Where" => {
             let Array::Bool(c) = x(0)? else { return None };
             macro_rules! wh {
@@ -921,6 +931,44 @@ pub fn eval_node(n: &Node, inputs: &[Option<&Array>], opset: i64) -> Option<Vec<
             (Array::F64(a), Array::F64(b)) => Array::F64(matmul_f(a, b)?),
             _ => return None,
         }),
+        "EyeLike" => {
+            let shape = x(0)?.shape().to_vec();
+            if shape.len() != 2 || !fits(&shape) {
+                return None;
+            }
+            let k = n.attr_i("k").unwrap_or(0);
+            let eye = ArrayD::from_shape_fn(IxDyn(&shape), |ix| {
+                if ix[1] as i64 - ix[0] as i64 == k {
+                    1.0f64
+                } else {
+                    0.0
+                }
+            });
+            let to = match n.attr_i("dtype") {
+                Some(c) => DataType::from_code(c as i32, "").ok()?,
+                None => x(0)?.dtype(),
+            };
+            one(Array::F64(eye).cast(to)?)
+        }
+        "ReduceL2" | "ReduceSumSquare" => {
+            let axes = match n.attr_ints("axes") {
+                Some(a) => Some(a.to_vec()),
+                None => ints_of(x(1)),
+            };
+            let keep = n.attr_i("keepdims").unwrap_or(1) != 0;
+            let noop = n.attr_i("noop_with_empty_axes").unwrap_or(0) != 0;
+            let squared = match x(0)? {
+                Array::F32(a) => Array::F32(a.mapv(|v| v * v)),
+                Array::F64(a) => Array::F64(a.mapv(|v| v * v)),
+                _ => return None,
+            };
+            let sum = reduce("ReduceSum", &squared, axes, keep, noop)?;
+            one(if op == "ReduceL2" {
+                unary_float("Sqrt", &sum)?
+            } else {
+                sum
+            })
+        }
         "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" => {
             let axes = match n.attr_ints("axes") {
                 Some(a) => Some(a.to_vec()),

@@ -144,6 +144,8 @@ pub fn broadcast(a: &[Dim], b: &[Dim]) -> Vec<Dim> {
             (x, Dim::Known(1)) => x.clone(),
             (Dim::Known(x), _) => Dim::Known(*x),
             (_, Dim::Known(y)) => Dim::Known(*y),
+            // An unknown dim is 1 or equal to the other (anything else is an invalid model).
+            (Dim::Sym(s), Dim::Unknown) | (Dim::Unknown, Dim::Sym(s)) => Dim::Sym(s.clone()),
             _ => Dim::Unknown,
         });
     }
@@ -722,9 +724,12 @@ fn reshape_shape(input: Option<&[Dim]>, target: &[Dim], allowzero: bool) -> Vec<
             }
         }
         if den != 0 && num % den == 0 {
+            syms_in.sort();
             match syms_in.as_slice() {
                 [] => out[pos] = known(num / den),
                 [s] if num == den => out[pos] = Dim::Sym(s.clone()),
+                // Flattened symbolic dims get a product name (`batch*seq`).
+                [_, ..] if num == den => out[pos] = Dim::Sym(syms_in.join("*")),
                 _ => {}
             }
         }
@@ -1023,7 +1028,7 @@ mod tests {
     fn reshape_minus_one_cancels_symbols() {
         let inp = [sym("batch"), sym("seq"), Dim::Known(32)];
         let out = reshape_shape(Some(&inp), &[Dim::Known(-1), Dim::Known(32)], false);
-        assert_eq!(out, vec![Dim::Unknown, Dim::Known(32)]);
+        assert_eq!(out, vec![sym("batch*seq"), Dim::Known(32)]);
         let out = reshape_shape(
             Some(&inp),
             &[Dim::Known(-1), sym("seq"), Dim::Known(32)],
