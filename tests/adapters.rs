@@ -20,6 +20,7 @@ const PAIRS: &[(&str, &str)] = &[
     ("llama_lora.legacy", "llama_lora.merged.legacy"),
     ("llama_miss.legacy", "llama_miss.merged.legacy"),
     ("llama_dora.legacy", "llama_dora.merged.legacy"),
+    ("llama_bat.legacy", "llama_bat.merged.legacy"),
     ("llama_rslora.legacy", "llama_rslora.merged.legacy"),
     ("gpt2_lora.legacy", "gpt2_lora.merged.legacy"),
     // A weight reparameterized in forward (weight compander) against the same weights folded.
@@ -523,4 +524,69 @@ fn the_attention_scale_folds_into_the_query_projection_when_enabled() {
         .err()
         .unwrap()
         .contains("not an opt-in pass"));
+}
+
+#[test]
+fn the_query_key_fused_form_is_exact_and_refuses_rotary_models() {
+    let ort = ort();
+    let opts = wcc_passes::PipelineOptions {
+        enable: vec!["qk-fuse".into()],
+        ..Default::default()
+    };
+    for stem in ["bert.legacy", "bert.dynamo", "vit.legacy", "vit.dynamo"] {
+        let mut m = load(stem);
+        let records = wcc_passes::optimize(
+            &mut m,
+            wcc_passes::pipeline_with(OptLevel::O1, &opts).unwrap(),
+        )
+        .unwrap();
+        let qk = records.iter().find(|r| r.pass == "qk-fuse").unwrap();
+        assert_eq!(qk.changes, 2, "{stem}: {:?}", qk.notes);
+        assert!(
+            qk.notes
+                .iter()
+                .any(|n| n.contains("query/key parameters") && n.contains("+100%")),
+            "{:?}",
+            qk.notes
+        );
+        for which in ["inputs", "alt.inputs"] {
+            let inputs = inputs(stem, which);
+            for f in wcc_runtime::compare_outputs(
+                &run(&ort, &load(stem), &inputs).unwrap(),
+                &run(&ort, &m, &inputs).unwrap(),
+            )
+            .unwrap()
+            {
+                assert!(
+                    f.rel_l2_error <= 1e-5,
+                    "{stem} ({which}): {} rel {:e}",
+                    f.name,
+                    f.rel_l2_error
+                );
+            }
+        }
+    }
+    for stem in ["llama.legacy", "llama.dynamo"] {
+        let mut m = load(stem);
+        let before = optimized(stem, OptLevel::O1);
+        let records = wcc_passes::optimize(
+            &mut m,
+            wcc_passes::pipeline_with(OptLevel::O1, &opts).unwrap(),
+        )
+        .unwrap();
+        let qk = records.iter().find(|r| r.pass == "qk-fuse").unwrap();
+        assert_eq!(qk.changes, 0, "{stem}");
+        assert!(
+            qk.notes
+                .iter()
+                .any(|n| n.contains("rotary position embeddings")),
+            "{stem}: {:?}",
+            qk.notes
+        );
+        assert_eq!(
+            histogram(&m),
+            histogram(&before),
+            "{stem}: refusing must leave the graph alone"
+        );
+    }
 }

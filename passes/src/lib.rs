@@ -9,6 +9,7 @@ pub mod fuse_consecutive;
 pub mod graph_util;
 pub mod miss_branch;
 pub mod noop;
+pub mod qk_fuse;
 
 use wcc_ir::pass::{Pass, PassManager, PassRecord};
 use wcc_ir::{Model, Result};
@@ -51,6 +52,7 @@ pub fn registry_with(opts: &PipelineOptions) -> std::result::Result<Vec<Register
         (Box::new(algebra), &[OptLevel::O1]),
         // Opt-in (`--enable`): in no level.
         (Box::new(attention_scale), &[]),
+        (Box::new(qk_fuse::QkFuse), &[]),
         (
             Box::new(cse::CommonSubexpressionElimination),
             &[OptLevel::O1],
