@@ -248,7 +248,7 @@ impl Pass for QkFuse {
         let g = &mut model.graph;
         let (mut found, why) = find(g, opset);
         // Rewrite from the last block back, so inserting nodes keeps earlier indices valid.
-        found.sort_by(|a, b| b.scores.cmp(&a.scores));
+        found.sort_by_key(|m| std::cmp::Reverse(m.scores));
         let mut out = PassOutcome::default();
         out.notes.extend(why.iter().cloned());
         let (mut params_before, mut params_after, mut flops_before, mut flops_after) =
