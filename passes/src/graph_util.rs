@@ -61,18 +61,7 @@ pub fn output_names(g: &Graph) -> HashSet<String> {
     g.outputs.iter().map(|o| o.name.clone()).collect()
 }
 
-/// Ops whose results are not a function of their inputs: never folded, merged or evaluated.
-pub fn is_nondeterministic(op: &str) -> bool {
-    matches!(
-        op,
-        "RandomNormal"
-            | "RandomNormalLike"
-            | "RandomUniform"
-            | "RandomUniformLike"
-            | "Multinomial"
-            | "Bernoulli"
-    )
-}
+pub use wcc_ir::model::is_nondeterministic;
 
 /// `base`, or `base_N` with the smallest N that no value or node output of `g` uses.
 pub fn fresh_name(g: &Graph, base: &str) -> String {

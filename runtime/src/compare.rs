@@ -17,19 +17,6 @@ pub struct OutputFidelity {
     pub bitwise_equal: bool,
 }
 
-fn values(a: &Array) -> Vec<f64> {
-    match a {
-        Array::F32(x) => x.iter().map(|v| *v as f64).collect(),
-        Array::F64(x) => x.iter().copied().collect(),
-        Array::F16(x) => x.iter().map(|v| v.to_f64()).collect(),
-        Array::I64(x) => x.iter().map(|v| *v as f64).collect(),
-        Array::I32(x) => x.iter().map(|v| *v as f64).collect(),
-        Array::I8(x) => x.iter().map(|v| *v as f64).collect(),
-        Array::U8(x) => x.iter().map(|v| *v as f64).collect(),
-        Array::Bool(x) => x.iter().map(|v| *v as u8 as f64).collect(),
-    }
-}
-
 /// Compares `b` (candidate) against `a` (reference), output by output, matched by position; names
 /// must agree. A shape or dtype mismatch is an error naming the output.
 pub fn compare_outputs(a: &NamedArrays, b: &NamedArrays) -> Result<Vec<OutputFidelity>, String> {
@@ -70,7 +57,7 @@ pub fn compare_outputs(a: &NamedArrays, b: &NamedArrays) -> Result<Vec<OutputFid
 
 pub fn fidelity(name: &str, a: &Array, b: &Array) -> OutputFidelity {
     let bitwise_equal = a == b || bitwise(a, b);
-    let (va, vb) = (values(a), values(b));
+    let (va, vb) = (a.to_f64_vec(), b.to_f64_vec());
     let (mut max_abs, mut diff2, mut na2, mut nb2, mut dot) = (0f64, 0f64, 0f64, 0f64, 0f64);
     for (x, y) in va.iter().zip(&vb) {
         let d = (x - y).abs();

@@ -62,18 +62,6 @@ const ALGEBRA: [&str; 9] = [
     "Gemm",
 ];
 
-fn is_deterministic(op: &str) -> bool {
-    !matches!(
-        op,
-        "RandomNormal"
-            | "RandomNormalLike"
-            | "RandomUniform"
-            | "RandomUniformLike"
-            | "Multinomial"
-            | "Bernoulli"
-    )
-}
-
 /// Saturates `g` (not its subgraphs) with `rules` and rewrites it when that is cheaper.
 pub fn run_graph(
     g: &mut Graph,
@@ -133,7 +121,9 @@ pub fn run_graph(
             idx,
             (
                 outs,
-                n.domain.is_empty() && is_deterministic(&n.op_type) && !n.has_subgraphs(),
+                n.domain.is_empty()
+                    && !wcc_ir::model::is_nondeterministic(&n.op_type)
+                    && !n.has_subgraphs(),
             ),
         );
     }

@@ -57,6 +57,15 @@ impl CostModel {
         self.numel(info) * w
     }
 
+    /// The contracted dim of a product: the left operand's last dim.
+    fn contraction(&self, egraph: &EGraph<Op, Facts>, left: Id) -> f64 {
+        match egraph[left].data.ty.shape.as_ref().and_then(|s| s.last()) {
+            Some(Dim::Known(v)) => *v as f64,
+            Some(Dim::Sym(n)) => self.sym(n),
+            _ => self.default_dim as f64,
+        }
+    }
+
     /// Cost of computing `node` (class data `info`) at run time, not counting its operands.
     pub fn node_cost(&self, egraph: &EGraph<Op, Facts>, node: &Op, info: &Info) -> f64 {
         if info.attr {
@@ -71,32 +80,9 @@ impl CostModel {
             + match node {
                 Op::Leaf(_) | Op::Num(_) | Op::Out(_) => return 0.0,
                 Op::Gemm([a, _, _]) => {
-                    let k = egraph[*a]
-                        .data
-                        .ty
-                        .shape
-                        .as_ref()
-                        .and_then(|s| s.last().cloned());
-                    let k = match k {
-                        Some(Dim::Known(v)) => v as f64,
-                        _ => self.default_dim as f64,
-                    };
-                    2.0 * self.numel(info) * k + self.numel(info)
+                    2.0 * self.numel(info) * self.contraction(egraph, *a) + self.numel(info)
                 }
-                Op::MatMul([a, _]) => {
-                    let k = egraph[*a]
-                        .data
-                        .ty
-                        .shape
-                        .as_ref()
-                        .and_then(|s| s.last().cloned());
-                    let k = match k {
-                        Some(Dim::Known(v)) => v as f64,
-                        Some(Dim::Sym(n)) => self.sym(&n),
-                        _ => self.default_dim as f64,
-                    };
-                    2.0 * self.numel(info) * k
-                }
+                Op::MatMul([a, _]) => 2.0 * self.numel(info) * self.contraction(egraph, *a),
                 _ => self.numel(info).max(1.0),
             }
     }

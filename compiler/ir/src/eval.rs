@@ -149,7 +149,8 @@ impl Array {
         })
     }
 
-    fn as_f64s(&self) -> Vec<f64> {
+    /// Every element as f64 (bools as 0/1).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
         match self {
             Array::F32(a) => a.iter().map(|v| *v as f64).collect(),
             Array::F64(a) => a.iter().copied().collect(),
@@ -184,7 +185,7 @@ impl Array {
                 _ => return None,
             });
         }
-        let f = ArrayD::from_shape_vec(sh, self.as_f64s()).ok()?;
+        let f = ArrayD::from_shape_vec(sh, self.to_f64_vec()).ok()?;
         Some(match to {
             DataType::F32 => Array::F32(f.mapv(|v| v as f32)),
             DataType::F64 => Array::F64(f),

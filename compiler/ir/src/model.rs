@@ -320,3 +320,16 @@ impl Model {
         }
     }
 }
+
+/// Ops whose results are not a function of their inputs: never folded, merged or evaluated.
+pub fn is_nondeterministic(op: &str) -> bool {
+    matches!(
+        op,
+        "RandomNormal"
+            | "RandomNormalLike"
+            | "RandomUniform"
+            | "RandomUniformLike"
+            | "Multinomial"
+            | "Bernoulli"
+    )
+}
