@@ -10,6 +10,7 @@ pub mod graph_util;
 pub mod miss_branch;
 pub mod noop;
 pub mod qk_fuse;
+pub mod structure;
 
 use wcc_ir::pass::{Pass, PassManager, PassRecord};
 use wcc_ir::{Model, Result};

@@ -27,6 +27,10 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Find the transformer structure (blocks, sublayers, projections, heads, RoPE, KV cache)
+        /// of the model after -O1 cleanup, and say what was not found and why.
+        #[arg(long)]
+        structure: bool,
     },
     /// Run two models on the same inputs and compare their outputs.
     Verify {

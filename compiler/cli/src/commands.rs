@@ -61,7 +61,26 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             print!("{}", print::print_model(&m));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Inspect { model, json } => {
+        Command::Inspect {
+            model,
+            json,
+            structure: true,
+        } => {
+            let mut m = load(&model)?;
+            wcc_passes::optimize(&mut m, wcc_passes::pipeline(OptLevel::O1))?;
+            let s = wcc_passes::structure::discover(&m);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap());
+            } else {
+                print!("{}", wcc_passes::structure::render(&s));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect {
+            model,
+            json,
+            structure: false,
+        } => {
             let m = load(&model)?;
             let r = crate::commands::inspect(&m);
             if json {
