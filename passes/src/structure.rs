@@ -27,6 +27,10 @@ pub struct Sublayer {
     pub kind: String,
     /// The Add that closes the sublayer (stream + branch).
     pub residual: String,
+    /// The residual stream entering the sublayer (the Add's stream input) and leaving it (the
+    /// Add's output).
+    pub stream_in: String,
+    pub stream_out: String,
     /// The norm on the branch (pre-LN) or after the residual (post-LN).
     pub norm: Option<String>,
     pub projections: Vec<Projection>,
@@ -325,6 +329,8 @@ pub fn discover(model: &Model) -> Structure {
                 "mlp".into()
             },
             residual: g.nodes[*add].name.clone(),
+            stream_in: x.clone(),
+            stream_out: g.nodes[*add].outputs[0].clone(),
             norm,
             projections: vec![],
             heads: None,

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod calibrate;
 pub mod compare;
 pub mod inputs;
 pub mod ort_backend;

@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Rewrite a model with an optimization pipeline, verify it, and write it.
-    Optimize(OptimizeArgs),
+    Optimize(Box<OptimizeArgs>),
     /// Print the canonical text form of a model (stable, diff-friendly).
     Print { model: PathBuf },
     /// Summarize a model: ops, parameters and bytes by dtype, opsets, inputs and outputs.
@@ -116,9 +116,20 @@ pub struct GateArgs {
 #[derive(Args, Debug)]
 pub struct OptimizeArgs {
     pub model: PathBuf,
-    /// Optimization level: 0 (round trip) or 1 (lossless cleanup).
-    #[arg(short = 'O', default_value = "1", value_parser = ["0", "1"])]
+    /// Optimization level: 0 (round trip), 1 (lossless cleanup), compress (-O1, then sublayer
+    /// dropping searched under the fidelity gate, default --min-cosine 0.99).
+    #[arg(short = 'O', default_value = "1", value_parser = ["0", "1", "compress"])]
     pub level: String,
+    /// Drop sublayers scored on calibration data (LLM-Drop): attn:N, attn:25%, mlp:N, joint:N.
+    /// With -O compress: what to search over and the most to drop.
+    #[arg(long, value_name = "SPEC")]
+    pub drop: Option<DropArg>,
+    /// Re-score after each dropped sublayer instead of scoring once.
+    #[arg(long)]
+    pub drop_iterative: bool,
+    /// Calibration inputs (.npz, one array per graph input); else --inputs, else seeded random.
+    #[arg(long, value_name = "FILE")]
+    pub calib: Option<PathBuf>,
     /// Output path (default: <input stem>.opt.onnx beside the input).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -161,3 +172,7 @@ pub struct OptimizeArgs {
     #[command(flatten)]
     pub gate: GateArgs,
 }
+
+/// `--drop SPEC`.
+#[derive(Debug, Clone, Copy)]
+pub struct DropArg(pub wcc_passes::layer_drop::DropSpec);

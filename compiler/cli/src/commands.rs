@@ -12,7 +12,7 @@ use wcc_ir::{export, import, print, validate, IrError, Model};
 use wcc_passes::OptLevel;
 use wcc_runtime::OutputFidelity;
 
-use crate::cli::{Cli, Command, OptimizeArgs};
+use crate::cli::{Cli, Command, GateArgs, OptimizeArgs};
 use crate::exec;
 
 #[derive(Debug)]
@@ -55,7 +55,7 @@ impl From<IrError> for CliError {
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        Command::Optimize(a) => optimize(a),
+        Command::Optimize(a) => optimize(*a),
         Command::Print { model } => {
             let m = load(&model)?;
             print!("{}", print::print_model(&m));
@@ -205,6 +205,8 @@ struct Report {
     after: GraphStats,
     optimize_ms: f64,
     verification: Option<Verification>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layer_drop: Option<crate::compress::LayerDropReport>,
     output_bytes: u64,
     external_data_bytes: u64,
 }
@@ -300,6 +302,23 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, CliError> {
     progress("optimizing");
     let t0 = Instant::now();
     let records = wcc_passes::optimize_with(&mut model, pm)?;
+    // Lossy: sublayer dropping (`--drop`, `-O compress`), on the -O1 result.
+    let compress = a.level == "compress";
+    let mut layer_drop = None;
+    if compress || a.drop.is_some() {
+        progress("calibrating");
+        let r = crate::compress::run(&a, &mut model, compress)?;
+        layer_drop = Some(r);
+    }
+    let gate = if compress && !gate_set && !a.no_verify {
+        GateArgs {
+            min_cosine: Some(crate::compress::DEFAULT_MIN_COSINE),
+            max_rel_error: None,
+        }
+    } else {
+        a.gate.clone()
+    };
+    let gate_set = exec::gate_set(&gate);
     let optimize_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !pass_list.is_empty() {
         model.set_metadata("wcc.version", env!("CARGO_PKG_VERSION"));
@@ -316,19 +335,22 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, CliError> {
             .and_then(|inputs| exec::compare(&backend, &original, &model, &inputs));
         match result {
             Ok(fid) => {
-                if let Some(msg) = exec::gate_failure(&a.gate, &fid) {
+                if let Some(msg) = exec::gate_failure(&gate, &fid) {
                     progress_done();
                     eprint!(
                         "{}",
                         crate::table::summary(&records, &before, &after, Some(&fid))
                     );
+                    if let Some(r) = &layer_drop {
+                        eprint!("{}", crate::compress::summary(r));
+                    }
                     return Err(CliError::Gate(msg));
                 }
                 verification = Some(Verification {
                     backend: backend.label(),
                     outputs: fid,
-                    gate_min_cosine: a.gate.min_cosine,
-                    gate_max_rel_error: a.gate.max_rel_error,
+                    gate_min_cosine: gate.min_cosine,
+                    gate_max_rel_error: gate.max_rel_error,
                 });
             }
             Err(e) if gate_set => {
@@ -361,6 +383,9 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, CliError> {
             verification.as_ref().map(|v| v.outputs.as_slice())
         )
     );
+    if let Some(r) = &layer_drop {
+        eprint!("{}", crate::compress::summary(r));
+    }
     eprintln!(
         "wrote {} ({} bytes{})",
         out_path.display(),
@@ -385,6 +410,7 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, CliError> {
             after,
             optimize_ms,
             verification,
+            layer_drop,
             output_bytes: summary.model_bytes,
             external_data_bytes: summary.external_bytes,
         };

@@ -58,14 +58,28 @@ pub fn compare(
     b: &Model,
     inputs: &NamedArrays,
 ) -> Result<Vec<OutputFidelity>, CliError> {
-    let run = |m: &Model, which: &str| {
+    let run = |m: &Model, which: &str, inputs: &NamedArrays| {
         let bytes = wcc_ir::export::to_bytes(m).map_err(CliError::Ir)?;
         backend
             .run(&bytes, inputs)
             .map_err(|e| CliError::Run(format!("{which}: {e}")))
     };
-    let ra = run(a, "original")?;
-    let rb = run(b, "result")?;
+    // The result may take fewer inputs (a dropped layer's cache): give each model its own.
+    let for_b: NamedArrays = inputs
+        .iter()
+        .filter(|(n, _)| b.graph.inputs.iter().any(|v| v.name == *n))
+        .cloned()
+        .collect();
+    let ra = run(a, "original", inputs)?;
+    let rb = run(b, "result", &for_b)?;
+    // ...and give fewer outputs: compare the ones both have.
+    let ra: NamedArrays = if ra.len() > rb.len() {
+        ra.into_iter()
+            .filter(|(n, _)| rb.iter().any(|(m, _)| m == n))
+            .collect()
+    } else {
+        ra
+    };
     compare_outputs(&ra, &rb).map_err(CliError::Run)
 }
 

@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod compress;
 mod exec;
 mod table;
 

@@ -1,0 +1,122 @@
+//! Sublayer dropping (LLM-Drop) and `-O compress`.
+
+mod common;
+
+use common::*;
+use wcc_passes::layer_drop::{DropSpec, Target};
+
+#[test]
+fn drop_specs_parse() {
+    let s: DropSpec = "attn:2".parse().unwrap();
+    assert_eq!((s.target, s.count_of(8)), (Target::Attention, 2));
+    let s: DropSpec = "attn:25%".parse().unwrap();
+    assert_eq!(s.count_of(8), 2);
+    let s: DropSpec = "mlp:9".parse().unwrap();
+    assert_eq!((s.target, s.count_of(4)), (Target::Mlp, 4));
+    assert_eq!("joint:3".parse::<DropSpec>().unwrap().target, Target::Joint);
+    for bad in ["attn", "foo:1", "attn:x", "attn:150%"] {
+        assert!(bad.parse::<DropSpec>().is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn a_dropped_attention_takes_its_kv_cache_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("kv.onnx");
+    let report = dir.path().join("r.json");
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("llama_kv.legacy"))
+        .args(["--drop", "attn:1", "--backend", "ort", "-o"])
+        .arg(&out)
+        .arg("--inputs")
+        .arg(models_dir().join("llama_kv.legacy.inputs.npz"))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let dropped = r["layer_drop"]["dropped"][0].as_str().unwrap().to_string();
+    let layer: usize = dropped.strip_prefix("attn ").unwrap().parse().unwrap();
+    let kept = 1 - layer;
+    let m = wcc_ir::import::load(&out).unwrap();
+    let inputs: Vec<&str> = m.graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    let outputs: Vec<&str> = m.graph.outputs.iter().map(|v| v.name.as_str()).collect();
+    for kind in ["key", "value"] {
+        assert!(
+            !inputs.contains(&format!("past_key_values.{layer}.{kind}").as_str()),
+            "{inputs:?}"
+        );
+        assert!(
+            !outputs.contains(&format!("present.{layer}.{kind}").as_str()),
+            "{outputs:?}"
+        );
+        assert!(inputs.contains(&format!("past_key_values.{kept}.{kind}").as_str()));
+        assert!(outputs.contains(&format!("present.{kept}.{kind}").as_str()));
+    }
+    assert_eq!(m.metadata("wcc.kv_layers"), Some(kept.to_string().as_str()));
+    assert_eq!(m.metadata("wcc.dropped"), Some(dropped.as_str()));
+    // It runs in ONNX Runtime with the reduced cache, and the kept layer's cache is unchanged.
+    let all = inputs_for("llama_kv.legacy");
+    let given: wcc_runtime::NamedArrays = all
+        .iter()
+        .filter(|(n, _)| inputs.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    let outs = run(&ort(), &m, &given).unwrap();
+    let reference = run(&ort(), &load("llama_kv.legacy"), &all).unwrap();
+    let kept_key = format!("present.{kept}.key");
+    let a = &outs.iter().find(|(n, _)| *n == kept_key).unwrap().1;
+    let b = &reference.iter().find(|(n, _)| *n == kept_key).unwrap().1;
+    if kept < layer {
+        assert!(
+            wcc_runtime::compare::fidelity("k", b, a).bitwise_equal,
+            "a layer before the dropped one is untouched"
+        );
+    }
+}
+
+fn inputs_for(stem: &str) -> wcc_runtime::NamedArrays {
+    inputs(stem, "inputs")
+}
+
+#[test]
+fn o_compress_without_any_passing_drop_keeps_everything() {
+    // Random-weight fixtures have no redundant attention: nothing passes the default gate.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("c.onnx");
+    let report = dir.path().join("r.json");
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("llama.legacy"))
+        .args(["-O", "compress", "-o"])
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["layer_drop"]["dropped"].as_array().unwrap().len(), 0);
+    assert_eq!(r["layer_drop"]["tried"][0]["passed"], false);
+    assert_eq!(r["verification"]["gate_min_cosine"], 0.99);
+    // A gate nothing can pass, even with nothing dropped, is an error and writes nothing.
+    let out2 = dir.path().join("c2.onnx");
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("llama.legacy"))
+        .args(["-O", "compress", "--min-cosine", "1.5", "-o"])
+        .arg(&out2)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!out2.exists());
+}
