@@ -120,3 +120,110 @@ fn o_compress_without_any_passing_drop_keeps_everything() {
     );
     assert!(!out2.exists());
 }
+
+#[test]
+fn the_planted_redundant_attention_ranks_first_and_drops_like_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("d.onnx");
+    let report = dir.path().join("r.json");
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("llama_drop.legacy"))
+        .args(["--drop", "attn:1", "--backend", "ort", "-o"])
+        .arg(&out)
+        .arg("--inputs")
+        .arg(models_dir().join("llama_drop.legacy.inputs.npz"))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // Layer 2's o_proj was scaled by 1e-3 before export: its attention changes the stream least.
+    assert_eq!(
+        r["layer_drop"]["scores"][0]["sublayer"], "attn 2",
+        "{}",
+        r["layer_drop"]
+    );
+    assert_eq!(r["layer_drop"]["dropped"], serde_json::json!(["attn 2"]));
+    // The result computes what PyTorch computes with that sublayer removed.
+    let m = wcc_ir::import::load(&out).unwrap();
+    let reference = load("llama_drop.dropped.legacy");
+    for which in ["inputs", "alt.inputs"] {
+        let inputs = inputs("llama_drop.legacy", which);
+        for f in wcc_runtime::compare_outputs(
+            &run(&ort(), &reference, &inputs).unwrap(),
+            &run(&ort(), &m, &inputs).unwrap(),
+        )
+        .unwrap()
+        {
+            assert!(
+                f.rel_l2_error <= 1e-5,
+                "{which}: {} rel {:e}",
+                f.name,
+                f.rel_l2_error
+            );
+        }
+    }
+    let softmaxes = m
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Softmax")
+        .count();
+    assert_eq!(softmaxes, 3);
+}
+
+#[test]
+fn o_compress_stops_at_the_largest_count_that_passes_the_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("c.onnx");
+    let report = dir.path().join("r.json");
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("llama_drop.legacy"))
+        .args(["-O", "compress", "--backend", "ort", "-o"])
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let ld = &r["layer_drop"];
+    let dropped = ld["dropped"].as_array().unwrap().len();
+    assert!(dropped >= 1, "{ld}");
+    let tried = ld["tried"].as_array().unwrap();
+    // Every count up to the chosen one passed, and one more failed (the search stopped there).
+    for t in tried.iter().take(dropped) {
+        assert_eq!(t["passed"], true, "{t}");
+    }
+    let next = &tried[dropped];
+    assert_eq!(next["count"], dropped + 1);
+    assert_eq!(next["passed"], false, "{next}");
+    assert!(next["min_cosine"].as_f64().unwrap() < 0.99);
+    // The written model passes the default gate against the original.
+    assert!(r["verification"]["outputs"][0]["cosine"].as_f64().unwrap() >= 0.99);
+
+    // The same search on the KV-cache variant removes the dropped layer's cache.
+    let out = dir.path().join("kv.onnx");
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("llama_drop_kv.legacy"))
+        .args(["-O", "compress", "--backend", "ort", "--inputs"])
+        .arg(models_dir().join("llama_drop_kv.legacy.inputs.npz"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = wcc_ir::import::load(&out).unwrap();
+    assert!(!m
+        .graph
+        .inputs
+        .iter()
+        .any(|v| v.name == "past_key_values.2.key"));
+    assert_eq!(m.metadata("wcc.kv_layers"), Some("0,1,3"));
+}

@@ -53,6 +53,13 @@ pub fn mean_row_cosine(
     let bytes = wcc_ir::export::to_bytes(&probe).map_err(|e| e.to_string())?;
     let (mut sums, mut counts) = (vec![0f64; pairs.len()], vec![0u64; pairs.len()]);
     for batch in batches {
+        // A model with a dropped layer's cache takes fewer inputs.
+        let batch: NamedArrays = batch
+            .iter()
+            .filter(|(n, _)| model.graph.inputs.iter().any(|v| v.name == *n))
+            .cloned()
+            .collect();
+        let batch = &batch;
         let mut prepared = backend.prepare(&bytes, batch).map_err(|e| e.to_string())?;
         let outs: HashMap<String, Array> = prepared
             .run(batch)

@@ -197,12 +197,7 @@ pub fn run(
         _ => {
             // -O compress: the largest count that passes the gate against the -O1 model.
             let gate = gate_of(&a.gate, true);
-            let reference = {
-                let bytes = wcc_ir::export::to_bytes(model).map_err(CliError::Ir)?;
-                backend
-                    .run(&bytes, &batches[0])
-                    .map_err(|e| CliError::Run(e.to_string()))?
-            };
+            let reference = exec::run_on(&backend, model, &batches[0]).map_err(CliError::Run)?;
             // With --drop, its count is the most to try.
             let max = drop
                 .map(|d| d.count_of(ranked0.len()))
@@ -219,11 +214,8 @@ pub fn run(
                 } else {
                     drop_first(model, &ranked0, n)?
                 };
-                let bytes = wcc_ir::export::to_bytes(&cand).map_err(CliError::Ir)?;
-                let out = backend
-                    .run(&bytes, &batches[0])
-                    .map_err(|e| CliError::Run(e.to_string()))?;
-                let fid = wcc_runtime::compare_outputs(&reference, &out).map_err(CliError::Run)?;
+                let out = exec::run_on(&backend, &cand, &batches[0]).map_err(CliError::Run)?;
+                let fid = exec::compare_common(&reference, &out).map_err(CliError::Run)?;
                 let passed = exec::gate_failure(&gate, &fid).is_none();
                 report.tried.push(Tried {
                     count: n,

@@ -51,6 +51,29 @@ pub fn inputs(model: &Model, a: &ExecArgs) -> Result<NamedArrays, CliError> {
     }
 }
 
+/// Runs `m` on the arrays it takes from `inputs` (a model with a dropped layer's cache takes
+/// fewer).
+pub fn run_on(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<NamedArrays, String> {
+    let own: NamedArrays = inputs
+        .iter()
+        .filter(|(n, _)| m.graph.inputs.iter().any(|v| v.name == *n))
+        .cloned()
+        .collect();
+    let bytes = wcc_ir::export::to_bytes(m).map_err(|e| e.to_string())?;
+    backend.run(&bytes, &own).map_err(|e| e.to_string())
+}
+
+/// Compares the outputs `b` has with the same outputs of `a` (a dropped layer's cache outputs
+/// are gone from `b`).
+pub fn compare_common(a: &NamedArrays, b: &NamedArrays) -> Result<Vec<OutputFidelity>, String> {
+    let a: NamedArrays = a
+        .iter()
+        .filter(|(n, _)| b.iter().any(|(m, _)| m == n))
+        .cloned()
+        .collect();
+    compare_outputs(&a, b)
+}
+
 /// Runs both models on the same inputs and compares.
 pub fn compare(
     backend: &Backend,
@@ -58,29 +81,9 @@ pub fn compare(
     b: &Model,
     inputs: &NamedArrays,
 ) -> Result<Vec<OutputFidelity>, CliError> {
-    let run = |m: &Model, which: &str, inputs: &NamedArrays| {
-        let bytes = wcc_ir::export::to_bytes(m).map_err(CliError::Ir)?;
-        backend
-            .run(&bytes, inputs)
-            .map_err(|e| CliError::Run(format!("{which}: {e}")))
-    };
-    // The result may take fewer inputs (a dropped layer's cache): give each model its own.
-    let for_b: NamedArrays = inputs
-        .iter()
-        .filter(|(n, _)| b.graph.inputs.iter().any(|v| v.name == *n))
-        .cloned()
-        .collect();
-    let ra = run(a, "original", inputs)?;
-    let rb = run(b, "result", &for_b)?;
-    // ...and give fewer outputs: compare the ones both have.
-    let ra: NamedArrays = if ra.len() > rb.len() {
-        ra.into_iter()
-            .filter(|(n, _)| rb.iter().any(|(m, _)| m == n))
-            .collect()
-    } else {
-        ra
-    };
-    compare_outputs(&ra, &rb).map_err(CliError::Run)
+    let ra = run_on(backend, a, inputs).map_err(|e| CliError::Run(format!("original: {e}")))?;
+    let rb = run_on(backend, b, inputs).map_err(|e| CliError::Run(format!("result: {e}")))?;
+    compare_common(&ra, &rb).map_err(CliError::Run)
 }
 
 /// The first gate violation, if any.
