@@ -227,3 +227,45 @@ fn o_compress_stops_at_the_largest_count_that_passes_the_gate() {
         .any(|v| v.name == "past_key_values.2.key"));
     assert_eq!(m.metadata("wcc.kv_layers"), Some("0,1,3"));
 }
+
+#[test]
+fn dropping_in_an_ort_fused_graph_matches_dropping_in_the_export() {
+    // The same model exported plainly and after ONNX Runtime's fusions: the same sublayer ranks
+    // first, and dropping it gives the same outputs (the fused SkipLayerNormalization becomes a
+    // norm of the stream alone).
+    let dir = tempfile::tempdir().unwrap();
+    let mut dropped = vec![];
+    for stem in ["bert.legacy", "bert.ortfused"] {
+        let out = dir.path().join(format!("{stem}.onnx"));
+        let report = dir.path().join(format!("{stem}.json"));
+        let o = wcc()
+            .arg("optimize")
+            .arg(fixture_path(stem))
+            .args(["--drop", "attn:1", "--backend", "ort", "-o"])
+            .arg(&out)
+            .arg("--inputs")
+            .arg(models_dir().join(format!("{stem}.inputs.npz")))
+            .arg("--report")
+            .arg(&report)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{stem}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        dropped.push((
+            r["layer_drop"]["dropped"].clone(),
+            wcc_ir::import::load(&out).unwrap(),
+        ));
+    }
+    assert_eq!(dropped[0].0, dropped[1].0);
+    let inputs = inputs("bert.legacy", "inputs");
+    let a = run(&ort(), &dropped[0].1, &inputs).unwrap();
+    let b = run(&ort(), &dropped[1].1, &inputs).unwrap();
+    for f in wcc_runtime::compare_outputs(&a, &b).unwrap() {
+        assert!(f.rel_l2_error < 1e-5, "{}: {:e}", f.name, f.rel_l2_error);
+    }
+}

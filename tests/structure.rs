@@ -19,6 +19,8 @@ const FAMILIES: &[&str] = &[
     "vit.legacy",
     "vit.dynamo",
     "llama_lora.legacy",
+    // ONNX Runtime's transformer optimizer output: Attention, SkipLayerNormalization, BiasGelu.
+    "bert.ortfused",
 ];
 
 #[test]
@@ -48,7 +50,7 @@ fn every_block_and_sublayer_is_found() {
                     .as_ref()
                     .unwrap_or_else(|| panic!("{stem}: block {} has no MLP", b.index));
                 let roles: Vec<&str> = a.projections.iter().map(|p| p.role.as_str()).collect();
-                if stem.starts_with("gpt2") {
+                if stem.starts_with("gpt2") || stem.contains("ortfused") {
                     assert_eq!(roles, ["qkv", "o"], "{stem}");
                 } else {
                     assert_eq!(roles, ["q", "k", "v", "o"], "{stem}");
@@ -87,6 +89,13 @@ fn every_block_and_sublayer_is_found() {
                     assert!(cache.is_empty(), "{stem}");
                 }
                 assert!(b.name_hint.is_none_or(|h| h == b.index), "{stem}");
+                if stem.contains("ortfused") {
+                    assert_eq!(
+                        a.norm.as_deref(),
+                        Some(a.residual.as_str()),
+                        "{stem}: the fused node is residual and norm"
+                    );
+                }
             }
             insta::assert_snapshot!(format!("structure__{stem}"), render(&s));
         }

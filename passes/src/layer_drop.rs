@@ -111,11 +111,10 @@ pub fn drop_sublayers(
     let mut notes = vec![];
     let g = &mut model.graph;
     for (block, s) in drop {
-        let Some(i) = g
-            .nodes
-            .iter()
-            .position(|n| n.name == s.residual && n.outputs.first() == Some(&s.stream_out))
-        else {
+        let Some(i) = g.nodes.iter().position(|n| {
+            n.name == s.residual
+                && (n.outputs.first() == Some(&s.stream_out) || n.domain == "com.microsoft")
+        }) else {
             notes.push(format!(
                 "{}: residual Add '{}' not found (already dropped?)",
                 label(*block, s),
@@ -123,6 +122,47 @@ pub fn drop_sublayers(
             ));
             continue;
         };
+        if g.nodes[i].domain == "com.microsoft" {
+            // Fused residual + norm: keep the norm on the stream alone, LN(x).
+            let n = &g.nodes[i];
+            if n.outputs.iter().skip(1).take(2).any(|o| !o.is_empty()) {
+                notes.push(format!(
+                    "{}: '{}' exposes its mean/inv-std outputs; not dropped",
+                    label(*block, s),
+                    n.name
+                ));
+                continue;
+            }
+            let mut ln = Node::new(
+                &n.name,
+                if n.op_type.contains("Simplified") {
+                    "SimplifiedLayerNormalization"
+                } else {
+                    "LayerNormalization"
+                },
+                vec![s.stream_in.clone(), n.inputs[2].clone()],
+                vec![n.outputs[0].clone()],
+            );
+            if !n.op_type.contains("Simplified") {
+                if let Some(beta) = n.inputs.get(3).filter(|b| !b.is_empty()) {
+                    ln.inputs.push(beta.clone());
+                }
+            }
+            ln.attributes = n
+                .attributes
+                .iter()
+                .filter(|a| a.name() == "epsilon")
+                .cloned()
+                .collect();
+            ln.attributes.push(wcc_ir::Attribute::int("axis", -1));
+            let sum = n.outputs.get(3).filter(|o| !o.is_empty()).cloned();
+            g.nodes[i] = ln;
+            if let Some(sum) = sum {
+                rename_uses(g, &sum, &s.stream_in);
+            }
+            notes.push(format!("{}: fused SkipLayerNormalization replaced by a norm of the stream alone (h = LN(x))", label(*block, s)));
+            continue;
+        }
         let out = s.stream_out.clone();
         if g.outputs.iter().any(|o| o.name == out) {
             g.nodes[i] = Node::new(

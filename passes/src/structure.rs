@@ -248,6 +248,21 @@ pub fn discover(model: &Model) -> Structure {
     // Residual Adds: x + f(x), with f containing a constant-weight product.
     let mut residuals: Vec<(usize, String, String, Vec<usize>)> = vec![];
     for (i, n) in g.nodes.iter().enumerate() {
+        // ONNX Runtime's fused residual + norm: SkipLayerNormalization(branch, skip = stream).
+        if n.domain == "com.microsoft"
+            && n.op_type.starts_with("Skip")
+            && n.op_type.ends_with("LayerNormalization")
+            && n.inputs.len() >= 2
+        {
+            if let Some(br) = cx.branch(&n.inputs[1], &n.inputs[0]) {
+                if br.iter().any(|p| {
+                    cx.projection(*p).is_some() || cx.g.nodes[*p].domain == "com.microsoft"
+                }) {
+                    residuals.push((i, n.inputs[1].clone(), n.inputs[0].clone(), br));
+                }
+            }
+            continue;
+        }
         if !n.is("Add")
             || n.inputs.len() != 2
             || n.inputs.iter().any(|x| cx.consts.contains(x.as_str()))
@@ -314,14 +329,26 @@ pub fn discover(model: &Model) -> Structure {
             .flatten()
             .copied()
             .find(|c| cx.is_norm(*c));
-        let norm = pre.or(post).map(|i| g.nodes[i].name.clone());
-        placements.push(if pre.is_some() {
-            "pre"
-        } else if post.is_some() {
+        let fused = g.nodes[*add].domain == "com.microsoft";
+        let norm = if fused {
+            Some(g.nodes[*add].name.clone())
+        } else {
+            pre.or(post).map(|i| g.nodes[i].name.clone())
+        };
+        placements.push(if fused || (pre.is_none() && post.is_some()) {
             "post"
+        } else if pre.is_some() {
+            "pre"
         } else {
             "none"
         });
+        // A fused SkipLayerNormalization's stream is its sum output; when the node does not
+        // produce one, `sum_output_name` names the one a scoring copy adds (see `with_sums`).
+        let stream_out = match g.nodes[*add].outputs.get(3) {
+            Some(o) if fused && !o.is_empty() => o.clone(),
+            _ if fused => sum_output_name(&g.nodes[*add].name),
+            _ => g.nodes[*add].outputs[0].clone(),
+        };
         let mut s = Sublayer {
             kind: if soft.is_some() {
                 "attention".into()
@@ -330,7 +357,7 @@ pub fn discover(model: &Model) -> Structure {
             },
             residual: g.nodes[*add].name.clone(),
             stream_in: x.clone(),
-            stream_out: g.nodes[*add].outputs[0].clone(),
+            stream_out,
             norm,
             projections: vec![],
             heads: None,
@@ -351,6 +378,46 @@ pub fn discover(model: &Model) -> Structure {
             }
         };
         match soft {
+            // ONNX Runtime's fused Attention: packed QKV weight, heads as an attribute.
+            Some(sm) if g.nodes[sm].domain == "com.microsoft" => {
+                used_softmax.insert(sm);
+                let an = &g.nodes[sm];
+                let w = &an.inputs[1];
+                let dims = g
+                    .initializer(w)
+                    .map(|t| t.dims().to_vec())
+                    .unwrap_or_default();
+                s.projections.push(Projection {
+                    role: "qkv".into(),
+                    node: an.name.clone(),
+                    weight: w.clone(),
+                    layout: "in×out".into(),
+                    shape: dims.clone(),
+                });
+                let after: Vec<usize> = br
+                    .iter()
+                    .copied()
+                    .filter(|p| {
+                        cx.projection(*p).is_some() && !cx.ancestors(&an.outputs[0]).contains(p)
+                    })
+                    .collect();
+                match after.as_slice() {
+                    [o] => s.projections.push(proj("o", *o)),
+                    other => problems.push(format!(
+                        "attention '{}': expected one output projection after it, found {}",
+                        an.name,
+                        other.len()
+                    )),
+                }
+                s.heads = an.attr_i("num_heads");
+                if let (Some(h), Some(cols)) = (s.heads, dims.get(1)) {
+                    if h > 0 && cols % (3 * h) == 0 {
+                        s.head_dim = Some(cols / 3 / h);
+                        s.kv_heads = Some(h);
+                    }
+                }
+                s.rope = an.attr_i("do_rotary").unwrap_or(0) != 0;
+            }
             Some(sm) => {
                 used_softmax.insert(sm);
                 // Scores: back from the Softmax to a product of two computed operands.
@@ -593,6 +660,29 @@ pub fn discover(model: &Model) -> Structure {
         blocks,
         problems,
     }
+}
+
+/// The name given to a fused SkipLayerNormalization's sum output when a copy exposes it.
+pub fn sum_output_name(node: &str) -> String {
+    format!("{node}/wcc_skip_sum")
+}
+
+/// A copy of `model` whose fused SkipLayerNormalization nodes also output their pre-norm sum
+/// (`input_skip_bias_sum`), so the stream leaving a fused sublayer can be measured.
+pub fn with_sums(model: &Model) -> Model {
+    let mut m = model.clone();
+    for n in &mut m.graph.nodes {
+        if n.domain == "com.microsoft"
+            && n.op_type.starts_with("Skip")
+            && n.op_type.ends_with("LayerNormalization")
+            && n.outputs.get(3).is_none_or(|o| o.is_empty())
+        {
+            n.outputs.resize(3, String::new());
+            let name = sum_output_name(&n.name);
+            n.outputs.push(name);
+        }
+    }
+    m
 }
 
 fn rotary(cx: &Ctx, v: &str, depth: usize) -> bool {

@@ -105,7 +105,9 @@ fn ranked(
         .iter()
         .map(|(_, s)| (s.stream_in.clone(), s.stream_out.clone()))
         .collect();
-    let sims = wcc_runtime::calibrate::mean_row_cosine(model, backend, batches, &pairs)
+    // Fused residual+norm nodes expose their pre-norm sum on the scoring copy.
+    let scoring = wcc_passes::structure::with_sums(model);
+    let sims = wcc_runtime::calibrate::mean_row_cosine(&scoring, backend, batches, &pairs)
         .map_err(CliError::Run)?;
     let mut v: Vec<(usize, Sublayer, f64)> = cands
         .into_iter()

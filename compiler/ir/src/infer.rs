@@ -180,6 +180,9 @@ fn out1(dtype: Option<DataType>, shape: Option<Vec<Dim>>) -> Vec<TensorType> {
 /// Output types of one node.
 pub fn infer_node(n: &Node, opset: i64, m: &TypeMap) -> Vec<TensorType> {
     let unknown = || vec![TensorType::unknown(); n.outputs.len()];
+    if n.domain == "com.microsoft" {
+        return infer_ms(n, m).unwrap_or_else(unknown);
+    }
     if !n.domain.is_empty() {
         return unknown();
     }
@@ -633,6 +636,67 @@ pub fn infer_node(n: &Node, opset: i64, m: &TypeMap) -> Vec<TensorType> {
             out1(dt(0), s)
         }
         _ => unknown(),
+    }
+}
+
+/// Output types of the com.microsoft ops ONNX Runtime's transformer optimizer emits.
+fn infer_ms(n: &Node, m: &TypeMap) -> Option<Vec<TensorType>> {
+    let t = |i: usize| {
+        n.inputs
+            .get(i)
+            .filter(|s| !s.is_empty())
+            .and_then(|s| m.get(s))
+            .cloned()
+    };
+    let same = |k: usize| -> Option<Vec<TensorType>> {
+        let x = t(0)?;
+        let mut v = vec![x; k.max(1)];
+        v.truncate(n.outputs.len().max(1));
+        v.resize(n.outputs.len(), TensorType::unknown());
+        Some(v)
+    };
+    match n.op_type.as_str() {
+        "BiasGelu" | "FastGelu" | "Gelu" | "QuickGelu" | "BiasAdd" => same(1),
+        "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization" => {
+            let x = t(0)?;
+            let stats = TensorType {
+                dtype: Some(DataType::F32),
+                shape: None,
+            };
+            let mut v = vec![x.clone(), stats.clone(), stats, x];
+            v.truncate(n.outputs.len());
+            Some(v)
+        }
+        "Attention" => {
+            // [B, S, hidden] → [B, S, v_hidden]: the weight's columns are q + k + v.
+            let x = t(0)?;
+            let w = t(1)?.static_dims()?;
+            let v_hidden = match n.attr_ints("qkv_hidden_sizes") {
+                Some(q) if q.len() == 3 => q[2],
+                _ => *w.get(1)? / 3,
+            };
+            let mut shape = x.shape?;
+            *shape.last_mut()? = known(v_hidden);
+            let mut v = vec![TensorType {
+                dtype: x.dtype,
+                shape: Some(shape),
+            }];
+            v.resize(n.outputs.len(), TensorType::unknown());
+            Some(v)
+        }
+        "EmbedLayerNormalization" => {
+            let ids = t(0)?.shape?;
+            let table = t(2)?.static_dims()?;
+            let mut shape = ids;
+            shape.push(known(*table.get(1)?));
+            let mut v = vec![TensorType {
+                dtype: t(2)?.dtype,
+                shape: Some(shape),
+            }];
+            v.resize(n.outputs.len(), TensorType::unknown());
+            Some(v)
+        }
+        _ => None,
     }
 }
 
