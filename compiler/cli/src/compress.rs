@@ -199,7 +199,11 @@ pub fn run(
         _ => {
             // -O compress: the largest count that passes the gate against the -O1 model.
             let gate = gate_of(&a.gate, true);
-            let reference = exec::run_on(&backend, model, &batches[0]).map_err(CliError::Run)?;
+            // The gate holds over every calibration batch.
+            let references = batches
+                .iter()
+                .map(|b| exec::run_on(&backend, model, b).map_err(CliError::Run))
+                .collect::<Result<Vec<_>, _>>()?;
             // With --drop, its count is the most to try.
             let max = drop
                 .map(|d| d.count_of(ranked0.len()))
@@ -216,8 +220,11 @@ pub fn run(
                 } else {
                     drop_first(model, &ranked0, n)?
                 };
-                let out = exec::run_on(&backend, &cand, &batches[0]).map_err(CliError::Run)?;
-                let fid = exec::compare_common(&reference, &out).map_err(CliError::Run)?;
+                let mut fid = vec![];
+                for (b, reference) in batches.iter().zip(&references) {
+                    let out = exec::run_on(&backend, &cand, b).map_err(CliError::Run)?;
+                    fid.extend(exec::compare_common(reference, &out).map_err(CliError::Run)?);
+                }
                 let passed = exec::gate_failure(&gate, &fid).is_none();
                 report.tried.push(Tried {
                     count: n,
