@@ -89,27 +89,7 @@ fn merged_adapters_compute_what_the_reference_merge_computes() {
 fn double_neg_model(dir: &std::path::Path) -> std::path::PathBuf {
     use onnx_protobuf::*;
     use protobuf::Message;
-    let vi = |name: &str, dims: &[i64]| ValueInfoProto {
-        name: name.into(),
-        type_: protobuf::MessageField::some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: 1,
-                shape: protobuf::MessageField::some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(*d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let vi = |name: &str, dims: &[i64]| vi(name, 1, dims);
     let node = |op: &str, i: &[&str], o: &str| NodeProto {
         op_type: op.into(),
         name: o.into(),

@@ -8,8 +8,8 @@ use std::process::Output;
 
 use common::*;
 use onnx_protobuf::{
-    tensor_proto::DataLocation, type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataLocation, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    StringStringEntryProto, TensorProto, ValueInfoProto,
 };
 use protobuf::Message;
 
@@ -24,28 +24,7 @@ fn ok(o: &Output) -> String {
 }
 
 fn tensor_vi(name: &str, dims: &[i64]) -> ValueInfoProto {
-    let shape = onnx_protobuf::TensorShapeProto {
-        dim: dims
-            .iter()
-            .map(|d| onnx_protobuf::tensor_shape_proto::Dimension {
-                value: Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(*d)),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    ValueInfoProto {
-        name: name.into(),
-        type_: protobuf::MessageField::some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: 1,
-                shape: protobuf::MessageField::some(shape),
-                ..Default::default()
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    vi(name, 1, dims)
 }
 
 fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {

@@ -5,38 +5,11 @@ mod common;
 
 use common::*;
 use onnx_protobuf::{
-    attribute_proto::AttributeType, type_proto, AttributeProto, FunctionProto, GraphProto,
-    ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, AttributeProto, FunctionProto, GraphProto, ModelProto,
+    NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
 };
 use protobuf::Message;
 use wcc_passes::OptLevel;
-
-fn vi(name: &str, elem: i32, dims: &[i64]) -> ValueInfoProto {
-    ValueInfoProto {
-        name: name.into(),
-        type_: protobuf::MessageField::some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: elem,
-                shape: protobuf::MessageField::some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|d| onnx_protobuf::tensor_shape_proto::Dimension {
-                            value: Some(
-                                onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(*d),
-                            ),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn node(op: &str, domain: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
     NodeProto {

@@ -22,22 +22,20 @@ fn drop_specs_parse() {
 #[test]
 fn a_dropped_attention_takes_its_kv_cache_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("kv.onnx");
-    let report = dir.path().join("r.json");
-    let o = wcc()
-        .arg("optimize")
-        .arg(fixture_path("llama_kv.legacy"))
-        .args(["--drop", "attn:1", "--backend", "ort", "-o"])
-        .arg(&out)
-        .arg("--inputs")
-        .arg(models_dir().join("llama_kv.legacy.inputs.npz"))
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let npz = models_dir().join("llama_kv.legacy.inputs.npz");
+    let (out, r) = optimize_cli(
+        &fixture_path("llama_kv.legacy"),
+        &[
+            "--drop",
+            "attn:1",
+            "--backend",
+            "ort",
+            "--inputs",
+            npz.to_str().unwrap(),
+        ],
+        dir.path(),
+        "kv.onnx",
+    );
     let dropped = r["layer_drop"]["dropped"][0].as_str().unwrap().to_string();
     let layer: usize = dropped.strip_prefix("attn ").unwrap().parse().unwrap();
     let kept = 1 - layer;
@@ -86,20 +84,12 @@ fn inputs_for(stem: &str) -> wcc_runtime::NamedArrays {
 fn o_compress_without_any_passing_drop_keeps_everything() {
     // Random-weight fixtures have no redundant attention: nothing passes the default gate.
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("c.onnx");
-    let report = dir.path().join("r.json");
-    let o = wcc()
-        .arg("optimize")
-        .arg(fixture_path("llama.legacy"))
-        .args(["-O", "compress", "-o"])
-        .arg(&out)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let (_, r) = optimize_cli(
+        &fixture_path("llama.legacy"),
+        &["-O", "compress"],
+        dir.path(),
+        "c.onnx",
+    );
     assert_eq!(r["layer_drop"]["dropped"].as_array().unwrap().len(), 0);
     assert_eq!(r["layer_drop"]["tried"][0]["passed"], false);
     assert_eq!(r["verification"]["gate_min_cosine"], 0.99);
@@ -124,22 +114,20 @@ fn o_compress_without_any_passing_drop_keeps_everything() {
 #[test]
 fn the_planted_redundant_attention_ranks_first_and_drops_like_pytorch() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("d.onnx");
-    let report = dir.path().join("r.json");
-    let o = wcc()
-        .arg("optimize")
-        .arg(fixture_path("llama_drop.legacy"))
-        .args(["--drop", "attn:1", "--backend", "ort", "-o"])
-        .arg(&out)
-        .arg("--inputs")
-        .arg(models_dir().join("llama_drop.legacy.inputs.npz"))
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let npz = models_dir().join("llama_drop.legacy.inputs.npz");
+    let (out, r) = optimize_cli(
+        &fixture_path("llama_drop.legacy"),
+        &[
+            "--drop",
+            "attn:1",
+            "--backend",
+            "ort",
+            "--inputs",
+            npz.to_str().unwrap(),
+        ],
+        dir.path(),
+        "d.onnx",
+    );
     // Layer 2's o_proj was scaled by 1e-3 before export: its attention changes the stream least.
     assert_eq!(
         r["layer_drop"]["scores"][0]["sublayer"], "attn 2",
@@ -178,20 +166,12 @@ fn the_planted_redundant_attention_ranks_first_and_drops_like_pytorch() {
 #[test]
 fn o_compress_stops_at_the_largest_count_that_passes_the_gate() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("c.onnx");
-    let report = dir.path().join("r.json");
-    let o = wcc()
-        .arg("optimize")
-        .arg(fixture_path("llama_drop.legacy"))
-        .args(["-O", "compress", "--backend", "ort", "-o"])
-        .arg(&out)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let (_, r) = optimize_cli(
+        &fixture_path("llama_drop.legacy"),
+        &["-O", "compress", "--backend", "ort"],
+        dir.path(),
+        "c.onnx",
+    );
     let ld = &r["layer_drop"];
     let dropped = ld["dropped"].as_array().unwrap().len();
     assert!(dropped >= 1, "{ld}");

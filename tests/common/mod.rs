@@ -80,3 +80,60 @@ pub fn run(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<NamedAr
 pub fn wcc() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_wcc"))
 }
+
+/// A tensor ValueInfoProto with static dims (elem: ONNX dtype code).
+pub fn vi(name: &str, elem: i32, dims: &[i64]) -> onnx_protobuf::ValueInfoProto {
+    use onnx_protobuf::{tensor_shape_proto, type_proto, TensorShapeProto, TypeProto};
+    let dim = dims
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: Some(tensor_shape_proto::dimension::Value::DimValue(*d)),
+            ..Default::default()
+        })
+        .collect();
+    onnx_protobuf::ValueInfoProto {
+        name: name.into(),
+        type_: protobuf::MessageField::some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: elem,
+                shape: protobuf::MessageField::some(TensorShapeProto {
+                    dim,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Runs `wcc optimize MODEL ARGS -o DIR/NAME --report …`, asserts success, and returns the
+/// output path and the parsed report.
+pub fn optimize_cli(
+    model: &std::path::Path,
+    args: &[&str],
+    dir: &std::path::Path,
+    name: &str,
+) -> (PathBuf, serde_json::Value) {
+    let out = dir.join(name);
+    let report = dir.join(format!("{name}.json"));
+    let o = wcc()
+        .arg("optimize")
+        .arg(model)
+        .args(args)
+        .arg("-o")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        model.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (out, r)
+}

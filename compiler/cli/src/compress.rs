@@ -7,7 +7,6 @@ use serde::Serialize;
 use wcc_ir::Model;
 use wcc_passes::layer_drop::{candidates, drop_sublayers, label, DropSpec, Target};
 use wcc_passes::structure::{discover, Sublayer};
-use wcc_runtime::inputs::{load_npz, match_inputs, parse_dims, random_inputs, InputSpec};
 use wcc_runtime::{Backend, NamedArrays};
 
 use crate::cli::{GateArgs, OptimizeArgs};
@@ -49,30 +48,10 @@ pub struct LayerDropReport {
 /// Calibration batches: `--calib`, else `--inputs`, else seeded random batches.
 fn calibration(model: &Model, a: &OptimizeArgs) -> Result<(Vec<NamedArrays>, String), CliError> {
     if let Some(p) = a.calib.as_ref().or(a.exec.inputs.as_ref()) {
-        let b =
-            match_inputs(model, load_npz(p).map_err(CliError::Input)?).map_err(CliError::Input)?;
-        return Ok((vec![b], p.display().to_string()));
+        return Ok((vec![exec::npz_inputs(model, p)?], p.display().to_string()));
     }
-    let dims = a
-        .exec
-        .dim
-        .as_deref()
-        .map(parse_dims)
-        .transpose()
-        .map_err(CliError::Usage)?
-        .unwrap_or_default();
     let batches = (0..RANDOM_BATCHES)
-        .map(|k| {
-            random_inputs(
-                model,
-                &InputSpec {
-                    seed: a.exec.seed + k,
-                    dims: dims.clone(),
-                    ..Default::default()
-                },
-            )
-            .map_err(CliError::Input)
-        })
+        .map(|k| exec::random(model, &a.exec, a.exec.seed + k))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((
         batches,

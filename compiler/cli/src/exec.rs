@@ -27,28 +27,34 @@ pub fn backend(a: &ExecArgs) -> Backend {
 /// The inputs for `model`: from --inputs, else seeded random.
 pub fn inputs(model: &Model, a: &ExecArgs) -> Result<NamedArrays, CliError> {
     match &a.inputs {
-        Some(p) => {
-            match_inputs(model, load_npz(p).map_err(CliError::Input)?).map_err(CliError::Input)
-        }
-        None => {
-            let dims = a
-                .dim
-                .as_deref()
-                .map(parse_dims)
-                .transpose()
-                .map_err(CliError::Usage)?
-                .unwrap_or_default();
-            random_inputs(
-                model,
-                &InputSpec {
-                    seed: a.seed,
-                    dims,
-                    ..Default::default()
-                },
-            )
-            .map_err(CliError::Input)
-        }
+        Some(p) => npz_inputs(model, p),
+        None => random(model, a, a.seed),
     }
+}
+
+/// Arrays for `model` from an .npz file (one per graph input).
+pub fn npz_inputs(model: &Model, p: &std::path::Path) -> Result<NamedArrays, CliError> {
+    match_inputs(model, load_npz(p).map_err(CliError::Input)?).map_err(CliError::Input)
+}
+
+/// Seeded random inputs with the dims of `--dim`.
+pub fn random(model: &Model, a: &ExecArgs, seed: u64) -> Result<NamedArrays, CliError> {
+    let dims = a
+        .dim
+        .as_deref()
+        .map(parse_dims)
+        .transpose()
+        .map_err(CliError::Usage)?
+        .unwrap_or_default();
+    random_inputs(
+        model,
+        &InputSpec {
+            seed,
+            dims,
+            ..Default::default()
+        },
+    )
+    .map_err(CliError::Input)
 }
 
 /// Runs `m` on the arrays it takes from `inputs` (a model with a dropped layer's cache takes

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use egg::{EGraph, Id, Runner, Symbol};
+use egg::{EGraph, Id, Runner};
 use serde::Serialize;
 use wcc_ir::infer::infer_graph;
 use wcc_ir::validate::collect_outer_reads;
@@ -576,9 +576,4 @@ fn original_order(nodes: Vec<Node>, origin: Vec<Option<usize>>) -> Vec<Node> {
     };
     wcc_ir::validate::topo_sort(&mut g);
     g.nodes
-}
-
-/// Symbol helper for tests.
-pub fn sym(s: &str) -> Symbol {
-    Symbol::from(s)
 }

@@ -267,7 +267,7 @@ impl Importer {
             .storage_bytes(crate::tensor::element_count(&t.dims, &t.name)?)
             .ok_or_else(|| err("string tensors cannot be external".into()))?;
         let length = parse("length")?.unwrap_or(need);
-        let end = offset
+        offset
             .checked_add(length)
             .filter(|e| *e <= map.len() as u64)
             .ok_or_else(|| {
@@ -276,7 +276,6 @@ impl Importer {
                     map.len()
                 ))
             })?;
-        let _ = end;
         Ok(ExternalSlice {
             map,
             file,
