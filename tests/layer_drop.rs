@@ -216,26 +216,21 @@ fn dropping_in_an_ort_fused_graph_matches_dropping_in_the_export() {
     let dir = tempfile::tempdir().unwrap();
     let mut dropped = vec![];
     for stem in ["bert.legacy", "bert.ortfused"] {
-        let out = dir.path().join(format!("{stem}.onnx"));
-        let report = dir.path().join(format!("{stem}.json"));
-        let o = wcc()
-            .arg("optimize")
-            .arg(fixture_path(stem))
-            .args(["--drop", "attn:1", "--backend", "ort", "-o"])
-            .arg(&out)
-            .arg("--inputs")
-            .arg(models_dir().join(format!("{stem}.inputs.npz")))
-            .arg("--report")
-            .arg(&report)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{stem}: {}",
-            String::from_utf8_lossy(&o.stderr)
+        let npz = models_dir().join(format!("{stem}.inputs.npz"));
+        let args = [
+            "--drop",
+            "attn:1",
+            "--backend",
+            "ort",
+            "--inputs",
+            npz.to_str().unwrap(),
+        ];
+        let (out, r) = optimize_cli(
+            &fixture_path(stem),
+            &args,
+            dir.path(),
+            &format!("{stem}.onnx"),
         );
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
         dropped.push((
             r["layer_drop"]["dropped"].clone(),
             wcc_ir::import::load(&out).unwrap(),
