@@ -37,9 +37,11 @@ impl ExternalSlice {
 
 #[derive(Clone)]
 pub struct Tensor {
-    /// Name, dims, type, doc string and (when embedded) the data itself. For an external tensor the
-    /// data fields are empty and `external` holds the bytes; `external_data` entries are dropped.
+    /// Name, dims, type, doc string and (for typed-field data) the values. `raw_data` is always
+    /// empty here: raw bytes live in `shared` (so cloning a model does not copy its weights) and
+    /// external bytes in `external`; `external_data` entries are dropped.
     pub proto: TensorProto,
+    shared: Option<Arc<Vec<u8>>>,
     external: Option<ExternalSlice>,
 }
 
@@ -94,9 +96,11 @@ pub fn element_count(dims: &[i64], context: &str) -> Result<u64> {
 
 impl Tensor {
     /// Wraps an embedded tensor proto after checking that its data matches its dims and type.
-    pub fn from_proto(proto: TensorProto) -> Result<Self> {
+    pub fn from_proto(mut proto: TensorProto) -> Result<Self> {
+        let raw = std::mem::take(&mut proto.raw_data);
         let t = Tensor {
             proto,
+            shared: (!raw.is_empty()).then(|| Arc::new(raw)),
             external: None,
         };
         t.check_embedded()?;
@@ -123,6 +127,7 @@ impl Tensor {
         }
         Ok(Tensor {
             proto,
+            shared: None,
             external: Some(slice),
         })
     }
@@ -205,10 +210,10 @@ impl Tensor {
         if let Some(ext) = &self.external {
             return Ok(Cow::Borrowed(ext.bytes()));
         }
-        let p = &self.proto;
-        if !p.raw_data.is_empty() {
-            return Ok(Cow::Borrowed(&p.raw_data));
+        if let Some(raw) = &self.shared {
+            return Ok(Cow::Borrowed(raw.as_slice()));
         }
+        let p = &self.proto;
         let dtype = DataType::from_code(p.data_type, &p.name)?;
         let bytes: Vec<u8> = match dtype {
             DataType::String => {
@@ -241,11 +246,10 @@ impl Tensor {
 
     /// A copy with the data embedded as `raw_data` (typed fields and external references dropped).
     pub fn to_embedded_proto(&self) -> Result<TensorProto> {
-        if self.external.is_none() {
-            return Ok(self.proto.clone());
-        }
         let mut p = self.proto.clone();
-        p.raw_data = self.raw_bytes()?.into_owned();
+        if self.external.is_some() || self.shared.is_some() {
+            p.raw_data = self.raw_bytes()?.into_owned();
+        }
         Ok(p)
     }
 
