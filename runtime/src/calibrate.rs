@@ -27,6 +27,9 @@ pub fn expose(model: &Model, names: &[String]) -> Model {
     m
 }
 
+/// A compiled model and the input shapes it was compiled for.
+type PreparedModel = Box<dyn crate::backend::Prepared>;
+
 fn rows(a: &Array) -> Option<(usize, Vec<f64>)> {
     let width = *a.shape().last()?;
     (width > 0).then(|| (width, a.to_f64_vec()))
@@ -52,17 +55,20 @@ pub fn mean_row_cosine(
     let probe = expose(model, &names);
     let bytes = wcc_ir::export::to_bytes(&probe).map_err(|e| e.to_string())?;
     let (mut sums, mut counts) = (vec![0f64; pairs.len()], vec![0u64; pairs.len()]);
+    // Compiled once, again only when a batch's input shapes differ from the last one's.
+    let mut prepared: Option<(Vec<Vec<usize>>, PreparedModel)> = None;
     for batch in batches {
-        // A model with a dropped layer's cache takes fewer inputs.
-        let batch: NamedArrays = batch
-            .iter()
-            .filter(|(n, _)| model.graph.inputs.iter().any(|v| v.name == *n))
-            .cloned()
-            .collect();
-        let batch = &batch;
-        let mut prepared = backend.prepare(&bytes, batch).map_err(|e| e.to_string())?;
-        let outs: HashMap<String, Array> = prepared
-            .run(batch)
+        let batch = crate::inputs::own_inputs(model, batch);
+        let shapes: Vec<Vec<usize>> = batch.iter().map(|(_, a)| a.shape().to_vec()).collect();
+        if prepared.as_ref().is_none_or(|(s, _)| *s != shapes) {
+            prepared = Some((
+                shapes,
+                backend.prepare(&bytes, &batch).map_err(|e| e.to_string())?,
+            ));
+        }
+        let (_, model_run) = prepared.as_mut().expect("prepared above");
+        let outs: HashMap<String, Array> = model_run
+            .run(&batch)
             .map_err(|e| e.to_string())?
             .into_iter()
             .collect();

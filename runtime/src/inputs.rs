@@ -265,6 +265,16 @@ pub fn save_npz(path: &Path, arrays: &NamedArrays) -> Result<(), String> {
     Ok(())
 }
 
+/// The arrays of `given` that `model` takes as inputs (a model with a dropped layer's cache takes
+/// fewer than the original it is compared with).
+pub fn own_inputs(model: &Model, given: &NamedArrays) -> NamedArrays {
+    given
+        .iter()
+        .filter(|(n, _)| model.graph.inputs.iter().any(|v| v.name == *n))
+        .cloned()
+        .collect()
+}
+
 /// Orders and checks `given` against the model's inputs: every non-initializer input must be present.
 pub fn match_inputs(model: &Model, given: NamedArrays) -> Result<NamedArrays, String> {
     let g = &model.graph;

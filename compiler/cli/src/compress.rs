@@ -6,7 +6,7 @@
 use serde::Serialize;
 use wcc_ir::Model;
 use wcc_passes::layer_drop::{candidates, drop_sublayers, label, DropSpec, Target};
-use wcc_passes::structure::{discover, Sublayer};
+use wcc_passes::structure::{discover, Structure, Sublayer};
 use wcc_runtime::{Backend, NamedArrays};
 
 use crate::cli::{GateArgs, OptimizeArgs};
@@ -62,13 +62,20 @@ fn calibration(model: &Model, a: &OptimizeArgs) -> Result<(Vec<NamedArrays>, Str
     ))
 }
 
-/// Scores every candidate sublayer of `model`: (block, sublayer, similarity), most redundant first.
+/// A model's structure and its candidate sublayers, most redundant first.
+struct Ranking {
+    structure: Structure,
+    /// (block, sublayer, similarity)
+    order: Vec<(usize, Sublayer, f64)>,
+}
+
+/// Scores every candidate sublayer of `model`.
 fn ranked(
     model: &Model,
     target: Target,
     backend: &Backend,
     batches: &[NamedArrays],
-) -> Result<Vec<(usize, Sublayer, f64)>, CliError> {
+) -> Result<Ranking, CliError> {
     let st = discover(model);
     if st.blocks.is_empty() {
         return Err(CliError::Input(format!(
@@ -95,22 +102,27 @@ fn ranked(
         .collect();
     // Most similar (least change) first; ties keep model order.
     v.sort_by(|x, y| y.2.total_cmp(&x.2));
-    Ok(v)
+    Ok(Ranking {
+        structure: st,
+        order: v,
+    })
 }
 
+/// `model` (the one `ranked` describes) with its `n` most redundant candidates dropped.
 fn drop_first(
     model: &Model,
-    ranked: &[(usize, Sublayer, f64)],
+    ranked: &Ranking,
     n: usize,
 ) -> Result<(Model, Vec<String>, Vec<String>), CliError> {
     let mut m = model.clone();
-    let st = discover(&m);
+    let st = &ranked.structure;
     let chosen: Vec<(usize, Sublayer)> = ranked
+        .order
         .iter()
         .take(n)
         .map(|(b, s, _)| (*b, s.clone()))
         .collect();
-    let notes = drop_sublayers(&mut m, &st, &chosen)?;
+    let notes = drop_sublayers(&mut m, st, &chosen)?;
     let names = chosen.iter().map(|(b, s)| label(*b, s)).collect();
     Ok((m, names, notes))
 }
@@ -138,6 +150,7 @@ pub fn run(
     let target = drop.map(|d| d.target).unwrap_or(Target::Attention);
     let ranked0 = ranked(model, target, &backend, &batches)?;
     let scores = ranked0
+        .order
         .iter()
         .map(|(b, s, c)| Score {
             sublayer: label(*b, s),
@@ -159,7 +172,7 @@ pub fn run(
     };
     match (drop, compress) {
         (Some(spec), false) => {
-            let n = spec.count_of(ranked0.len());
+            let n = spec.count_of(ranked0.order.len());
             if a.drop_iterative {
                 for _ in 0..n {
                     let r = ranked(model, target, &backend, &batches)?;
@@ -185,8 +198,8 @@ pub fn run(
                 .collect::<Result<Vec<_>, _>>()?;
             // With --drop, its count is the most to try.
             let max = drop
-                .map(|d| d.count_of(ranked0.len()))
-                .unwrap_or(ranked0.len());
+                .map(|d| d.count_of(ranked0.order.len()))
+                .unwrap_or(ranked0.order.len());
             let mut best: Option<(Model, Vec<String>, Vec<String>)> = None;
             let mut current = model.clone();
             for n in 1..=max {

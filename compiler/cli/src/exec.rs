@@ -60,11 +60,7 @@ pub fn random(model: &Model, a: &ExecArgs, seed: u64) -> Result<NamedArrays, Cli
 /// Runs `m` on the arrays it takes from `inputs` (a model with a dropped layer's cache takes
 /// fewer).
 pub fn run_on(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<NamedArrays, String> {
-    let own: NamedArrays = inputs
-        .iter()
-        .filter(|(n, _)| m.graph.inputs.iter().any(|v| v.name == *n))
-        .cloned()
-        .collect();
+    let own = wcc_runtime::inputs::own_inputs(m, inputs);
     let bytes = wcc_ir::export::to_bytes(m).map_err(|e| e.to_string())?;
     backend.run(&bytes, &own).map_err(|e| e.to_string())
 }
