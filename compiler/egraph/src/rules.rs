@@ -110,8 +110,9 @@ fn parse_pred(c: &str) -> Result<Pred, String> {
         .find('(')
         .ok_or_else(|| format!("condition '{c}': expected NAME(?var)"))?;
     let close = c
-        .find(')')
-        .ok_or_else(|| format!("condition '{c}': missing ')'"))?;
+        .rfind(')')
+        .filter(|close| *close > open)
+        .ok_or_else(|| format!("condition '{c}': missing ')' after '('"))?;
     let name = &c[..open];
     let args: Vec<&str> = c[open + 1..close].split(',').collect();
     let rest = c[close + 1..].trim();

@@ -278,6 +278,9 @@ pub struct Model {
     /// Canonical paths of the files this model was read from (the model and its external data):
     /// output paths that collide with them are refused.
     pub sources: Vec<std::path::PathBuf>,
+    /// Some string fields were not UTF-8 and are held escaped (see `rawstr`); export restores
+    /// their bytes.
+    pub escaped_strings: bool,
 }
 
 impl Model {
