@@ -1,5 +1,6 @@
 //! Query-key fused form (opt-in, `--enable qk-fuse`): OFQ's query-key reparameterization (QKR,
-//! Liu et al., ICML 2023; PASSES.md §2) as an exact float fold. Per head h, with `W_q^h, W_k^h`
+//! Liu et al., "Oscillation-free Quantization for Low-bit Vision Transformers", ICML 2023,
+//! arXiv 2302.02210) as an exact float fold. Per head h, with `W_q^h, W_k^h`
 //! the head's columns of the stored `C×(H·d)` projections:
 //!
 //! `scores_h[i,j] = (x_i W_q^h + b_q^h)·(x_j W_k^h + b_k^h) = (x_i M_h + u_h)·x_j + (terms constant in j)`
