@@ -302,3 +302,17 @@ pub fn load_rules_with(extra: &[(&str, &str)], user_files: &[&Path]) -> Result<V
     }
     Ok(rules)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rules;
+
+    #[test]
+    fn malformed_conditions_are_errors_not_panics() {
+        for cond in ["const)?x(", "const(?x", "rank)?x(=2", "same-shape(?x)", ")("] {
+            let text = format!("r: (neg ?x) => ?x if {cond}\n");
+            let e = parse_rules(&text, "mine.rules").unwrap_err();
+            assert!(e.contains("mine.rules:1"), "{cond}: {e}");
+        }
+    }
+}
