@@ -553,13 +553,14 @@ fn folded_values_keep_their_rank() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Whatever was folded, ONNX Runtime runs the result and it computes 3..10.
     let model = wcc_ir::import::load(&out).unwrap();
-    let r = run(&ort(), &model, &vec![(
-        "x".to_string(),
-        wcc_ir::eval::Array::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[3]))),
-    )])
+    let r = run(
+        &ort(),
+        &model,
+        &vec![(
+            "x".to_string(),
+            wcc_ir::eval::Array::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[3]))),
+        )],
+    )
     .unwrap();
-    assert_eq!(
-        r[0].1.to_f64_vec(),
-        vec![3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
-    );
+    assert_eq!(r[0].1.to_f64_vec(), vec![3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
 }

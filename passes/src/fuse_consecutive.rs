@@ -103,9 +103,7 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
                 }
                 let r = match n.op_type.as_str() {
                     "Unsqueeze" if opset >= 13 => {
-                        let axes_known = |x: &str| {
-                            consts.contains(x) || g.initializers.iter().any(|t| t.name() == x)
-                        };
+                        let axes_known = |x: &str| consts.contains(x);
                         let (Some(x1), Some(x2)) = (p.inputs.get(1), n.inputs.get(1)) else {
                             break;
                         };

@@ -55,7 +55,7 @@ fn linear(
     let n = &g.nodes[*prod
         .get(v)
         .ok_or_else(|| format!("'{v}' is not computed by a node"))?];
-    let is_const = |x: &str| g.initializer(x).is_some();
+    let is_const = |x: &str| g.constant(x).is_some();
     let mm = |name: &str| -> Option<(String, String)> {
         let m = &g.nodes[*prod.get(name)?];
         (m.is("MatMul") && is_const(&m.inputs[1]))
@@ -256,8 +256,8 @@ impl Pass for QkFuse {
             (0usize, 0usize, 0usize, 0usize);
         for m in &found {
             let (Some(wq), Some(wk)) = (
-                g.initializer(&m.wq).and_then(f32_matrix),
-                g.initializer(&m.wk).and_then(f32_matrix),
+                g.constant(&m.wq).and_then(f32_matrix),
+                g.constant(&m.wk).and_then(f32_matrix),
             ) else {
                 out.notes.push(format!(
                     "attention at '{}': weights are not f32 matrices",
@@ -266,7 +266,7 @@ impl Pass for QkFuse {
                 continue;
             };
             let bq = match &m.bq {
-                Some(b) => match g.initializer(b).and_then(f32_vector) {
+                Some(b) => match g.constant(b).and_then(f32_vector) {
                     Some(v) => v,
                     None => continue,
                 },

@@ -766,6 +766,7 @@ mod tests {
             functions: vec![],
             rest: Default::default(),
             sources: vec![],
+            escaped_strings: false,
         }
     }
 

@@ -309,7 +309,13 @@ mod tests {
 
     #[test]
     fn malformed_conditions_are_errors_not_panics() {
-        for cond in ["const)?x(", "const(?x", "rank)?x(=2", "same-shape(?x)", ")("] {
+        for cond in [
+            "const)?x(",
+            "const(?x",
+            "rank)?x(=2",
+            "same-shape(?x)",
+            ")(",
+        ] {
             let text = format!("r: (neg ?x) => ?x if {cond}\n");
             let e = parse_rules(&text, "mine.rules").unwrap_err();
             assert!(e.contains("mine.rules:1"), "{cond}: {e}");
