@@ -5,7 +5,8 @@
 //! internal error, finish within a time limit, and leave no output file when it fails.
 //!
 //! `WCC_MUTATIONS=N` sets the number of mutants (default 240), `WCC_MUTATION_SEED=S` the seed.
-//! A failure prints the seed and the mutation so it can be replayed.
+//! A failure prints the seed and the mutant's number; `WCC_MUTANT=I` replays only that one and
+//! keeps the file as `target/mutant-I.onnx`.
 
 mod common;
 
@@ -470,7 +471,13 @@ fn mutated_fixtures_never_crash_hang_or_leave_output() {
             let (originals, failures, executed, dir) =
                 (&originals, &failures, &executed, dir.path());
             s.spawn(move || {
+                let only: Option<usize> = std::env::var("WCC_MUTANT")
+                    .ok()
+                    .and_then(|v| v.parse().ok());
                 for i in (w..count).step_by(workers) {
+                    if only.is_some_and(|o| o != i) {
+                        continue;
+                    }
                     let mut r = Rng(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                     r.next();
                     let (stem, original) = &originals[r.below(originals.len())];
@@ -488,6 +495,10 @@ fn mutated_fixtures_never_crash_hang_or_leave_output() {
                     let label = format!("mutant {i} of {stem} (seed {seed}): {}", what.join("; "));
                     let path: PathBuf = dir.join(format!("m{i}.onnx"));
                     std::fs::write(&path, m.write_to_bytes().unwrap()).unwrap();
+                    if only.is_some() {
+                        let keep = root().join(format!("target/mutant-{i}.onnx"));
+                        std::fs::write(&keep, m.write_to_bytes().unwrap()).unwrap();
+                    }
                     let out = dir.join(format!("m{i}.out.onnx"));
                     let runs: Vec<(Vec<&std::ffi::OsStr>, Option<&Path>)> = vec![
                         (vec!["print".as_ref(), path.as_os_str()], None),
@@ -532,7 +543,8 @@ fn mutated_fixtures_never_crash_hang_or_leave_output() {
         .filter(|n| !matches!(n.as_str(), "data.bin" | "fifo.bin"))
         .collect();
     assert!(stray.is_empty(), "files left behind: {stray:?}");
-    assert!(n > count, "too few commands ran ({n})");
+    let single = std::env::var("WCC_MUTANT").is_ok();
+    assert!(single || n > count, "too few commands ran ({n})");
     assert!(
         failures.is_empty(),
         "{} contract violations:\n{}",

@@ -578,6 +578,10 @@ mod tests {
             ]
         )
         .is_none());
+        // Concat of arrays of different ranks.
+        let c = node("Concat", &["a", "b"], vec![Attribute::int("axis", 0)]);
+        let m = Array::F32(ArrayD::zeros(IxDyn(&[2, 2])));
+        assert!(eval(&c, &[Some(&i64s(&[1])), Some(&m)]).is_none());
         // Range with an empty operand, or a huge one.
         let r = node("Range", &["a", "b", "c"], vec![]);
         assert!(eval(&r, &[Some(&i64s(&[])), Some(&scalar(3)), Some(&scalar(1))]).is_none());

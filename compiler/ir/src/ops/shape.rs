@@ -372,6 +372,18 @@ fn eval_concat(cx: &EvalCx) -> Option<Vec<Array>> {
         .collect::<Option<_>>()?;
     let first = *arrs.first()?;
     let ax = norm_axis(cx.node.attr_i("axis")?, first.shape().len())?;
+    // Same rank, same dims off the axis (ndarray's concatenate asserts it).
+    let agrees = |a: &&Array| {
+        a.shape().len() == first.shape().len()
+            && a.shape()
+                .iter()
+                .zip(first.shape())
+                .enumerate()
+                .all(|(i, (x, y))| i == ax || x == y)
+    };
+    if !arrs.iter().all(agrees) {
+        return None;
+    }
     macro_rules! cat {
         ($v:ident) => {{
             let views: Vec<_> = arrs
