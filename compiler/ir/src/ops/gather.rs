@@ -69,7 +69,7 @@ fn eval_gather(cx: &EvalCx) -> Option<Vec<Array>> {
     Some(vec![each_opt!(a, v => gather(v, ax, &iv, &ish))])
 }
 
-/// Gather's indices (input 1) address axis `axis` of its data (input 0).
+/// Gather's (and GatherElements') indices (input 1) address axis `axis` of the data (input 0).
 fn gather_index(n: &Node) -> Option<(usize, usize, i64)> {
     Some((0, 1, n.attr_i("axis").unwrap_or(0)))
 }
@@ -117,7 +117,9 @@ pub(super) const OPS: &[OpDef] = &[
         .propagate(propagate_gather)
         .eval(eval_gather)
         .index(gather_index),
-    OpDef::new("GatherElements", (2, 2), (1, 1), &[opt("axis", Int)]).infer(infer_gather_elements),
+    OpDef::new("GatherElements", (2, 2), (1, 1), &[opt("axis", Int)])
+        .infer(infer_gather_elements)
+        .index(gather_index),
     OpDef::new("GatherND", (2, 2), (1, 1), &[opt("batch_dims", Int)]),
     OpDef::new("ScatterND", (3, 3), (1, 1), &[REDUCTION]).infer(infer_scatter),
     OpDef::new(
