@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::guard::guarded;
 use crate::inputs::NamedArrays;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,9 @@ pub enum RunError {
     Setup(String),
     #[error("{backend} failed to run the model: {detail}")]
     Run { backend: String, detail: String },
+    /// The backend panicked (caught by the guard every backend call runs behind).
+    #[error("{backend} crashed on the model (a bug in {backend}, or a model it cannot handle): {message}")]
+    Panic { backend: String, message: String },
 }
 
 impl Backend {
@@ -57,22 +61,46 @@ impl Backend {
         self.prepare(model, inputs)?.run(inputs)
     }
 
-    /// Loads and compiles the model for repeated runs (benchmarks).
+    /// The backend's name in errors: "tract" or "onnxruntime".
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Tract => "tract",
+            Backend::Ort { .. } => "onnxruntime",
+        }
+    }
+
+    /// Loads and compiles the model for repeated runs (benchmarks). Loading and every run happen
+    /// behind the guard: a panic in the backend is a `RunError::Panic`.
     pub fn prepare(
         &self,
         model: &[u8],
         inputs: &NamedArrays,
     ) -> Result<Box<dyn Prepared>, RunError> {
-        match self {
-            Backend::Tract => Ok(Box::new(crate::tract_backend::TractModel::load(
-                model, inputs,
-            )?)),
-            Backend::Ort { lib, provider } => Ok(Box::new(crate::ort_backend::OrtModel::load(
-                model,
-                lib.as_deref(),
-                *provider,
-            )?)),
-        }
+        let backend = self.name();
+        let inner = guarded(backend, || -> Result<Box<dyn Prepared>, RunError> {
+            Ok(match self {
+                Backend::Tract => Box::new(crate::tract_backend::TractModel::load(model, inputs)?),
+                Backend::Ort { lib, provider } => Box::new(crate::ort_backend::OrtModel::load(
+                    model,
+                    lib.as_deref(),
+                    *provider,
+                )?),
+            })
+        })?;
+        Ok(Box::new(Guarded { backend, inner }))
+    }
+}
+
+/// A prepared model whose runs happen behind the guard.
+struct Guarded {
+    backend: &'static str,
+    inner: Box<dyn Prepared>,
+}
+
+impl Prepared for Guarded {
+    fn run(&mut self, inputs: &NamedArrays) -> Result<NamedArrays, RunError> {
+        let inner = &mut self.inner;
+        guarded(self.backend, || inner.run(inputs))
     }
 }
 
