@@ -27,7 +27,7 @@ impl std::fmt::Display for Error {
         match self {
             Error::Usage(s) | Error::Input(s) | Error::Run(s) => f.write_str(s),
             Error::Ir(e) => write!(f, "{e}"),
-            Error::Gate { message, .. } => write!(f, "{message}; no output written"),
+            Error::Gate { message, .. } => f.write_str(message),
         }
     }
 }

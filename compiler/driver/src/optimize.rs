@@ -221,7 +221,7 @@ pub fn optimize(
             Ok((fid, inputs)) => {
                 if let Some(msg) = gate.check(&fid) {
                     return Err(Error::Gate {
-                        message: format!("fidelity gate failed: {msg}"),
+                        message: format!("fidelity gate failed: {msg}; no output written"),
                         details: Some(measured(Some(&fid))),
                     });
                 }
@@ -257,14 +257,14 @@ pub fn optimize(
                 return Err(Error::Gate {
                     message: format!(
                         "verification failed: the result cannot be run by {label} while the \
-                         original can: {e}"
+                         original can: {e}; no output written"
                     ),
                     details: Some(measured(None)),
                 })
             }
             Err(Failure::Mismatch(e)) => {
                 return Err(Error::Gate {
-                    message: format!("verification failed: {e}"),
+                    message: format!("verification failed: {e}; no output written"),
                     details: Some(measured(None)),
                 })
             }
