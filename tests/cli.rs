@@ -593,3 +593,26 @@ fn levels_and_gates_are_checked_before_any_work() {
     assert_eq!(o.status.code(), Some(2));
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
 }
+
+#[test]
+fn o_compress_from_the_command_line() {
+    // The level parses as `-O compress`, gets its default gate, and reports itself.
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("llama.legacy"))
+        .args(["-O", "compress", "-o"])
+        .arg(dir.path().join("c.onnx"))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("layer drop (attention, one-shot"), "{err}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["level"], "-O compress");
+    assert_eq!(r["verification"]["gate_min_cosine"], 0.99);
+}

@@ -122,33 +122,3 @@ pub fn vi(name: &str, elem: i32, dims: &[i64]) -> onnx_protobuf::ValueInfoProto 
         ..Default::default()
     }
 }
-
-/// Runs `wcc optimize MODEL ARGS -o DIR/NAME --report …`, asserts success, and returns the
-/// output path and the parsed report.
-pub fn optimize_cli(
-    model: &std::path::Path,
-    args: &[&str],
-    dir: &std::path::Path,
-    name: &str,
-) -> (PathBuf, serde_json::Value) {
-    let out = dir.join(name);
-    let report = dir.join(format!("{name}.json"));
-    let o = wcc()
-        .arg("optimize")
-        .arg(model)
-        .args(args)
-        .arg("-o")
-        .arg(&out)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}: {}",
-        model.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let r = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    (out, r)
-}

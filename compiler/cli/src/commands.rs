@@ -19,8 +19,11 @@ fn progress_done() {
     }
 }
 
-fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string_pretty(v).expect("reports serialize")
+/// A report as JSON (reports are plain data: serializing them cannot fail).
+macro_rules! json {
+    ($v:expr) => {
+        serde_json::to_string_pretty($v).expect("reports serialize")
+    };
 }
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
@@ -37,7 +40,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
         } => {
             let s = wcc_driver::structure(&model)?;
             if as_json {
-                println!("{}", json(&s));
+                println!("{}", json!(&s));
             } else {
                 print!("{}", render::structure(&s));
             }
@@ -50,7 +53,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode, Error> {
         } => {
             let r = wcc_driver::inspect(&model)?;
             if as_json {
-                println!("{}", json(&r));
+                println!("{}", json!(&r));
             } else {
                 print!("{}", render::inspect(&r));
             }
@@ -120,7 +123,7 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, Error> {
     let done = result?;
     eprint!("{}", render::optimize(&done.report));
     if let Some(rp) = &a.report {
-        std::fs::write(rp, json(&done.report) + "\n")
+        std::fs::write(rp, json!(&done.report) + "\n")
             .map_err(|e| Error::Input(format!("cannot write report {}: {e}", rp.display())))?;
     }
     Ok(ExitCode::SUCCESS)
