@@ -168,3 +168,43 @@ fn a_backend_that_panics_is_an_error_naming_it() {
     assert!(err.contains("cannot check the fidelity gate"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn verify_lists_the_caches_layer_dropping_removed() {
+    // -O compress on the KV-cache fixture with default inputs (tract, random), then `wcc verify`
+    // of the original against the result: the dropped layer's cache is listed, not failed.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dkv.onnx");
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("llama_drop_kv.legacy"))
+        .args(["-O", "compress", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_no_crash(&err);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("output present.2.key removed on purpose: KV cache of the dropped attn 2"),
+        "{err}"
+    );
+    let o = wcc()
+        .arg("verify")
+        .arg(fixture_path("llama_drop_kv.legacy"))
+        .arg(&out)
+        .args(["--min-cosine", "0.99"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains("present.2.value: removed on purpose (KV cache of the dropped attn 2)"),
+        "{text}"
+    );
+}

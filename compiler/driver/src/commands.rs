@@ -7,6 +7,7 @@ use std::time::Instant;
 use wcc_ir::{import, print as printer, validate, Model};
 use wcc_runtime::NamedArrays;
 
+use crate::compress::removed_by_drop;
 use crate::error::Error;
 use crate::exec::{run_on, ExecOptions};
 use crate::gate::Gate;
@@ -63,6 +64,8 @@ pub fn write_npz(path: &Path, arrays: &NamedArrays) -> Result<(), Error> {
 /// `wcc verify A B`: runs both on the same inputs (made for A) and compares every output of A
 /// with B's. A cannot be run: error (exit 2). B cannot be run while A can, lacks an output of
 /// A, or fails the gate: `Error::Gate` (exit 1), with the figures as details when there are any.
+/// Outputs that wcc's layer dropping removed from B on purpose (the KV cache of a sublayer its
+/// `wcc.dropped` names) are listed, not failed.
 pub fn verify_models(
     reference: &Path,
     candidate: &Path,
@@ -74,7 +77,8 @@ pub fn verify_models(
     let backend = exec.backend_for(&a);
     let label = backend.label();
     let (inputs, described) = exec.inputs(&a)?;
-    let outputs = run_and_compare(&backend, &a, &b, &inputs, &[]).map_err(|f| match f {
+    let removed = removed_by_drop(&a, &b);
+    let outputs = run_and_compare(&backend, &a, &b, &inputs, &removed).map_err(|f| match f {
         Failure::OriginalCannotRun(e) => {
             Error::Run(format!("{label} cannot run {}: {e}", reference.display()))
         }
@@ -89,6 +93,7 @@ pub fn verify_models(
         backend: label,
         inputs: described,
         outputs,
+        removed_outputs: removed,
     };
     match gate.check(&report.outputs) {
         Some(msg) => Err(Error::Gate {

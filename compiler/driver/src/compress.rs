@@ -164,6 +164,32 @@ fn accumulate(prev: Option<&Candidate>, mut next: Candidate) -> Candidate {
     next
 }
 
+/// The outputs of `original` that `result` lost on purpose: the KV caches of the sublayers wcc
+/// dropped from it (named by its `wcc.dropped` metadata), found in `original`'s structure.
+pub fn removed_by_drop(original: &Model, result: &Model) -> Vec<RemovedOutput> {
+    let Some(dropped) = result.metadata("wcc.dropped") else {
+        return vec![];
+    };
+    let names: Vec<&str> = dropped.split(',').map(str::trim).collect();
+    // Structure is discovered on the -O1 form, as layer dropping does.
+    let mut m = original.clone();
+    if wcc_passes::optimize(&mut m, wcc_passes::pipeline(wcc_passes::OptLevel::O1)).is_err() {
+        return vec![];
+    }
+    let st = discover(&m);
+    candidates(&st, Target::Joint)
+        .into_iter()
+        .filter(|(b, s)| names.contains(&label(*b, s).as_str()))
+        .flat_map(|(b, s)| {
+            s.kv_cache.iter().map(move |(_, present)| RemovedOutput {
+                name: present.clone(),
+                reason: format!("KV cache of the dropped {}", label(b, s)),
+            })
+        })
+        .filter(|r| !result.graph.outputs.iter().any(|o| o.name == r.name))
+        .collect()
+}
+
 fn describe(f: Failure) -> String {
     match f {
         Failure::OriginalCannotRun(e) | Failure::ResultCannotRun(e) => {

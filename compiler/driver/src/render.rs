@@ -248,6 +248,9 @@ pub fn verify(r: &VerifyReport) -> String {
             }
         );
     }
+    for o in &r.removed_outputs {
+        let _ = writeln!(s, "{}: removed on purpose ({})", o.name, o.reason);
+    }
     s
 }
 

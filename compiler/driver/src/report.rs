@@ -12,7 +12,7 @@ use wcc_runtime::bench::Latency;
 use wcc_runtime::OutputFidelity;
 
 use crate::compress::LayerDropReport;
-use crate::verify::Verification;
+use crate::verify::{RemovedOutput, Verification};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct OptimizeReport {
@@ -118,6 +118,9 @@ pub struct VerifyReport {
     pub backend: String,
     pub inputs: String,
     pub outputs: Vec<OutputFidelity>,
+    /// Outputs of A that B lost on purpose (a sublayer wcc dropped took its KV cache along).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed_outputs: Vec<RemovedOutput>,
 }
 
 /// `wcc bench`: latency on a backend.
