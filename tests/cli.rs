@@ -328,7 +328,7 @@ fn optimize_writes_output_report_and_summary() {
     let m = wcc_ir::import::load(&out).unwrap();
     assert_eq!(
         m.metadata("wcc.passes"),
-        Some("remove-noops,constant-fold,fuse-consecutive,miss-branch,algebra,cse,dce")
+        Some("remove-noops,constant-fold,conv-affine,fuse-consecutive,miss-branch,algebra,cse,dce")
     );
 
     // Same input and flags: byte-identical output.

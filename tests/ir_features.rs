@@ -358,3 +358,209 @@ fn an_unavailable_execution_provider_is_an_error_not_a_fallback() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("Cuda") || err.contains("CUDA"), "{err}");
 }
+
+/// y = Relu(x) with x declared `[dim_value: -1, 4]` (Paddle's exporter writes -1 for a dynamic
+/// dim) and a Latin-1 doc string (proto2 `string` fields may hold any bytes).
+fn paddle_style_model() -> Vec<u8> {
+    use onnx_protobuf::{tensor_shape_proto, type_proto, TensorShapeProto, TypeProto};
+    let mut x = vi("x", 1, &[4]);
+    if let Some(type_proto::Value::TensorType(t)) = &mut x.type_.as_mut().unwrap().value {
+        t.shape = protobuf::MessageField::some(TensorShapeProto {
+            dim: [-1i64, 4]
+                .iter()
+                .map(|d| tensor_shape_proto::Dimension {
+                    value: Some(tensor_shape_proto::dimension::Value::DimValue(*d)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+    }
+    let _ = TypeProto::default();
+    let m = ModelProto {
+        ir_version: 8,
+        opset_import: vec![opset("", 17)],
+        doc_string: "PLACEHOLDER".into(),
+        graph: protobuf::MessageField::some(GraphProto {
+            name: "g".into(),
+            node: vec![node("Relu", "", &["x"], &["y"])],
+            input: vec![x.clone()],
+            output: vec![vi("y", 1, &[4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Swap the doc string's bytes for Latin-1 "café" (not UTF-8), same length.
+    let bytes = m.write_to_bytes().unwrap();
+    let at = bytes.windows(11).position(|w| w == b"PLACEHOLDER").unwrap();
+    let mut out = bytes[..at].to_vec();
+    out.extend_from_slice(b"caf\xe9 r\xe9sum\xe9");
+    out.extend_from_slice(&bytes[at + 11..]);
+    out
+}
+
+#[test]
+fn negative_dims_and_non_utf8_strings_survive_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("paddle.onnx");
+    std::fs::write(&p, paddle_style_model()).unwrap();
+    // -O0 writes the file back byte for byte.
+    let out = dir.path().join("o0.onnx");
+    let o = wcc()
+        .args(["optimize", "-O0"])
+        .arg(&p)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&p).unwrap());
+    // -O1 verifies (the -1 dim is an unknown dim for random inputs) and keeps both.
+    let out1 = dir.path().join("o1.onnx");
+    let o = wcc()
+        .args(["optimize", "-O1"])
+        .arg(&p)
+        .arg("-o")
+        .arg(&out1)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let b = std::fs::read(&out1).unwrap();
+    assert!(b.windows(11).any(|w| w == b"caf\xe9 r\xe9sum\xe9"));
+    // It was verified: backends get the escaped (UTF-8) form.
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("not verified"));
+    let m = wcc_ir::import::load(&out1).unwrap();
+    let x = m.graph.inputs[0].tensor_type().unwrap();
+    assert_eq!(x.shape.as_ref().unwrap()[0], wcc_ir::Dim::Unknown);
+    // The declared -1 is written back as it was.
+    let raw = ModelProto::parse_from_bytes(&std::fs::read(&out).unwrap());
+    assert!(raw.is_err(), "the Latin-1 doc string is still there");
+    let escaped = wcc_ir::rawstr::escape(&b).unwrap();
+    let back = ModelProto::parse_from_bytes(&escaped).unwrap();
+    let input = &back.graph.input[0];
+    let Some(onnx_protobuf::type_proto::Value::TensorType(t)) = &input.type_.value else {
+        panic!("not a tensor")
+    };
+    assert_eq!(
+        t.shape.dim[0].value,
+        Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(-1))
+    );
+}
+
+#[test]
+fn external_data_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("w.bin");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let mut w = tensor("w", 1, &[4]);
+    w.raw_data.clear();
+    w.float_data.clear();
+    w.data_location = onnx_protobuf::tensor_proto::DataLocation::EXTERNAL.into();
+    w.external_data = vec![StringStringEntryProto {
+        key: "location".into(),
+        value: "w.bin".into(),
+        ..Default::default()
+    }];
+    let m = ModelProto {
+        ir_version: 8,
+        opset_import: vec![opset("", 17)],
+        graph: protobuf::MessageField::some(GraphProto {
+            name: "g".into(),
+            node: vec![node("Add", "", &["x", "w"], &["y"])],
+            initializer: vec![w],
+            input: vec![vi("x", 1, &[4])],
+            output: vec![vi("y", 1, &[4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let p = dir.path().join("m.onnx");
+    std::fs::write(&p, m.write_to_bytes().unwrap()).unwrap();
+    let t0 = std::time::Instant::now();
+    let o = wcc().arg("print").arg(&p).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+}
+
+/// A Range whose start is a folded shape value keeps it a scalar, even when a value_info
+/// (wrongly) declares it `[1]`: folding trusts inferred ranks, not declared ones.
+#[test]
+fn folded_values_keep_their_rank() {
+    let mut start = node("ReduceSum", "", &["sh"], &["start"]);
+    start.attribute.push(AttributeProto {
+        name: "keepdims".into(),
+        type_: AttributeType::INT.into(),
+        i: 0,
+        ..Default::default()
+    });
+    let m = ModelProto {
+        ir_version: 8,
+        opset_import: vec![opset("", 17)],
+        graph: protobuf::MessageField::some(GraphProto {
+            name: "g".into(),
+            node: vec![
+                node("Shape", "", &["x"], &["sh"]),
+                start,
+                node("Range", "", &["start", "limit", "delta"], &["r"]),
+                node("Cast", "", &["r"], &["y"]),
+            ],
+            initializer: vec![
+                TensorProto {
+                    name: "limit".into(),
+                    data_type: 7,
+                    int64_data: vec![10],
+                    ..Default::default()
+                },
+                TensorProto {
+                    name: "delta".into(),
+                    data_type: 7,
+                    int64_data: vec![1],
+                    ..Default::default()
+                },
+            ],
+            input: vec![vi("x", 1, &[3])],
+            output: vec![vi("y", 1, &[7])],
+            value_info: vec![vi("start", 7, &[1])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut m = m;
+    let g = m.graph.as_mut().unwrap();
+    g.node[3].attribute.push(AttributeProto {
+        name: "to".into(),
+        type_: AttributeType::INT.into(),
+        i: 1,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("range.onnx");
+    std::fs::write(&p, m.write_to_bytes().unwrap()).unwrap();
+    let out = dir.path().join("o.onnx");
+    let o = wcc()
+        .args(["optimize", "-O1", "--backend", "ort"])
+        .arg(&p)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Whatever was folded, ONNX Runtime runs the result and it computes 3..10.
+    let model = wcc_ir::import::load(&out).unwrap();
+    let r = run(
+        &ort(),
+        &model,
+        &vec![(
+            "x".to_string(),
+            wcc_ir::eval::Array::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[3]))),
+        )],
+    )
+    .unwrap();
+    assert_eq!(r[0].1.to_f64_vec(), vec![3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+}

@@ -1,6 +1,8 @@
 //! Adapter merge from a PEFT directory (`wcc optimize base.onnx --adapter DIR`): LoRA, rsLoRA,
 //! DoRA, per-module `rank_pattern`/`alpha_pattern`, and MiSS/Bone (default, "mini" and "bat"),
-//! added into the base model's weights. PASSES.md §5 (PEFT @5d602fdb `tuners/lora`, `tuners/miss`).
+//! added into the base model's weights, as PEFT's `tuners/lora` and `tuners/miss` merge them. Papers:
+//! LoRA (Hu et al., arXiv 2106.09685), DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank
+//! Adaptation", arXiv 2402.09353), Bone/MiSS (Kang, arXiv 2409.15371).
 //!
 //! Math, with `W ∈ R^{out×in}` (PyTorch's Linear layout):
 //! - LoRA: `W' = W + s·B·A`, `s = α/r` (rsLoRA: `α/√r`), r and α per module from the patterns.

@@ -2,7 +2,8 @@
 //! plus any `--rules FILE`, extracted by FLOPs-plus-parameter-bytes cost. This is what merges LoRA
 //! branches `X·W + s·((X·A)·B)` into `X·(W + s·A·B)` (the constant part is then folded once by
 //! constant folding), moves constant scales into weights and reassociates constant chains.
-//! Paper: LoRA (Hu et al. 2021), merge as in PEFT `merge_and_unload`; PASSES.md §5.
+//! Paper: "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., arXiv 2106.09685),
+//! merged as PEFT's `merge_and_unload` does.
 //! May touch: the main graph's nodes (rebuilt only when the extracted term is strictly cheaper).
 //! Subgraphs are left alone.
 

@@ -19,6 +19,7 @@ use wcc_ir::validate::collect_outer_reads;
 use wcc_ir::{Graph, Model, Result};
 
 use crate::graph_util::{constant_initializers, is_nondeterministic};
+use wcc_ir::Dim;
 
 /// Folded values up to this size are always allowed (shape tensors, masks of static size, scalars).
 pub const GUARD_SMALL_BYTES: u64 = 64 << 10;
@@ -184,6 +185,7 @@ fn fold_graph(
         g.value_info.retain(|v| !names.contains(v.name.as_str()));
         out.changes += removed.len();
     }
+    out.changes += static_reshape_targets(g, opset, outer_types);
     let guarded = keep.len();
     if guarded > 0 {
         out.notes.push(format!(
@@ -221,6 +223,10 @@ fn known_shape_value(n: &wcc_ir::Node, types: &TypeMap) -> Option<Array> {
         return None;
     }
     let out = &n.outputs[0];
+    // The rank must be inferred, not declared (a declared [1] on a scalar would change its rank).
+    if types.declared_only.contains(out) {
+        return None;
+    }
     let vals = types.ints(out)?;
     let shape: Vec<usize> = types
         .get(out)?
@@ -238,4 +244,62 @@ fn known_shape_value(n: &wcc_ir::Node, types: &TypeMap) -> Option<Array> {
         wcc_ir::DataType::Bool => Array::Bool(a.mapv(|v| v != 0)),
         _ => return None,
     })
+}
+
+/// Reshape targets computed at run time whose every element is either known or the input's own
+/// dim at the same position (`Concat(Shape(x)[0:2], [-1])` reshaping `x`) become constants:
+/// with `allowzero = 0` a 0 copies the input's dim, so `[0, 0, -1]` says the same for every input.
+/// The shape arithmetic that computed the target is then dead. Returns the number of targets
+/// replaced.
+fn static_reshape_targets(g: &mut Graph, opset: i64, outer_types: Option<&TypeMap>) -> usize {
+    let types = infer_graph(g, opset, outer_types);
+    let consts = constant_initializers(g);
+    let mut new_inits: Vec<wcc_ir::Tensor> = vec![];
+    let mut changes = 0;
+    let mut taken: HashSet<String> = g
+        .initializers
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect();
+    for n in &mut g.nodes {
+        if !n.is("Reshape") || n.attr_i("allowzero").unwrap_or(0) != 0 || n.inputs.len() != 2 {
+            continue;
+        }
+        let target_name = &n.inputs[1];
+        if consts.contains(target_name) || target_name.is_empty() {
+            continue;
+        }
+        let (Some(target), Some(input)) = (types.vals.get(target_name), types.shape(&n.inputs[0]))
+        else {
+            continue;
+        };
+        let resolved: Option<Vec<i64>> = target
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match d {
+                Dim::Known(v) if *v >= -1 => Some(*v),
+                Dim::Sym(s) if input.get(i) == Some(&Dim::Sym(s.clone())) => Some(0),
+                _ => None,
+            })
+            .collect();
+        let Some(resolved) = resolved else { continue };
+        if resolved.iter().filter(|v| **v == -1).count() > 1 {
+            continue;
+        }
+        let mut name = format!("{target_name}_static");
+        while taken.contains(&name) {
+            name.push('_');
+        }
+        taken.insert(name.clone());
+        let t = Array::I64(
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[resolved.len()]), resolved)
+                .expect("a vector of its own length"),
+        )
+        .to_tensor(&name);
+        new_inits.push(t);
+        n.inputs[1] = name;
+        changes += 1;
+    }
+    g.initializers.extend(new_inits);
+    changes
 }

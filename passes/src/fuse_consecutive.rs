@@ -4,6 +4,7 @@
 //! intermediate is such a node (each then reads the source directly). May touch: node inputs, attributes and initializers for new axes; no data.
 
 use wcc_ir::infer::{infer_graph, TypeMap};
+use wcc_ir::ops::util::{norm_axes, Perm};
 use wcc_ir::pass::{Pass, PassOutcome};
 use wcc_ir::{Attribute, DataType, Graph, Model, Result, Tensor};
 
@@ -30,16 +31,12 @@ impl Pass for FuseConsecutive {
 fn combined_unsqueeze_axes(r: usize, first: &[i64], second: &[i64]) -> Option<Vec<i64>> {
     let mut marks = vec![false; r];
     for axes in [first, second] {
-        let out_rank = marks.len() + axes.len();
-        let mut ax: Vec<usize> = axes
-            .iter()
-            .map(|a| {
-                let a = if *a < 0 { a + out_rank as i64 } else { *a };
-                (0..out_rank as i64).contains(&a).then_some(a as usize)
-            })
-            .collect::<Option<_>>()?;
-        ax.sort_unstable();
+        // Axes index the output; repeated axes are invalid (the model is left alone).
+        let ax = norm_axes(axes, marks.len() + axes.len())?;
         for a in ax {
+            if a > marks.len() {
+                return None;
+            }
             marks.insert(a, true);
         }
     }
@@ -106,15 +103,14 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
                 }
                 let r = match n.op_type.as_str() {
                     "Unsqueeze" if opset >= 13 => {
-                        let axes_known = |x: &str| {
-                            consts.contains(x) || g.initializers.iter().any(|t| t.name() == x)
+                        let axes_known = |x: &str| consts.contains(x);
+                        let (Some(x1), Some(x2)) = (p.inputs.get(1), n.inputs.get(1)) else {
+                            break;
                         };
-                        if !axes_known(&p.inputs[1]) || !axes_known(&n.inputs[1]) {
+                        if !axes_known(x1) || !axes_known(x2) {
                             break;
                         }
-                        let (Some(a1), Some(a2)) =
-                            (types.ints(&p.inputs[1]), types.ints(&n.inputs[1]))
-                        else {
+                        let (Some(a1), Some(a2)) = (types.ints(x1), types.ints(x2)) else {
                             break;
                         };
                         let Some(r) = types.shape(&p.inputs[0]).map(|s| s.len()) else {
@@ -126,7 +122,7 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
                         Rewrite::Axes(axes)
                     }
                     "Reshape" => {
-                        let Some(t2) = types.ints(&n.inputs[1]) else {
+                        let Some(t2) = n.inputs.get(1).and_then(|x| types.ints(x)) else {
                             break;
                         };
                         if t2.contains(&0) && n.attr_i("allowzero").unwrap_or(0) == 0 {
@@ -139,10 +135,13 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
                         else {
                             break;
                         };
-                        if p1.len() != p2.len() {
+                        let (Ok(p1), Ok(p2)) = (Perm::new(p1), Perm::new(p2)) else {
                             break;
-                        }
-                        Rewrite::Perm(p2.iter().map(|&k| p1[k as usize]).collect())
+                        };
+                        let Some(p) = p2.after(&p1) else {
+                            break;
+                        };
+                        Rewrite::Perm(p.to_i64())
                     }
                     _ => break,
                 };

@@ -46,14 +46,9 @@ pub fn rename_uses(g: &mut Graph, from: &str, to: &str) {
     }
 }
 
-/// Names of initializers that are constant (not overridable by a graph input of the same name).
+/// Names of initializers that are constant (see `wcc_ir::Graph::constants`).
 pub fn constant_initializers(g: &Graph) -> HashSet<String> {
-    let inputs: HashSet<&str> = g.inputs.iter().map(|v| v.name.as_str()).collect();
-    g.initializers
-        .iter()
-        .map(|t| t.name().to_string())
-        .filter(|n| !inputs.contains(n.as_str()))
-        .collect()
+    g.constants()
 }
 
 /// Names of the graph's outputs.

@@ -1,4 +1,5 @@
-//! Sublayer dropping (LLM-Drop: He, Sun, Shen & Li, arXiv 2406.15786; PASSES.md §1). A dropped
+//! Sublayer dropping (LLM-Drop: He, Sun, Shen & Li, "What Matters in Transformers? Not All
+//! Attention is Needed", arXiv 2406.15786). A dropped
 //! sublayer becomes a residual passthrough: every reader of its residual Add reads the stream
 //! that entered it (`h' = h`), and whatever only the branch used (its norm, projections, RoPE,
 //! Softmax, KV Concat) goes with DCE. For KV-cache decoders the dropped layer's past inputs and

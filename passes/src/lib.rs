@@ -3,6 +3,7 @@
 pub mod adapter_merge;
 pub mod algebra;
 pub mod constant_fold;
+pub mod conv_affine;
 pub mod cse;
 pub mod dce;
 pub mod fuse_consecutive;
@@ -49,6 +50,7 @@ pub fn registry_with(opts: &PipelineOptions) -> std::result::Result<Vec<Register
     Ok(vec![
         (Box::new(noop::RemoveNoOps), &[OptLevel::O1]),
         (Box::new(constant_fold::ConstantFolding), &[OptLevel::O1]),
+        (Box::new(conv_affine::ConvAffine), &[OptLevel::O1]),
         (Box::new(fuse_consecutive::FuseConsecutive), &[OptLevel::O1]),
         (Box::new(miss_branch::MissBranch), &[OptLevel::O1]),
         (Box::new(algebra), &[OptLevel::O1]),

@@ -2,7 +2,7 @@
 //! split into blocks of r, summed, times the shared block `B ∈ R^{r×out}`), exported as
 //! `MatMul(ReduceSum(Reshape(X, [..., n, r]), axis=-2), B)`. Since `Σ_j x_j·B = X·tile(B, [n, 1])`,
 //! the branch becomes `MatMul(X, Tile(B, [n, 1]))`, which the algebra pass then adds into the base
-//! weight (`W' = W + tile(B)`, PASSES.md §5: `W'[:, jr:(j+1)r] += Bᵀ` in PyTorch's layout).
+//! weight (`W' = W + tile(B)`, i.e. `W'[:, jr:(j+1)r] += Bᵀ` in PyTorch's layout).
 //! Paper: Kang, "Bone/MiSS", arXiv 2409.15371. May touch: the branch's MatMul (its first input)
 //! and new Tile/initializer for the repeats. Exact.
 

@@ -100,10 +100,18 @@ fn identity_operand(
             && g.initializer(&n.inputs[c])
                 .and_then(|t| t.to_f64_vec().ok())
                 .is_some_and(|v| v.iter().all(|e| *e == identity));
+        // Broadcasting leaves x's shape alone when the constant is a scalar, or has all-1 dims
+        // and no more axes than x.
+        let neutral_shape = g.initializer(&n.inputs[c]).is_some_and(|t| {
+            t.dims().iter().all(|d| *d == 1)
+                && types
+                    .shape(&n.inputs[x])
+                    .map_or(t.dims().is_empty(), |s| t.dims().len() <= s.len())
+        });
         if is_identity
             && types.dtype(&n.inputs[x]).is_some()
-            && types.dtype(&n.inputs[x]) == types.dtype(out)
-            && same_static(types.shape(&n.inputs[x]), types.shape(out))
+            && types.dtype(&n.inputs[x]) == types.dtype(&n.inputs[c])
+            && (neutral_shape || same_static(types.shape(&n.inputs[x]), types.shape(out)))
         {
             return Some(x);
         }

@@ -1,5 +1,6 @@
 //! Query-key fused form (opt-in, `--enable qk-fuse`): OFQ's query-key reparameterization (QKR,
-//! Liu et al., ICML 2023; PASSES.md §2) as an exact float fold. Per head h, with `W_q^h, W_k^h`
+//! Liu et al., "Oscillation-free Quantization for Low-bit Vision Transformers", ICML 2023,
+//! arXiv 2302.02210) as an exact float fold. Per head h, with `W_q^h, W_k^h`
 //! the head's columns of the stored `C×(H·d)` projections:
 //!
 //! `scores_h[i,j] = (x_i W_q^h + b_q^h)·(x_j W_k^h + b_k^h) = (x_i M_h + u_h)·x_j + (terms constant in j)`
@@ -54,7 +55,7 @@ fn linear(
     let n = &g.nodes[*prod
         .get(v)
         .ok_or_else(|| format!("'{v}' is not computed by a node"))?];
-    let is_const = |x: &str| g.initializer(x).is_some();
+    let is_const = |x: &str| g.constant(x).is_some();
     let mm = |name: &str| -> Option<(String, String)> {
         let m = &g.nodes[*prod.get(name)?];
         (m.is("MatMul") && is_const(&m.inputs[1]))
@@ -255,8 +256,8 @@ impl Pass for QkFuse {
             (0usize, 0usize, 0usize, 0usize);
         for m in &found {
             let (Some(wq), Some(wk)) = (
-                g.initializer(&m.wq).and_then(f32_matrix),
-                g.initializer(&m.wk).and_then(f32_matrix),
+                g.constant(&m.wq).and_then(f32_matrix),
+                g.constant(&m.wk).and_then(f32_matrix),
             ) else {
                 out.notes.push(format!(
                     "attention at '{}': weights are not f32 matrices",
@@ -265,7 +266,7 @@ impl Pass for QkFuse {
                 continue;
             };
             let bq = match &m.bq {
-                Some(b) => match g.initializer(b).and_then(f32_vector) {
+                Some(b) => match g.constant(b).and_then(f32_vector) {
                     Some(v) => v,
                     None => continue,
                 },

@@ -72,7 +72,7 @@ struct Ctx<'a> {
     types: TypeMap,
     producer: HashMap<&'a str, usize>,
     consumers: HashMap<&'a str, Vec<usize>>,
-    consts: HashSet<&'a str>,
+    consts: HashSet<String>,
 }
 
 impl<'a> Ctx<'a> {
@@ -87,13 +87,7 @@ impl<'a> Ctx<'a> {
                 consumers.entry(x).or_default().push(i);
             }
         }
-        let inputs: HashSet<&str> = g.inputs.iter().map(|v| v.name.as_str()).collect();
-        let consts = g
-            .initializers
-            .iter()
-            .map(|t| t.name())
-            .filter(|n| !inputs.contains(n))
-            .collect();
+        let consts = g.constants();
         Ctx {
             g,
             types: infer_graph(g, opset, None),
@@ -165,12 +159,11 @@ impl<'a> Ctx<'a> {
         };
         let through_transpose = || -> Option<String> {
             let t = &self.g.nodes[*self.producer.get(w.as_str())?];
-            (t.is("Transpose") && self.consts.contains(t.inputs[0].as_str()))
-                .then(|| t.inputs[0].clone())
+            (t.is("Transpose") && self.consts.contains(&t.inputs[0])).then(|| t.inputs[0].clone())
         };
         if n.is("MatMul") || n.is("Gemm") {
             let trans_b = n.is("Gemm") && n.attr_i("transB").unwrap_or(0) != 0;
-            if self.consts.contains(w.as_str()) {
+            if self.consts.contains(w) {
                 return Some((
                     w.clone(),
                     if trans_b { "out×in" } else { "in×out" },
@@ -263,10 +256,7 @@ pub fn discover(model: &Model) -> Structure {
             }
             continue;
         }
-        if !n.is("Add")
-            || n.inputs.len() != 2
-            || n.inputs.iter().any(|x| cx.consts.contains(x.as_str()))
-        {
+        if !n.is("Add") || n.inputs.len() != 2 || n.inputs.iter().any(|x| cx.consts.contains(x)) {
             continue;
         }
         let (a, b) = (&n.inputs[0], &n.inputs[1]);

@@ -781,6 +781,7 @@ mod tests {
             functions: vec![],
             rest: Default::default(),
             sources: vec![],
+            escaped_strings: false,
         }
     }
 

@@ -134,9 +134,9 @@ impl Analysis<Op> for Facts {
                 };
                 let x = d(x);
                 let shape = match (&x.ty.shape, perm) {
-                    (Some(s), Some(p)) if p.len() == s.len() => {
-                        Some(p.iter().map(|i| s[*i as usize].clone()).collect())
-                    }
+                    (Some(s), Some(p)) => wcc_ir::ops::util::Perm::new(&p)
+                        .ok()
+                        .and_then(|p| p.apply(s)),
                     _ => None,
                 };
                 Info {

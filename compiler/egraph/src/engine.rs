@@ -71,14 +71,14 @@ pub fn run_graph(
     model: &CostModel,
 ) -> Stats {
     let types = infer_graph(g, opset, None);
-    let inputs: HashSet<&str> = g.inputs.iter().map(|v| v.name.as_str()).collect();
     let ty = |name: &str| types.get(name).cloned().unwrap_or_else(TensorType::unknown);
 
     // Facts first: leaves and node output types.
     let mut facts = Facts::default();
     let mut leaf_of: HashMap<String, Op> = HashMap::new();
+    let consts = g.constants();
     for t in &g.initializers {
-        if inputs.contains(t.name()) {
+        if !consts.contains(t.name()) {
             continue;
         }
         let scalar = (t.numel() == 1)

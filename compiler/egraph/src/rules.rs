@@ -110,8 +110,9 @@ fn parse_pred(c: &str) -> Result<Pred, String> {
         .find('(')
         .ok_or_else(|| format!("condition '{c}': expected NAME(?var)"))?;
     let close = c
-        .find(')')
-        .ok_or_else(|| format!("condition '{c}': missing ')'"))?;
+        .rfind(')')
+        .filter(|close| *close > open)
+        .ok_or_else(|| format!("condition '{c}': missing ')' after '('"))?;
     let name = &c[..open];
     let args: Vec<&str> = c[open + 1..close].split(',').collect();
     let rest = c[close + 1..].trim();
@@ -300,4 +301,24 @@ pub fn load_rules_with(extra: &[(&str, &str)], user_files: &[&Path]) -> Result<V
         rules.extend(more);
     }
     Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rules;
+
+    #[test]
+    fn malformed_conditions_are_errors_not_panics() {
+        for cond in [
+            "const)?x(",
+            "const(?x",
+            "rank)?x(=2",
+            "same-shape(?x)",
+            ")(",
+        ] {
+            let text = format!("r: (neg ?x) => ?x if {cond}\n");
+            let e = parse_rules(&text, "mine.rules").unwrap_err();
+            assert!(e.contains("mine.rules:1"), "{cond}: {e}");
+        }
+    }
 }

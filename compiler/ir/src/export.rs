@@ -68,10 +68,22 @@ pub fn to_proto(model: &Model) -> Result<ModelProto> {
     model_proto(model, &mut sink)
 }
 
+/// The model serialized in memory, for backends and tests. String fields that were not UTF-8 in
+/// the file stay escaped here (every protobuf parser accepts the result, and names still match
+/// between models); `save` writes their original bytes.
 pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
     to_proto(model)?
         .write_to_bytes()
         .map_err(|e| IrError::Other(format!("serializing: {e}")))
+}
+
+/// Restores escaped non-UTF-8 string fields to their bytes (see `rawstr`).
+fn restore_strings(model: &Model, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    if !model.escaped_strings {
+        return Ok(bytes);
+    }
+    crate::rawstr::unescape(&bytes)
+        .ok_or_else(|| IrError::Other("restoring non-UTF-8 strings failed".into()))
 }
 
 /// Writes the model to `path` atomically. Refuses to write over any file the model was read from.
@@ -137,9 +149,17 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummar
         .map_err(|e| werr(format!("temporary file: {e}")))?;
     {
         let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
-        proto
-            .write_to_writer(&mut w)
-            .map_err(|e| werr(format!("serializing: {e}")))?;
+        if model.escaped_strings {
+            let bytes = proto
+                .write_to_bytes()
+                .map_err(|e| werr(format!("serializing: {e}")))?;
+            let bytes = restore_strings(model, bytes)?;
+            w.write_all(&bytes).map_err(|e| werr(e.to_string()))?;
+        } else {
+            proto
+                .write_to_writer(&mut w)
+                .map_err(|e| werr(format!("serializing: {e}")))?;
+        }
         w.flush().map_err(|e| werr(e.to_string()))?;
     }
     let model_bytes = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(0);
@@ -273,6 +293,10 @@ fn node_proto(n: &Node, sink: &mut Option<ExternalSink>) -> Result<NodeProto> {
 pub fn value_info_proto(v: &ValueInfo) -> ValueInfoProto {
     let mut p = v.rest.clone();
     p.name = v.name.clone();
+    if let Some(tp) = crate::import::original_type(v) {
+        p.type_ = protobuf::MessageField::some(tp.clone());
+        return p;
+    }
     p.type_ = match &v.ty {
         ValueType::Missing => protobuf::MessageField::none(),
         ValueType::Other(tp) => protobuf::MessageField::some(tp.clone()),

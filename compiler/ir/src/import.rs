@@ -21,15 +21,29 @@ use crate::tensor::{ExternalSlice, Tensor};
 
 /// Reads a model file. External data is resolved relative to the file's folder.
 pub fn load(path: &Path) -> Result<Model> {
-    let file = File::open(path).map_err(|e| IrError::Io {
+    let file = open_regular(path).map_err(|e| IrError::Io {
         path: path.into(),
         source: e,
     })?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let proto = ModelProto::parse_from_reader(&mut reader).map_err(|e| IrError::Parse {
-        path: path.into(),
-        detail: e.to_string(),
-    })?;
+    let mut escaped = false;
+    let proto = match ModelProto::parse_from_reader(&mut reader) {
+        Ok(p) => p,
+        Err(e) if is_utf8_error(&e) => {
+            escaped = true;
+            let bytes = std::fs::read(path).map_err(|e| IrError::Io {
+                path: path.into(),
+                source: e,
+            })?;
+            parse_escaped(&bytes, path)?
+        }
+        Err(e) => {
+            return Err(IrError::Parse {
+                path: path.into(),
+                detail: e.to_string(),
+            })
+        }
+    };
     let dir = path.parent().map(|p| {
         if p.as_os_str().is_empty() {
             Path::new(".")
@@ -38,6 +52,7 @@ pub fn load(path: &Path) -> Result<Model> {
         }
     });
     let mut model = from_proto(proto, dir, path)?;
+    model.escaped_strings = escaped;
     if let Ok(c) = path.canonicalize() {
         model.sources.insert(0, c);
     }
@@ -46,11 +61,35 @@ pub fn load(path: &Path) -> Result<Model> {
 
 /// Parses a model from bytes; external data is an error (there is no folder to resolve it in).
 pub fn load_bytes(bytes: &[u8]) -> Result<Model> {
-    let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| IrError::Parse {
-        path: "<memory>".into(),
-        detail: e.to_string(),
-    })?;
-    from_proto(proto, None, Path::new("<memory>"))
+    let here = Path::new("<memory>");
+    let (proto, escaped) = match ModelProto::parse_from_bytes(bytes) {
+        Ok(p) => (p, false),
+        Err(e) if is_utf8_error(&e) => (parse_escaped(bytes, here)?, true),
+        Err(e) => {
+            return Err(IrError::Parse {
+                path: here.into(),
+                detail: e.to_string(),
+            })
+        }
+    };
+    let mut m = from_proto(proto, None, here)?;
+    m.escaped_strings = escaped;
+    Ok(m)
+}
+
+fn is_utf8_error(e: &protobuf::Error) -> bool {
+    e.to_string().contains("UTF-8")
+}
+
+/// Parses after escaping the string fields that are not UTF-8 (see `rawstr`).
+fn parse_escaped(bytes: &[u8], path: &Path) -> Result<ModelProto> {
+    let perr = |detail: String| IrError::Parse {
+        path: path.into(),
+        detail,
+    };
+    let escaped = crate::rawstr::escape(bytes)
+        .ok_or_else(|| perr("malformed protobuf (while escaping non-UTF-8 strings)".into()))?;
+    ModelProto::parse_from_bytes(&escaped).map_err(|e| perr(e.to_string()))
 }
 
 /// Converts a parsed ModelProto. `dir` is where external data files are looked up.
@@ -88,6 +127,7 @@ pub fn from_proto(mut proto: ModelProto, dir: Option<&Path>, path: &Path) -> Res
         functions,
         rest: proto,
         sources,
+        escaped_strings: false,
     })
 }
 
@@ -251,7 +291,7 @@ impl Importer {
         let (map, file) = match self.maps.get(&canon) {
             Some(m) => m.clone(),
             None => {
-                let f = File::open(&canon).map_err(|e| err(format!("file '{location}': {e}")))?;
+                let f = open_regular(&canon).map_err(|e| err(format!("file '{location}': {e}")))?;
                 // SAFETY: the file is mapped read-only; wcc never writes to its inputs (output paths
                 // that collide with an input or its data files are refused).
                 let m = Arc::new(
@@ -289,14 +329,55 @@ fn value_info(mut v: ValueInfoProto) -> Result<ValueInfo> {
     let name = std::mem::take(&mut v.name);
     let ty = match v.type_.take() {
         None => ValueType::Missing,
-        Some(tp) => tensor_type(&tp, &name)?
-            .map(ValueType::Tensor)
-            .unwrap_or(ValueType::Other(tp)),
+        Some(tp) => match tensor_type(&tp, &name)? {
+            Some(t) => {
+                // A type wcc reads with a loss (negative dim_values become unknown dims) is kept
+                // as read in `rest`, and written back as long as no pass changes the type.
+                if has_negative_dim(&tp) {
+                    v.type_ = protobuf::MessageField::some(tp);
+                }
+                ValueType::Tensor(t)
+            }
+            None => ValueType::Other(tp),
+        },
     };
     Ok(ValueInfo { name, ty, rest: v })
 }
 
-/// A TypeProto as a TensorType, when it is a plain tensor type without denotations.
+fn has_negative_dim(tp: &TypeProto) -> bool {
+    let Some(type_proto::Value::TensorType(tt)) = &tp.value else {
+        return false;
+    };
+    tt.shape.as_ref().is_some_and(|s| {
+        s.dim.iter().any(
+            |d| matches!(d.value, Some(tensor_shape_proto::dimension::Value::DimValue(v)) if v < 0),
+        )
+    })
+}
+
+/// The type a ValueInfo had in the file, when wcc read it with a loss and no pass changed it.
+pub(crate) fn original_type(v: &ValueInfo) -> Option<&TypeProto> {
+    let tp = v.rest.type_.as_ref()?;
+    let read = tensor_type(tp, &v.name).ok()??;
+    (v.tensor_type() == Some(&read)).then_some(tp)
+}
+
+/// Opens a file that must be a regular file: a FIFO, a device or a folder would block or make no
+/// sense as a model or its weights.
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    File::open(path)
+}
+
+/// A TypeProto as a TensorType, when it is a plain tensor type without denotations. A negative
+/// `dim_value` (Paddle's exporter writes -1 for a dynamic dim, and ONNX Runtime accepts it) reads
+/// as an unknown dim.
 fn tensor_type(tp: &TypeProto, name: &str) -> Result<Option<TensorType>> {
     let Some(type_proto::Value::TensorType(tt)) = &tp.value else {
         return Ok(None);
@@ -320,9 +401,10 @@ fn tensor_type(tp: &TypeProto, name: &str) -> Result<Option<TensorType>> {
                 dims.push(match &d.value {
                     Some(tensor_shape_proto::dimension::Value::DimValue(v)) => {
                         if *v < 0 {
-                            return Err(IrError::tensor(name, format!("negative dimension {v}")));
+                            Dim::Unknown
+                        } else {
+                            Dim::Known(*v)
                         }
-                        Dim::Known(*v)
                     }
                     Some(tensor_shape_proto::dimension::Value::DimParam(p)) => Dim::Sym(p.clone()),
                     _ => Dim::Unknown,

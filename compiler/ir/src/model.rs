@@ -228,6 +228,26 @@ impl Graph {
     pub fn initializer(&self, name: &str) -> Option<&Tensor> {
         self.initializers.iter().find(|t| t.name() == name)
     }
+    /// Names of the initializers that are constants: those no graph input of the same name can
+    /// override (ONNX lets an input replace an initializer, which is then only a default). This
+    /// is the one definition of "constant" every pass uses.
+    pub fn constants(&self) -> std::collections::HashSet<String> {
+        let inputs: std::collections::HashSet<&str> =
+            self.inputs.iter().map(|v| v.name.as_str()).collect();
+        self.initializers
+            .iter()
+            .map(|t| t.name())
+            .filter(|n| !inputs.contains(n))
+            .map(str::to_string)
+            .collect()
+    }
+    /// The initializer `name` when it is a constant (see `constants`).
+    pub fn constant(&self, name: &str) -> Option<&Tensor> {
+        if self.inputs.iter().any(|v| v.name == name) {
+            return None;
+        }
+        self.initializer(name)
+    }
     /// Names of values produced inside this graph or given to it (inputs and initializers).
     pub fn defined_names(&self) -> std::collections::HashSet<String> {
         let mut s: std::collections::HashSet<String> =
@@ -278,6 +298,9 @@ pub struct Model {
     /// Canonical paths of the files this model was read from (the model and its external data):
     /// output paths that collide with them are refused.
     pub sources: Vec<std::path::PathBuf>,
+    /// Some string fields were not UTF-8 and are held escaped (see `rawstr`); export restores
+    /// their bytes.
+    pub escaped_strings: bool,
 }
 
 impl Model {

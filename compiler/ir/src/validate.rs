@@ -1,5 +1,5 @@
-//! Structural validation: unique value names, every input defined before use, no cycles, outputs
-//! defined; recursively into subgraphs (which may read values of enclosing graphs). Also the
+//! Structural validation: every node against its op's schema (arity, attribute types, attribute
+//! values), unique value names, every input defined before use, no cycles, outputs defined; recursively into subgraphs (which may read values of enclosing graphs). Also the
 //! topological sort used before export.
 
 use std::collections::{HashMap, HashSet};
@@ -47,6 +47,7 @@ fn validate_graph(g: &Graph, outer: &HashSet<String>) -> Result<()> {
     }
     let mut producer: HashMap<&str, usize> = HashMap::new();
     for (i, n) in g.nodes.iter().enumerate() {
+        crate::ops::validate_node(n).map_err(|d| err(format!("node {}: {d}", node_label(g, i))))?;
         for o in n.outputs.iter().filter(|o| !o.is_empty()) {
             if let Some(prev) = defined.get(o.as_str()) {
                 return Err(err(format!(
@@ -175,5 +176,78 @@ pub fn collect_outer_reads(g: &Graph, f: &mut dyn FnMut(&str)) {
     }
     for o in &g.outputs {
         f(&o.name);
+    }
+}
+
+/// Checks, before a backend runs `model` on inputs of these concrete shapes, that no value whose
+/// shape inference can size would take more than `max_tensor_bytes`: a model that asks for a
+/// terabyte intermediate is refused with the value's name instead of being handed to a backend
+/// that would try to allocate it.
+pub fn check_run_budget(
+    model: &Model,
+    input_shapes: &[(String, Vec<usize>)],
+    max_tensor_bytes: u64,
+) -> Result<()> {
+    let g = &model.graph;
+    let mut types = crate::infer::TypeMap::default();
+    for (name, dims) in input_shapes {
+        let dtype = g
+            .inputs
+            .iter()
+            .find(|v| v.name == *name)
+            .and_then(|v| v.tensor_type())
+            .and_then(|t| t.dtype);
+        types.types.insert(
+            name.clone(),
+            crate::model::TensorType {
+                dtype,
+                shape: Some(
+                    dims.iter()
+                        .map(|d| crate::model::Dim::Known(*d as i64))
+                        .collect(),
+                ),
+            },
+        );
+    }
+    // Concrete input shapes replace the declared ones.
+    let mut concrete = g.clone();
+    concrete
+        .inputs
+        .retain(|v| !input_shapes.iter().any(|(n, _)| *n == v.name));
+    concrete.value_info.clear();
+    let m = crate::infer::infer_graph(&concrete, model.default_opset(), Some(&types));
+    for n in &g.nodes {
+        for o in n.outputs.iter().filter(|o| !o.is_empty()) {
+            let Some(t) = m.get(o) else { continue };
+            let (Some(dtype), Some(dims)) = (t.dtype, t.static_dims()) else {
+                continue;
+            };
+            let numel = dims
+                .iter()
+                .try_fold(1u64, |acc, d| acc.checked_mul(u64::try_from(*d).ok()?));
+            let bytes = numel.and_then(|n| dtype.storage_bytes(n));
+            if bytes.is_none_or(|b| b > max_tensor_bytes) {
+                return Err(IrError::invalid(
+                    &g.name,
+                    format!(
+                        "value '{o}' of node '{}' ({}) would be {} with these inputs ({dims:?}), over the {} budget for running a model",
+                        n.name,
+                        n.op_type,
+                        bytes.map_or("more than 2^64 bytes".to_string(), human_bytes),
+                        human_bytes(max_tensor_bytes)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human_bytes(b: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    if b >= 1 << 30 {
+        format!("{:.1} GiB", b as f64 / GIB)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
     }
 }
