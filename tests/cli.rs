@@ -616,3 +616,36 @@ fn o_compress_from_the_command_line() {
     assert_eq!(r["level"], "-O compress");
     assert_eq!(r["verification"]["gate_min_cosine"], 0.99);
 }
+
+#[test]
+fn a_model_that_asks_for_too_much_memory_is_refused_before_it_runs() {
+    // y = x + ConstantOfShape([2^17, 2^17, 4]): a 256 GiB intermediate for a 4-element input.
+    let dir = tempfile::tempdir().unwrap();
+    let shape = TensorProto {
+        name: "shape".into(),
+        data_type: 7,
+        dims: vec![3],
+        int64_data: vec![1 << 17, 1 << 17, 4],
+        ..Default::default()
+    };
+    let mut m = small_model(
+        vec![
+            node("ConstantOfShape", "big", &["shape"], &["b"]),
+            node("Add", "add", &["x", "b"], &["y"]),
+        ],
+        good_w(),
+    );
+    m.graph.as_mut().unwrap().initializer.push(shape);
+    let p = write_model(dir.path(), "big.onnx", &m);
+    let o = wcc()
+        .arg("run")
+        .arg(&p)
+        .arg("-o")
+        .arg(dir.path().join("o.npz"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("value 'b'") && err.contains("budget"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -9,7 +9,7 @@ use wcc_runtime::NamedArrays;
 
 use crate::compress::removed_by_drop;
 use crate::error::Error;
-use crate::exec::{run_on, ExecOptions};
+use crate::exec::{check_budget, run_on, ExecOptions};
 use crate::gate::Gate;
 use crate::pipeline::{self, PassInfo};
 use crate::render;
@@ -114,6 +114,7 @@ pub fn bench(
     let m = load(path)?;
     let (inputs, _) = exec.inputs(&m)?;
     let inputs = wcc_runtime::inputs::own_inputs(&m, &inputs);
+    check_budget(&m, &inputs).map_err(|e| Error::Run(e.to_string()))?;
     let bytes = wcc_ir::export::to_bytes(&m)?;
     let backend = exec.backend_for(&m);
     let t0 = Instant::now();

@@ -13,7 +13,7 @@ use wcc_passes::structure::{discover, Structure, Sublayer};
 use wcc_runtime::{Backend, NamedArrays};
 
 use crate::error::Error;
-use crate::exec::run_on;
+use crate::exec::{check_budget, run_on};
 use crate::gate::Gate;
 use crate::verify::{compare_with, Failure, RemovedOutput};
 
@@ -97,6 +97,17 @@ fn ranked(
         .collect();
     // Fused residual+norm nodes expose their pre-norm sum on the scoring copy.
     let scoring = wcc_passes::structure::with_sums(model);
+    let mut checked: Vec<Vec<Vec<usize>>> = vec![];
+    for b in batches {
+        let own = wcc_runtime::inputs::own_inputs(&scoring, b);
+        let shapes: Vec<Vec<usize>> = own.iter().map(|(_, a)| a.shape().to_vec()).collect();
+        if !checked.contains(&shapes) {
+            check_budget(&scoring, &own).map_err(|e| {
+                Error::Run(format!("layer dropping: cannot score the sublayers: {e}"))
+            })?;
+            checked.push(shapes);
+        }
+    }
     let sims = wcc_runtime::calibrate::mean_row_cosine(&scoring, backend, batches, &pairs)
         .map_err(|e| Error::Run(format!("layer dropping: cannot score the sublayers: {e}")))?;
     let mut v: Vec<(usize, Sublayer, f64)> = cands

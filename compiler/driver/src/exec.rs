@@ -120,10 +120,25 @@ pub fn npz_inputs(model: &Model, p: &Path) -> Result<NamedArrays, Error> {
     match_inputs(model, load_npz(p).map_err(Error::Input)?).map_err(Error::Input)
 }
 
+/// The most one value may take when a backend runs a model: a model that asks for more (with
+/// the inputs it is given) is refused, naming the value, before a backend tries to allocate it.
+pub const RUN_BUDGET_BYTES: u64 = 16 << 30;
+
+/// Refuses to run `m` on `inputs` when shape inference sizes a value over `RUN_BUDGET_BYTES`.
+pub fn check_budget(m: &Model, inputs: &NamedArrays) -> Result<(), RunError> {
+    let shapes: Vec<(String, Vec<usize>)> = inputs
+        .iter()
+        .map(|(n, a)| (n.clone(), a.shape().to_vec()))
+        .collect();
+    wcc_ir::validate::check_run_budget(m, &shapes, RUN_BUDGET_BYTES)
+        .map_err(|e| RunError::Setup(e.to_string()))
+}
+
 /// Runs `m` on the arrays it takes from `inputs` (a model whose dropped layer's cache left its
-/// interface takes fewer).
+/// interface takes fewer), within the budget.
 pub fn run_on(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<NamedArrays, RunError> {
     let own = own_inputs(m, inputs);
+    check_budget(m, &own)?;
     let bytes = wcc_ir::export::to_bytes(m).map_err(|e| RunError::Setup(e.to_string()))?;
     backend.run(&bytes, &own)
 }
