@@ -479,3 +479,173 @@ fn bad_usage_is_exit_2() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown pass 'nonsense'"));
 }
+
+/// `y = Relu(x + w)`, and also `z = x + w` when `two_outputs`; `op` replaces the Relu.
+fn verify_model(dir: &Path, name: &str, op: (&str, &str), two_outputs: bool) -> PathBuf {
+    let mut relu = node(op.1, "relu", &["s"], &["y"]);
+    relu.domain = op.0.into();
+    let mut nodes = vec![node("Add", "add", &["x", "w"], &["s"]), relu];
+    let mut m = small_model(vec![], good_w());
+    let g = m.graph.as_mut().unwrap();
+    if two_outputs {
+        nodes.push(node("Identity", "id", &["s"], &["z"]));
+        g.output.push(tensor_vi("z", &[4]));
+    }
+    g.node = nodes;
+    if !op.0.is_empty() {
+        m.opset_import.push(OperatorSetIdProto {
+            domain: op.0.into(),
+            version: 1,
+            ..Default::default()
+        });
+    }
+    write_model(dir, name, &m)
+}
+
+#[test]
+fn verification_fails_when_the_result_cannot_run_or_lacks_an_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = verify_model(dir.path(), "good.onnx", ("", "Relu"), false);
+    let both = verify_model(dir.path(), "both.onnx", ("", "Relu"), true);
+    // An op no backend knows: wcc keeps it, tract cannot run it.
+    let odd = verify_model(dir.path(), "odd.onnx", ("com.example", "Frobnicate"), false);
+    let verify = |a: &Path, b: &Path| {
+        let o = wcc().arg("verify").arg(a).arg(b).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, err) = verify(&good, &odd);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot be run by tract while") && err.contains("good.onnx can"),
+        "{err}"
+    );
+    // The other way round nothing can be verified: an error, not a gate failure.
+    let (code, err) = verify(&odd, &good);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("tract cannot run") && err.contains("odd.onnx"),
+        "{err}"
+    );
+    // An output of the reference that the candidate lacks fails, naming it.
+    let (code, err) = verify(&both, &good);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("output 'z' of the original is missing from the result"),
+        "{err}"
+    );
+    // optimize on a model tract cannot run: written, and the warning says what was not checked;
+    // with a gate, an error and nothing written.
+    let out = dir.path().join("odd.opt.onnx");
+    let o = wcc()
+        .arg("optimize")
+        .arg(&odd)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning: not verified: the result's outputs were not compared"),
+        "{err}"
+    );
+    std::fs::remove_file(&out).unwrap();
+    let o = wcc()
+        .arg("optimize")
+        .arg(&odd)
+        .args(["--max-rel-error", "0", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot check the fidelity gate"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn levels_and_gates_are_checked_before_any_work() {
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("bert.legacy"))
+        .args(["-O", "fast"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("-O0, -O1 or -O compress"));
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("bert.legacy"))
+        .args(["--no-verify", "--min-cosine", "0.9"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--no-verify cannot be combined"));
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("bert.legacy"))
+        .args(["--egraph-time-limit", "-1"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+}
+
+#[test]
+fn o_compress_from_the_command_line() {
+    // The level parses as `-O compress`, gets its default gate, and reports itself.
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    let o = wcc()
+        .arg("optimize")
+        .arg(fixture_path("llama.legacy"))
+        .args(["-O", "compress", "-o"])
+        .arg(dir.path().join("c.onnx"))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("layer drop (attention, one-shot"), "{err}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["level"], "-O compress");
+    assert_eq!(r["verification"]["gate_min_cosine"], 0.99);
+}
+
+#[test]
+fn a_model_that_asks_for_too_much_memory_is_refused_before_it_runs() {
+    // y = x + ConstantOfShape([2^17, 2^17, 4]): a 256 GiB intermediate for a 4-element input.
+    let dir = tempfile::tempdir().unwrap();
+    let shape = TensorProto {
+        name: "shape".into(),
+        data_type: 7,
+        dims: vec![3],
+        int64_data: vec![1 << 17, 1 << 17, 4],
+        ..Default::default()
+    };
+    let mut m = small_model(
+        vec![
+            node("ConstantOfShape", "big", &["shape"], &["b"]),
+            node("Add", "add", &["x", "b"], &["y"]),
+        ],
+        good_w(),
+    );
+    m.graph.as_mut().unwrap().initializer.push(shape);
+    let p = write_model(dir.path(), "big.onnx", &m);
+    let o = wcc()
+        .arg("run")
+        .arg(&p)
+        .arg("-o")
+        .arg(dir.path().join("o.npz"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("value 'b'") && err.contains("budget"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -1,9 +1,40 @@
-//! Sublayer dropping (LLM-Drop) and `-O compress`.
+//! Sublayer dropping (LLM-Drop: "What Matters in Transformers? Not All Attention is Needed",
+//! arXiv 2406.15786) and `-O compress`, through the driver.
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use common::*;
-use wcc_passes::layer_drop::{DropSpec, Target};
+use wcc_driver::{BackendChoice, DropSpec, Error, Level, OptimizeOptions, OptimizeReport};
+use wcc_passes::layer_drop::Target;
+
+/// Optimizes `stem` into `dir/name` with the driver, `edit` setting the options; panics on error.
+fn optimize(
+    stem: &str,
+    dir: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut OptimizeOptions),
+) -> (PathBuf, OptimizeReport) {
+    let out = dir.join(name);
+    let mut opts = OptimizeOptions::new(fixture_path(stem));
+    opts.output = Some(out.clone());
+    edit(&mut opts);
+    match wcc_driver::optimize(opts, &mut |_| {}) {
+        Ok(done) => (out, done.report),
+        Err(e) => panic!("{stem}: {e}"),
+    }
+}
+
+/// ONNX Runtime as the backend, with the given inputs file and `--drop`.
+fn on_ort(o: &mut OptimizeOptions, inputs: Option<&str>, drop: Option<&str>) {
+    o.exec.backend = BackendChoice::Ort;
+    if let wcc_runtime::Backend::Ort { lib, .. } = ort() {
+        o.exec.ort_lib = lib;
+    }
+    o.exec.inputs = inputs.map(|stem| models_dir().join(format!("{stem}.inputs.npz")));
+    o.drop = drop.map(|d| d.parse().unwrap());
+}
 
 #[test]
 fn drop_specs_parse() {
@@ -22,21 +53,11 @@ fn drop_specs_parse() {
 #[test]
 fn a_dropped_attention_takes_its_kv_cache_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let npz = models_dir().join("llama_kv.legacy.inputs.npz");
-    let (out, r) = optimize_cli(
-        &fixture_path("llama_kv.legacy"),
-        &[
-            "--drop",
-            "attn:1",
-            "--backend",
-            "ort",
-            "--inputs",
-            npz.to_str().unwrap(),
-        ],
-        dir.path(),
-        "kv.onnx",
-    );
-    let dropped = r["layer_drop"]["dropped"][0].as_str().unwrap().to_string();
+    let (out, r) = optimize("llama_kv.legacy", dir.path(), "kv.onnx", |o| {
+        on_ort(o, Some("llama_kv.legacy"), Some("attn:1"))
+    });
+    let ld = r.layer_drop.as_ref().unwrap();
+    let dropped = ld.dropped[0].clone();
     let layer: usize = dropped.strip_prefix("attn ").unwrap().parse().unwrap();
     let kept = 1 - layer;
     let m = wcc_ir::import::load(&out).unwrap();
@@ -56,6 +77,18 @@ fn a_dropped_attention_takes_its_kv_cache_with_it() {
     }
     assert_eq!(m.metadata("wcc.kv_layers"), Some(kept.to_string().as_str()));
     assert_eq!(m.metadata("wcc.dropped"), Some(dropped.as_str()));
+    // Verification knows the cache left on purpose, and says whose it was.
+    let v = r.verification.as_ref().unwrap();
+    let removed: Vec<&str> = v.removed_outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(
+        removed,
+        [
+            format!("present.{layer}.key"),
+            format!("present.{layer}.value")
+        ]
+    );
+    assert!(v.removed_outputs[0].reason.contains(&dropped));
+    assert_eq!(ld.removed_outputs, v.removed_outputs);
     // It runs in ONNX Runtime with the reduced cache, and the kept layer's cache is unchanged.
     let all = inputs_for("llama_kv.legacy");
     let given: wcc_runtime::NamedArrays = all
@@ -84,57 +117,41 @@ fn inputs_for(stem: &str) -> wcc_runtime::NamedArrays {
 fn o_compress_without_any_passing_drop_keeps_everything() {
     // Random-weight fixtures have no redundant attention: nothing passes the default gate.
     let dir = tempfile::tempdir().unwrap();
-    let (_, r) = optimize_cli(
-        &fixture_path("llama.legacy"),
-        &["-O", "compress"],
-        dir.path(),
-        "c.onnx",
-    );
-    assert_eq!(r["layer_drop"]["dropped"].as_array().unwrap().len(), 0);
-    assert_eq!(r["layer_drop"]["tried"][0]["passed"], false);
-    assert_eq!(r["verification"]["gate_min_cosine"], 0.99);
-    // A gate nothing can pass, even with nothing dropped, is an error and writes nothing.
+    let (_, r) = optimize("llama.legacy", dir.path(), "c.onnx", |o| {
+        o.level = Level::Compress
+    });
+    let ld = r.layer_drop.as_ref().unwrap();
+    assert!(ld.dropped.is_empty());
+    assert!(!ld.tried[0].passed);
+    assert_eq!(r.level, "-O compress");
+    assert_eq!(r.verification.as_ref().unwrap().gate_min_cosine, Some(0.99));
+    // A gate nothing can pass, even with nothing dropped, is a gate failure and writes nothing.
     let out2 = dir.path().join("c2.onnx");
-    let o = wcc()
-        .arg("optimize")
-        .arg(fixture_path("llama.legacy"))
-        .args(["-O", "compress", "--min-cosine", "1.5", "-o"])
-        .arg(&out2)
-        .output()
-        .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let mut opts = OptimizeOptions::new(fixture_path("llama.legacy"));
+    opts.level = Level::Compress;
+    opts.gate.min_cosine = Some(1.5);
+    opts.output = Some(out2.clone());
+    match wcc_driver::optimize(opts, &mut |_| {}) {
+        Err(e @ Error::Gate { .. }) => {
+            assert_eq!(e.exit_code(), 1);
+            assert!(e.to_string().contains("--min-cosine 1.5"), "{e}");
+        }
+        Err(e) => panic!("expected a gate failure: {e}"),
+        Ok(_) => panic!("expected a gate failure"),
+    }
     assert!(!out2.exists());
 }
 
 #[test]
 fn the_planted_redundant_attention_ranks_first_and_drops_like_pytorch() {
     let dir = tempfile::tempdir().unwrap();
-    let npz = models_dir().join("llama_drop.legacy.inputs.npz");
-    let (out, r) = optimize_cli(
-        &fixture_path("llama_drop.legacy"),
-        &[
-            "--drop",
-            "attn:1",
-            "--backend",
-            "ort",
-            "--inputs",
-            npz.to_str().unwrap(),
-        ],
-        dir.path(),
-        "d.onnx",
-    );
+    let (out, r) = optimize("llama_drop.legacy", dir.path(), "d.onnx", |o| {
+        on_ort(o, Some("llama_drop.legacy"), Some("attn:1"))
+    });
+    let ld = r.layer_drop.as_ref().unwrap();
     // Layer 2's o_proj was scaled by 1e-3 before export: its attention changes the stream least.
-    assert_eq!(
-        r["layer_drop"]["scores"][0]["sublayer"], "attn 2",
-        "{}",
-        r["layer_drop"]
-    );
-    assert_eq!(r["layer_drop"]["dropped"], serde_json::json!(["attn 2"]));
+    assert_eq!(ld.scores[0].sublayer, "attn 2", "{ld:?}");
+    assert_eq!(ld.dropped, ["attn 2"]);
     // The result computes what PyTorch computes with that sublayer removed.
     let m = wcc_ir::import::load(&out).unwrap();
     let reference = load("llama_drop.dropped.legacy");
@@ -166,46 +183,44 @@ fn the_planted_redundant_attention_ranks_first_and_drops_like_pytorch() {
 #[test]
 fn o_compress_stops_at_the_largest_count_that_passes_the_gate() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, r) = optimize_cli(
-        &fixture_path("llama_drop.legacy"),
-        &["-O", "compress", "--backend", "ort"],
-        dir.path(),
-        "c.onnx",
-    );
-    let ld = &r["layer_drop"];
-    let dropped = ld["dropped"].as_array().unwrap().len();
-    assert!(dropped >= 1, "{ld}");
-    let tried = ld["tried"].as_array().unwrap();
+    let (_, r) = optimize("llama_drop.legacy", dir.path(), "c.onnx", |o| {
+        on_ort(o, None, None);
+        o.level = Level::Compress;
+    });
+    let ld = r.layer_drop.as_ref().unwrap();
+    let dropped = ld.dropped.len();
+    assert!(dropped >= 1, "{ld:?}");
     // Every count up to the chosen one passed, and one more failed (the search stopped there).
-    for t in tried.iter().take(dropped) {
-        assert_eq!(t["passed"], true, "{t}");
+    for t in ld.tried.iter().take(dropped) {
+        assert!(t.passed, "{t:?}");
     }
-    let next = &tried[dropped];
-    assert_eq!(next["count"], dropped + 1);
-    assert_eq!(next["passed"], false, "{next}");
-    assert!(next["min_cosine"].as_f64().unwrap() < 0.99);
+    let next = &ld.tried[dropped];
+    assert_eq!(next.count, dropped + 1);
+    assert!(!next.passed, "{next:?}");
+    assert!(next.min_cosine < 0.99);
     // The written model passes the default gate against the original.
-    assert!(r["verification"]["outputs"][0]["cosine"].as_f64().unwrap() >= 0.99);
+    assert!(r.verification.as_ref().unwrap().outputs[0].cosine >= 0.99);
 
-    // The same search on the KV-cache variant removes the dropped layer's cache.
-    let out = dir.path().join("kv.onnx");
-    let o = wcc()
-        .arg("optimize")
-        .arg(fixture_path("llama_drop_kv.legacy"))
-        .args(["-O", "compress", "--backend", "ort", "--inputs"])
-        .arg(models_dir().join("llama_drop_kv.legacy.inputs.npz"))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let m = wcc_ir::import::load(&out).unwrap();
-    assert!(!m
-        .graph
-        .inputs
-        .iter()
-        .any(|v| v.name == "past_key_values.2.key"));
-    assert_eq!(m.metadata("wcc.kv_layers"), Some("0,1,3"));
+    // The same search on the KV-cache variant removes the dropped layer's cache, on its own
+    // inputs and on the default (random) ones alike.
+    for inputs in [Some("llama_drop_kv.legacy"), None] {
+        let (out, r) = optimize("llama_drop_kv.legacy", dir.path(), "kv.onnx", |o| {
+            on_ort(o, inputs, None);
+            o.level = Level::Compress;
+        });
+        let m = wcc_ir::import::load(&out).unwrap();
+        assert!(!m
+            .graph
+            .inputs
+            .iter()
+            .any(|v| v.name == "past_key_values.2.key"));
+        assert_eq!(m.metadata("wcc.kv_layers"), Some("0,1,3"));
+        let v = r.verification.as_ref().unwrap();
+        assert!(v
+            .removed_outputs
+            .iter()
+            .any(|o| o.name == "present.2.key" && o.reason.contains("attn 2")));
+    }
 }
 
 #[test]
@@ -216,23 +231,11 @@ fn dropping_in_an_ort_fused_graph_matches_dropping_in_the_export() {
     let dir = tempfile::tempdir().unwrap();
     let mut dropped = vec![];
     for stem in ["bert.legacy", "bert.ortfused"] {
-        let npz = models_dir().join(format!("{stem}.inputs.npz"));
-        let args = [
-            "--drop",
-            "attn:1",
-            "--backend",
-            "ort",
-            "--inputs",
-            npz.to_str().unwrap(),
-        ];
-        let (out, r) = optimize_cli(
-            &fixture_path(stem),
-            &args,
-            dir.path(),
-            &format!("{stem}.onnx"),
-        );
+        let (out, r) = optimize(stem, dir.path(), &format!("{stem}.onnx"), |o| {
+            on_ort(o, Some(stem), Some("attn:1"))
+        });
         dropped.push((
-            r["layer_drop"]["dropped"].clone(),
+            r.layer_drop.unwrap().dropped,
             wcc_ir::import::load(&out).unwrap(),
         ));
     }

@@ -123,7 +123,7 @@ impl Dims<'_> {
         for t in &tokens {
             match t.as_str() {
                 "+" | "-" => {
-                    total += sign * term.unwrap_or(0);
+                    total = total.saturating_add(sign * term.unwrap_or(0));
                     term = None;
                     sign = if t == "+" { 1 } else { -1 };
                 }
@@ -131,7 +131,7 @@ impl Dims<'_> {
                 a => {
                     let v = atom(a);
                     term = Some(if pending_mul {
-                        term.unwrap_or(1) * v
+                        term.unwrap_or(1).saturating_mul(v)
                     } else {
                         v
                     });
@@ -139,14 +139,14 @@ impl Dims<'_> {
                 }
             }
         }
-        (total + sign * term.unwrap_or(0)).max(0)
+        total.saturating_add(sign * term.unwrap_or(0)).max(0)
     }
 
     fn dim(&self, d: &Dim) -> i64 {
         match d {
-            Dim::Known(v) => *v,
+            Dim::Known(v) if *v >= 0 => *v,
             Dim::Sym(s) => self.eval(s, 0),
-            Dim::Unknown => self.spec.default_dim,
+            _ => self.spec.default_dim,
         }
     }
 
@@ -186,9 +186,8 @@ struct ShapeFacts {
     sums: Vec<String>,
 }
 
-fn shape_facts(model: &Model) -> ShapeFacts {
+fn shape_facts(model: &Model, types: &TypeMap) -> ShapeFacts {
     let g = &model.graph;
-    let types = infer_graph(g, model.default_opset(), None);
     // Concat lengths computed here (shape inference leaves a symbolic sum unknown).
     let mut concat: HashMap<String, Vec<Dim>> = HashMap::new();
     let mut facts = ShapeFacts {
@@ -333,7 +332,20 @@ fn scalar_constant(g: &wcc_ir::Graph, name: &str) -> Option<f64> {
         .or_else(|| n.attr_i("value_int").map(|v| v as f64))
 }
 
-fn usage(model: &Model, types: &TypeMap, input: &str) -> Usage {
+/// value name → (node, input position) of every standard-domain node that reads it.
+type Readers<'a> = HashMap<&'a str, Vec<(&'a wcc_ir::Node, usize)>>;
+
+fn readers(g: &wcc_ir::Graph) -> Readers<'_> {
+    let mut r: Readers = HashMap::new();
+    for n in g.nodes.iter().filter(|n| n.domain.is_empty()) {
+        for (k, x) in n.inputs.iter().enumerate() {
+            r.entry(x.as_str()).or_default().push((n, k));
+        }
+    }
+    r
+}
+
+fn usage(model: &Model, types: &TypeMap, readers: &Readers, input: &str) -> Usage {
     let g = &model.graph;
     let mut u = Usage::default();
     // (value, whether it has been cast to a float type)
@@ -342,54 +354,52 @@ fn usage(model: &Model, types: &TypeMap, input: &str) -> Usage {
     while i < values.len() && values.len() < 256 {
         let (cur, float) = values[i].clone();
         i += 1;
-        for n in g.nodes.iter().filter(|n| n.domain.is_empty()) {
-            for (k, _) in n.inputs.iter().enumerate().filter(|(_, x)| **x == cur) {
-                let follow = |values: &mut Vec<(String, bool)>, float: bool| {
-                    for o in n.outputs.iter().filter(|o| !o.is_empty()) {
-                        if !values.iter().any(|(v, _)| v == o) {
-                            values.push((o.clone(), float));
-                        }
+        for &(n, k) in readers.get(cur.as_str()).into_iter().flatten() {
+            let follow = |values: &mut Vec<(String, bool)>, float: bool| {
+                for o in n.outputs.iter().filter(|o| !o.is_empty()) {
+                    if !values.iter().any(|(v, _)| v == o) {
+                        values.push((o.clone(), float));
                     }
-                };
-                match (n.op_type.as_str(), k) {
-                    ("Gather" | "GatherElements", 1) => {
-                        let data = &n.inputs[0];
-                        let shape: Option<Vec<Dim>> = g
-                            .initializer(data)
-                            .map(|t| t.dims().iter().map(|d| Dim::Known(*d)).collect())
-                            .or_else(|| types.shape(data).cloned());
-                        if let Some(s) = shape {
-                            let axis = n.attr_i("axis").unwrap_or(0);
-                            let axis = if axis < 0 {
-                                axis + s.len() as i64
-                            } else {
-                                axis
-                            };
-                            if let Some(Dim::Known(rows)) = s.get(axis.max(0) as usize) {
-                                u.index_bound = Some(u.index_bound.map_or(*rows, |b| b.min(*rows)));
-                            }
-                        }
-                    }
-                    ("Cast", 0) => match n.attr_i("to") {
-                        Some(9) => u.mask = true,
-                        // float, f16, f64, bf16
-                        Some(1 | 10 | 11 | 16) => follow(&mut values, true),
-                        _ => follow(&mut values, float),
-                    },
-                    ("Not" | "And" | "Or" | "Xor", _) | ("Where", 0) => u.mask = true,
-                    ("Sub", 1) if scalar_constant(g, &n.inputs[0]) == Some(1.0) => u.mask = true,
-                    ("Div" | "Mod", 1) => u.divisor = true,
-                    ("Mul" | "MatMul" | "Add" | "Sub" | "Div" | "Sin" | "Cos", _) if float => {
-                        u.numeric = true
-                    }
-                    (
-                        "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "Identity" | "Expand"
-                        | "Transpose" | "Tile" | "Slice",
-                        0,
-                    )
-                    | ("Concat", _) => follow(&mut values, float),
-                    _ => {}
                 }
+            };
+            match (n.op_type.as_str(), k) {
+                ("Gather" | "GatherElements", 1) => {
+                    let data = &n.inputs[0];
+                    let shape: Option<Vec<Dim>> = g
+                        .initializer(data)
+                        .map(|t| t.dims().iter().map(|d| Dim::Known(*d)).collect())
+                        .or_else(|| types.shape(data).cloned());
+                    if let Some(s) = shape {
+                        let axis = n.attr_i("axis").unwrap_or(0);
+                        let axis = if axis < 0 {
+                            axis + s.len() as i64
+                        } else {
+                            axis
+                        };
+                        if let Some(Dim::Known(rows)) = s.get(axis.max(0) as usize) {
+                            u.index_bound = Some(u.index_bound.map_or(*rows, |b| b.min(*rows)));
+                        }
+                    }
+                }
+                ("Cast", 0) => match n.attr_i("to") {
+                    Some(9) => u.mask = true,
+                    // float, f16, f64, bf16
+                    Some(1 | 10 | 11 | 16) => follow(&mut values, true),
+                    _ => follow(&mut values, float),
+                },
+                ("Not" | "And" | "Or" | "Xor", _) | ("Where", 0) => u.mask = true,
+                ("Sub", 1) if scalar_constant(g, &n.inputs[0]) == Some(1.0) => u.mask = true,
+                ("Div" | "Mod", 1) => u.divisor = true,
+                ("Mul" | "MatMul" | "Add" | "Sub" | "Div" | "Sin" | "Cos", _) if float => {
+                    u.numeric = true
+                }
+                (
+                    "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "Identity" | "Expand"
+                    | "Transpose" | "Tile" | "Slice",
+                    0,
+                )
+                | ("Concat", _) => follow(&mut values, float),
+                _ => {}
             }
         }
     }
@@ -416,9 +426,10 @@ pub fn random_inputs(model: &Model, spec: &InputSpec) -> Result<NamedArrays, Str
             .unwrap_or_default()
     };
     let types = infer_graph(g, model.default_opset(), None);
+    let readers = readers(g);
     let usages: Vec<Usage> = inputs
         .iter()
-        .map(|v| usage(model, &types, &v.name))
+        .map(|v| usage(model, &types, &readers, &v.name))
         .collect();
     let is_mask =
         |v: &wcc_ir::ValueInfo, u: &Usage| u.mask || v.name.to_lowercase().contains("mask");
@@ -438,7 +449,7 @@ pub fn random_inputs(model: &Model, spec: &InputSpec) -> Result<NamedArrays, Str
             acc
         });
     let order = |a: &str| input_atoms.iter().position(|x| x == a);
-    let facts = shape_facts(model);
+    let facts = shape_facts(model, &types);
     let mut dims = Dims {
         spec,
         derived: vec![],
@@ -510,13 +521,17 @@ pub fn random_inputs(model: &Model, spec: &InputSpec) -> Result<NamedArrays, Str
             )
         })?;
         let shape: Vec<usize> = declared.iter().map(|d| dims.dim(d) as usize).collect();
-        let n: usize = shape.iter().product();
-        if n > 1 << 28 {
-            return Err(format!(
-                "input '{}' would have {n} elements: set its dims with --dim",
-                v.name
-            ));
-        }
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, d| n.checked_mul(*d))
+            .filter(|n| *n <= 1 << 28)
+            .ok_or_else(|| {
+                format!(
+                    "input '{}' would have shape {shape:?}, too large for random inputs: set its \
+                     dims with --dim",
+                    v.name
+                )
+            })?;
         let sh = IxDyn(&shape);
         let lname = v.name.to_lowercase();
         let mask = is_mask(v, u);

@@ -54,13 +54,18 @@ pub fn optimized(stem: &str, level: OptLevel) -> Model {
     m
 }
 
+/// Where the ONNX Runtime library should be: ORT_DYLIB_PATH, else `.ort/` (runtime/install-ort.sh).
+pub fn ort_lib() -> PathBuf {
+    match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(p) => PathBuf::from(p),
+        None => root().join(".ort/libonnxruntime.so.1.31.1"),
+    }
+}
+
 /// The ONNX Runtime library: ORT_DYLIB_PATH, else the copy `runtime/install-ort.sh` puts in `.ort/`.
 /// Missing is a test failure, not a skip: run `runtime/install-ort.sh` (tests/run.sh does).
 pub fn ort() -> Backend {
-    let lib = match std::env::var_os("ORT_DYLIB_PATH") {
-        Some(p) => PathBuf::from(p),
-        None => root().join(".ort/libonnxruntime.so.1.31.1"),
-    };
+    let lib = ort_lib();
     assert!(
         lib.is_file(),
         "ONNX Runtime library not found at {}: run runtime/install-ort.sh",
@@ -77,8 +82,18 @@ pub fn run(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<NamedAr
     backend.run(&bytes, inputs).map_err(|e| e.to_string())
 }
 
+/// The `wcc` binary (only the `wcc` package's tests have it), with ONNX Runtime's library in
+/// `ORT_DYLIB_PATH` (as tests/run.sh sets it) for models only ONNX Runtime runs.
 pub fn wcc() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_wcc"))
+    let Some(bin) = option_env!("CARGO_BIN_EXE_wcc") else {
+        panic!("only the wcc package's tests have the wcc binary");
+    };
+    let mut c = std::process::Command::new(bin);
+    let lib = ort_lib();
+    if lib.is_file() {
+        c.env("ORT_DYLIB_PATH", lib);
+    }
+    c
 }
 
 /// A tensor ValueInfoProto with static dims (elem: ONNX dtype code).
@@ -106,34 +121,4 @@ pub fn vi(name: &str, elem: i32, dims: &[i64]) -> onnx_protobuf::ValueInfoProto 
         }),
         ..Default::default()
     }
-}
-
-/// Runs `wcc optimize MODEL ARGS -o DIR/NAME --report …`, asserts success, and returns the
-/// output path and the parsed report.
-pub fn optimize_cli(
-    model: &std::path::Path,
-    args: &[&str],
-    dir: &std::path::Path,
-    name: &str,
-) -> (PathBuf, serde_json::Value) {
-    let out = dir.join(name);
-    let report = dir.join(format!("{name}.json"));
-    let o = wcc()
-        .arg("optimize")
-        .arg(model)
-        .args(args)
-        .arg("-o")
-        .arg(&out)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}: {}",
-        model.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let r = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    (out, r)
 }

@@ -1,8 +1,13 @@
-//! Command-line arguments.
+//! Command-line arguments, and the driver's options they fill.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use wcc_driver::{
+    BackendChoice, DropSpec, EgraphLimits, ExecOptions, Gate, Level, OptimizeOptions,
+    PipelineConfig, Provider,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -68,6 +73,8 @@ pub enum Command {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
+    /// tract, or ONNX Runtime for a model with ONNX Runtime's contrib ops (com.microsoft).
+    Auto,
     Tract,
     Ort,
 }
@@ -82,8 +89,9 @@ pub enum Ep {
 /// How models are run (verification, gates, bench).
 #[derive(Args, Debug, Clone)]
 pub struct ExecArgs {
-    /// Backend: tract (embedded) or ort (ONNX Runtime).
-    #[arg(long, value_enum, default_value = "tract")]
+    /// Backend: tract (embedded), ort (ONNX Runtime), or auto: tract, unless the model uses
+    /// ONNX Runtime's contrib ops (com.microsoft), which only ort runs.
+    #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendKind,
     /// Execution provider for --backend ort. Selecting cuda or tensorrt implies --backend ort.
     #[arg(long, value_enum, default_value = "cpu")]
@@ -95,8 +103,8 @@ pub struct ExecArgs {
     #[arg(long)]
     pub inputs: Option<PathBuf>,
     /// Symbolic dims for random inputs, e.g. batch=8,seq=128.
-    #[arg(long)]
-    pub dim: Option<String>,
+    #[arg(long, value_parser = wcc_driver::exec::parse_dims)]
+    pub dim: Option<HashMap<String, i64>>,
     /// Seed for random inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -118,12 +126,12 @@ pub struct OptimizeArgs {
     pub model: PathBuf,
     /// Optimization level: 0 (round trip), 1 (lossless cleanup), compress (-O1, then sublayer
     /// dropping searched under the fidelity gate, default --min-cosine 0.99).
-    #[arg(short = 'O', default_value = "1", value_parser = ["0", "1", "compress"])]
-    pub level: String,
+    #[arg(short = 'O', default_value = "1", value_name = "0|1|compress")]
+    pub level: Level,
     /// Drop sublayers scored on calibration data (LLM-Drop): attn:N, attn:25%, mlp:N, joint:N.
     /// With -O compress: what to search over and the most to drop.
     #[arg(long, value_name = "SPEC")]
-    pub drop: Option<DropArg>,
+    pub drop: Option<DropSpec>,
     /// Re-score after each dropped sublayer instead of scoring once.
     #[arg(long)]
     pub drop_iterative: bool,
@@ -162,8 +170,8 @@ pub struct OptimizeArgs {
     #[arg(long, default_value_t = 12)]
     pub egraph_iter_limit: usize,
     /// E-graph limit: seconds of saturation per graph.
-    #[arg(long, default_value_t = 10.0)]
-    pub egraph_time_limit: f64,
+    #[arg(long, default_value = "10", value_parser = seconds, value_name = "S")]
+    pub egraph_time_limit: std::time::Duration,
     /// Skip running original and result (no fidelity figures; not allowed with a gate).
     #[arg(long)]
     pub no_verify: bool,
@@ -173,6 +181,69 @@ pub struct OptimizeArgs {
     pub gate: GateArgs,
 }
 
-/// `--drop SPEC`.
-#[derive(Debug, Clone, Copy)]
-pub struct DropArg(pub wcc_passes::layer_drop::DropSpec);
+/// A non-negative number of seconds.
+fn seconds(s: &str) -> Result<std::time::Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    std::time::Duration::try_from_secs_f64(v).map_err(|_| format!("'{s}': not a duration"))
+}
+
+impl ExecArgs {
+    pub fn options(&self) -> ExecOptions {
+        ExecOptions {
+            backend: match self.backend {
+                BackendKind::Auto => BackendChoice::Auto,
+                BackendKind::Tract => BackendChoice::Tract,
+                BackendKind::Ort => BackendChoice::Ort,
+            },
+            provider: Some(match self.ep {
+                Ep::Cpu => Provider::Cpu,
+                Ep::Cuda => Provider::Cuda,
+                Ep::Tensorrt => Provider::TensorRt,
+            }),
+            ort_lib: self.ort_lib.clone(),
+            inputs: self.inputs.clone(),
+            dims: self.dim.clone().unwrap_or_default(),
+            seed: self.seed,
+        }
+    }
+}
+
+impl GateArgs {
+    pub fn gate(&self) -> Gate {
+        Gate {
+            min_cosine: self.min_cosine,
+            max_rel_error: self.max_rel_error,
+        }
+    }
+}
+
+impl OptimizeArgs {
+    /// The driver's options (without `--dump-after`'s printer, which the caller adds).
+    pub fn options(&self) -> OptimizeOptions {
+        OptimizeOptions {
+            output: self.output.clone(),
+            level: self.level,
+            passes: self.passes.clone(),
+            pipeline: PipelineConfig {
+                adapter: self.adapter.clone(),
+                enable: self.enable.clone(),
+                rule_files: self.rules.clone(),
+                egraph_limits: EgraphLimits {
+                    nodes: self.egraph_node_limit,
+                    iterations: self.egraph_iter_limit,
+                    time: self.egraph_time_limit,
+                },
+            },
+            drop: self.drop,
+            drop_iterative: self.drop_iterative,
+            calib: self.calib.clone(),
+            exec: self.exec.options(),
+            gate: self.gate.gate(),
+            verify: !self.no_verify,
+            external_data: self.external_data,
+            ..OptimizeOptions::new(&self.model)
+        }
+    }
+}

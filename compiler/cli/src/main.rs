@@ -1,22 +1,63 @@
-//! `wcc`: the command-line driver. Exit codes: 0 ok, 1 fidelity gate failed, 2 bad input or usage.
+//! `wcc`: the command-line front of `wcc-driver`. Exit codes: 0 ok, 1 fidelity gate failed,
+//! 2 bad input or usage. No command ends in a panic: backends run behind the driver's guard, and
+//! anything else that panics is reported here as an internal error (exit 2).
 
 mod cli;
 mod commands;
-mod compress;
-mod exec;
-mod table;
 
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use clap::Parser;
 
+/// The message of a panic on the main thread, recorded by the hook instead of printed.
+static PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() != Some("main") {
+            return previous(info);
+        }
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info
+            .location()
+            .map(|l| format!(" (at {}:{})", l.file(), l.line()))
+            .unwrap_or_default();
+        if let Ok(mut p) = PANIC.lock() {
+            *p = Some(format!("{msg}{at}"));
+        }
+    }));
+}
+
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    match commands::dispatch(cli) {
-        Ok(code) => code,
-        Err(e) => {
+    install_panic_hook();
+    let result = std::panic::catch_unwind(|| commands::dispatch(cli::Cli::parse()));
+    match result {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            if let wcc_driver::Error::Gate {
+                details: Some(d), ..
+            } = &e
+            {
+                eprint!("{d}");
+            }
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())
+        }
+        Err(_) => {
+            let msg = PANIC
+                .lock()
+                .ok()
+                .and_then(|mut p| p.take())
+                .unwrap_or_else(|| "(no message)".into());
+            eprintln!("error: internal error (a bug in wcc): {msg}");
+            ExitCode::from(2)
         }
     }
 }

@@ -1,0 +1,144 @@
+//! How models are run: the backend (tract embedded, or ONNX Runtime), and the inputs
+//! (`--inputs FILE.npz`, else seeded random inputs that fit the model).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use wcc_ir::Model;
+use wcc_runtime::inputs::{load_npz, match_inputs, own_inputs, random_inputs, InputSpec};
+use wcc_runtime::{Backend, NamedArrays, RunError};
+
+use crate::error::Error;
+
+/// ONNX Runtime's execution providers.
+pub use wcc_runtime::Provider;
+
+/// Which backend runs the models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// tract, unless the model uses ONNX Runtime's contrib ops (`com.microsoft`, which tract
+    /// cannot run) or a GPU provider was asked for: then ONNX Runtime.
+    #[default]
+    Auto,
+    /// tract, embedded: needs nothing installed.
+    Tract,
+    /// ONNX Runtime (`ort`), the library loaded at run time.
+    Ort,
+}
+
+/// How models are run (verification, gates, calibration, `run`, `bench`).
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    pub backend: BackendChoice,
+    /// ONNX Runtime's execution provider; cuda or tensorrt imply ONNX Runtime.
+    pub provider: Option<Provider>,
+    /// ONNX Runtime's shared library (else `ORT_DYLIB_PATH`, else Python's onnxruntime).
+    pub ort_lib: Option<PathBuf>,
+    /// Inputs as an .npz file, one array per graph input (else seeded random).
+    pub inputs: Option<PathBuf>,
+    /// Values for symbolic dims of random inputs (`--dim batch=8,seq=128`).
+    pub dims: HashMap<String, i64>,
+    /// Seed for random inputs.
+    pub seed: u64,
+}
+
+/// Parses `--dim batch=8,seq=128`.
+pub fn parse_dims(s: &str) -> Result<HashMap<String, i64>, String> {
+    wcc_runtime::inputs::parse_dims(s)
+}
+
+/// Whether the model has nodes in ONNX Runtime's contrib domain.
+fn uses_contrib_ops(model: &Model) -> bool {
+    fn any(g: &wcc_ir::Graph) -> bool {
+        g.nodes.iter().any(|n| {
+            n.domain == "com.microsoft" || n.attributes.iter().flat_map(|a| &a.graphs).any(any)
+        })
+    }
+    any(&model.graph)
+}
+
+impl ExecOptions {
+    /// The backend that runs `model` (the original: the result is run on the same one).
+    pub fn backend_for(&self, model: &Model) -> Backend {
+        let provider = self.provider.unwrap_or(Provider::Cpu);
+        let ort = match self.backend {
+            BackendChoice::Ort => true,
+            BackendChoice::Tract => provider != Provider::Cpu,
+            BackendChoice::Auto => provider != Provider::Cpu || uses_contrib_ops(model),
+        };
+        if ort {
+            Backend::Ort {
+                lib: self.ort_lib.clone(),
+                provider,
+            }
+        } else {
+            Backend::Tract
+        }
+    }
+
+    /// Why `backend_for` chose ONNX Runtime on its own, if it did (for messages).
+    pub fn auto_reason(&self, model: &Model) -> Option<&'static str> {
+        (self.backend == BackendChoice::Auto
+            && self.provider.unwrap_or(Provider::Cpu) == Provider::Cpu
+            && uses_contrib_ops(model))
+        .then_some(
+            "the model uses ONNX Runtime's contrib ops (com.microsoft), which tract cannot run",
+        )
+    }
+
+    /// Seeded random inputs for `model` (`--dim`, seed `seed`).
+    pub fn random(&self, model: &Model, seed: u64) -> Result<NamedArrays, String> {
+        random_inputs(
+            model,
+            &InputSpec {
+                seed,
+                dims: self.dims.clone(),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The inputs for `model`: `--inputs`, else seeded random; with a description for reports.
+    /// An unusable inputs file is bad input; random inputs that cannot be made are `Err(Run)`
+    /// (the model cannot be run without an inputs file).
+    pub fn inputs(&self, model: &Model) -> Result<(NamedArrays, String), Error> {
+        match &self.inputs {
+            Some(p) => Ok((
+                npz_inputs(model, p)?,
+                format!("inputs from {}", p.display()),
+            )),
+            None => Ok((
+                self.random(model, self.seed).map_err(Error::Run)?,
+                format!("seeded random inputs (seed {})", self.seed),
+            )),
+        }
+    }
+}
+
+/// Arrays for `model` from an .npz file (one per graph input).
+pub fn npz_inputs(model: &Model, p: &Path) -> Result<NamedArrays, Error> {
+    match_inputs(model, load_npz(p).map_err(Error::Input)?).map_err(Error::Input)
+}
+
+/// The most one value may take when a backend runs a model: a model that asks for more (with
+/// the inputs it is given) is refused, naming the value, before a backend tries to allocate it.
+pub const RUN_BUDGET_BYTES: u64 = 16 << 30;
+
+/// Refuses to run `m` on `inputs` when shape inference sizes a value over `RUN_BUDGET_BYTES`.
+pub fn check_budget(m: &Model, inputs: &NamedArrays) -> Result<(), RunError> {
+    let shapes: Vec<(String, Vec<usize>)> = inputs
+        .iter()
+        .map(|(n, a)| (n.clone(), a.shape().to_vec()))
+        .collect();
+    wcc_ir::validate::check_run_budget(m, &shapes, RUN_BUDGET_BYTES)
+        .map_err(|e| RunError::Setup(e.to_string()))
+}
+
+/// Runs `m` on the arrays it takes from `inputs` (a model whose dropped layer's cache left its
+/// interface takes fewer), within the budget.
+pub fn run_on(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<NamedArrays, RunError> {
+    let own = own_inputs(m, inputs);
+    check_budget(m, &own)?;
+    let bytes = wcc_ir::export::to_bytes(m).map_err(|e| RunError::Setup(e.to_string()))?;
+    backend.run(&bytes, &own)
+}

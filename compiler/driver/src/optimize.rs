@@ -1,0 +1,299 @@
+//! `wcc optimize` as a function: read, run the level's pipeline, drop sublayers (`--drop`,
+//! `-O compress`), verify the result against the original under the gate, write.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use wcc_ir::pass::PassManager;
+use wcc_ir::stats::GraphStats;
+use wcc_ir::{export, print, Model};
+
+use crate::calib;
+use crate::commands::load;
+use crate::compress::{self, Plan};
+use crate::error::Error;
+use crate::exec::ExecOptions;
+use crate::gate::Gate;
+use crate::level::Level;
+use crate::pipeline::{self, PipelineConfig};
+use crate::render;
+use crate::report::OptimizeReport;
+use crate::verify::{run_and_compare, Failure, Verification};
+use crate::DropSpec;
+
+/// Receives (pass name, the graph's canonical text) after each pass `--dump-after` names.
+pub type DumpFn = Box<dyn FnMut(&str, &str)>;
+
+/// What `optimize` is doing (for a progress line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Reading,
+    Optimizing,
+    Calibrating,
+    Verifying,
+    Writing,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Reading => "reading",
+            Stage::Optimizing => "optimizing",
+            Stage::Calibrating => "calibrating",
+            Stage::Verifying => "verifying",
+            Stage::Writing => "writing",
+        })
+    }
+}
+
+/// Everything `wcc optimize` takes.
+pub struct OptimizeOptions {
+    pub model: PathBuf,
+    /// Default: `<input stem>.opt.onnx` beside the input.
+    pub output: Option<PathBuf>,
+    pub level: Level,
+    /// Run these passes instead of the level's pipeline (`--passes`).
+    pub passes: Option<Vec<String>>,
+    pub pipeline: PipelineConfig,
+    /// `--drop SPEC`: drop sublayers (with `-O compress`: what to search over, the most to drop).
+    pub drop: Option<DropSpec>,
+    /// Re-score after each dropped sublayer.
+    pub drop_iterative: bool,
+    /// Calibration inputs (`--calib`); else `exec.inputs`, else seeded random batches.
+    pub calib: Option<PathBuf>,
+    pub exec: ExecOptions,
+    /// The user's gate (`--min-cosine`, `--max-rel-error`); the level may add its default.
+    pub gate: Gate,
+    /// Run original and result and compare them (`--no-verify` turns it off).
+    pub verify: bool,
+    /// Write tensors to a file beside the output (`--external-data`).
+    pub external_data: bool,
+    /// `--dump-after PASS|all`.
+    pub dump_after: Option<(String, DumpFn)>,
+}
+
+impl OptimizeOptions {
+    /// The defaults of `wcc optimize MODEL`: `-O1`, verified on the automatic backend.
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        OptimizeOptions {
+            model: model.into(),
+            output: None,
+            level: Level::O1,
+            passes: None,
+            pipeline: PipelineConfig::default(),
+            drop: None,
+            drop_iterative: false,
+            calib: None,
+            exec: ExecOptions::default(),
+            gate: Gate::default(),
+            verify: true,
+            external_data: false,
+            dump_after: None,
+        }
+    }
+}
+
+/// What `optimize` did: the report (also what `--report` writes) and the model it wrote.
+pub struct Optimized {
+    pub report: OptimizeReport,
+    pub model: Model,
+}
+
+/// `<input stem>.opt.onnx` beside the input.
+pub fn default_output(input: &Path) -> PathBuf {
+    let stem = input
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    input.with_file_name(format!("{stem}.opt.onnx"))
+}
+
+/// Refuses an output path that is the input.
+fn check_not_input(input: &Path, out: &Path) -> Result<(), Error> {
+    if let (Ok(i), Some(parent)) = (input.canonicalize(), out.parent()) {
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        if let (Ok(p), Some(f)) = (parent.canonicalize(), out.file_name()) {
+            if p.join(f) == i {
+                return Err(Error::Usage(format!(
+                    "output {} is the input: refusing to overwrite it",
+                    out.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `wcc optimize`. A failed gate or verification is `Error::Gate` (exit 1) and writes
+/// nothing; bad input or usage is an error with exit code 2 and writes nothing.
+pub fn optimize(
+    mut opts: OptimizeOptions,
+    progress: &mut dyn FnMut(Stage),
+) -> Result<Optimized, Error> {
+    if !opts.verify && opts.gate.is_set() {
+        return Err(Error::Usage(
+            "--no-verify cannot be combined with --min-cosine/--max-rel-error".into(),
+        ));
+    }
+    let out_path = opts
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&opts.model));
+    progress(Stage::Reading);
+    let original = load(&opts.model)?;
+    // Refuse to write over the input before doing any work.
+    check_not_input(&opts.model, &out_path)?;
+    let passes = pipeline::build(opts.level, opts.passes.as_deref(), &opts.pipeline)?;
+    let pass_list = passes
+        .iter()
+        .map(|p| p.name())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut model = original.clone();
+    let before = GraphStats::of(&model);
+    let mut pm = PassManager::new(passes);
+    if let Some((name, mut dump)) = opts.dump_after.take() {
+        pm.dump_after = Some((
+            name,
+            Box::new(move |pass: &str, m: &Model| dump(pass, &print::print_model(m))),
+        ));
+    }
+    progress(Stage::Optimizing);
+    let t0 = Instant::now();
+    let records = wcc_passes::optimize_with(&mut model, pm)?;
+    // The gate the level works under: the user's, else the level's default.
+    let gate = opts.gate.for_level(opts.level);
+    let backend = opts.exec.backend_for(&original);
+    // Lossy: sublayer dropping (`--drop`, `-O compress`), on the -O1 result.
+    let mut layer_drop = None;
+    if opts.level.lossy() || opts.drop.is_some() {
+        progress(Stage::Calibrating);
+        let (batches, calibration) = calib::batches(&model, opts.calib.as_deref(), &opts.exec)?;
+        let plan = Plan {
+            spec: opts.drop,
+            search: opts.level.lossy(),
+            iterative: opts.drop_iterative,
+            backend: &backend,
+            batches: &batches,
+            calibration,
+            gate,
+        };
+        layer_drop = Some(compress::run(&mut model, &plan)?);
+    }
+    let optimize_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if !pass_list.is_empty() {
+        model.set_metadata("wcc.version", crate::VERSION);
+        model.set_metadata("wcc.passes", &pass_list);
+    }
+    let after = GraphStats::of(&model);
+    let measured = |fid: Option<&[wcc_runtime::OutputFidelity]>| {
+        let mut s = render::table(&records, &before, &after, fid);
+        if let Some(r) = &layer_drop {
+            s += &render::layer_drop(r);
+        }
+        s
+    };
+
+    // Verification: run original and result on the same inputs.
+    let mut verification = None;
+    let mut not_verified = None;
+    if opts.verify && (gate.is_set() || !pass_list.is_empty() || layer_drop.is_some()) {
+        progress(Stage::Verifying);
+        let removed = layer_drop
+            .as_ref()
+            .map(|r| r.removed_outputs.clone())
+            .unwrap_or_default();
+        let label = backend.label();
+        let outcome = match opts.exec.inputs(&original) {
+            Ok((inputs, described)) => {
+                run_and_compare(&backend, &original, &model, &inputs, &removed)
+                    .map(|fid| (fid, described))
+            }
+            // Random inputs cannot be made for this model: it cannot be run without a file.
+            Err(Error::Run(e)) => Err(Failure::OriginalCannotRun(e)),
+            Err(e) => return Err(e),
+        };
+        match outcome {
+            Ok((fid, inputs)) => {
+                if let Some(msg) = gate.check(&fid) {
+                    return Err(Error::Gate {
+                        message: format!("fidelity gate failed: {msg}; no output written"),
+                        details: Some(measured(Some(&fid))),
+                    });
+                }
+                verification = Some(Verification {
+                    backend: label,
+                    inputs,
+                    outputs: fid,
+                    removed_outputs: removed,
+                    gate_min_cosine: gate.min_cosine,
+                    gate_max_rel_error: gate.max_rel_error,
+                });
+            }
+            Err(Failure::OriginalCannotRun(e)) => {
+                let why = match opts.exec.auto_reason(&original) {
+                    Some(r) => format!("{r}, and {label} cannot run it: {e}"),
+                    None => format!("{label} cannot run the original model: {e}"),
+                };
+                if gate.is_set() {
+                    return Err(Error::Run(format!("cannot check the fidelity gate: {why}")));
+                }
+                let hint = match backend {
+                    wcc_runtime::Backend::Tract => "pass --backend ort",
+                    wcc_runtime::Backend::Ort { .. } => {
+                        "give ONNX Runtime's library (--ort-lib, ORT_DYLIB_PATH)"
+                    }
+                };
+                not_verified = Some(format!(
+                    "not verified: the result's outputs were not compared with the original's \
+                     ({why}); {hint}, or --inputs FILE.npz with inputs the model takes"
+                ));
+            }
+            Err(Failure::ResultCannotRun(e)) => {
+                return Err(Error::Gate {
+                    message: format!(
+                        "verification failed: the result cannot be run by {label} while the \
+                         original can: {e}; no output written"
+                    ),
+                    details: Some(measured(None)),
+                })
+            }
+            Err(Failure::Mismatch(e)) => {
+                return Err(Error::Gate {
+                    message: format!("verification failed: {e}; no output written"),
+                    details: Some(measured(None)),
+                })
+            }
+        }
+    }
+
+    progress(Stage::Writing);
+    let summary = export::save(
+        &model,
+        &out_path,
+        &export::SaveOptions {
+            external_data: opts.external_data,
+        },
+    )?;
+    let report = OptimizeReport {
+        wcc_version: crate::VERSION,
+        input: opts.model.clone(),
+        output: out_path,
+        level: opts.level.to_string(),
+        passes: records,
+        before,
+        after,
+        optimize_ms,
+        verification,
+        not_verified,
+        layer_drop,
+        output_bytes: summary.model_bytes,
+        external_data_bytes: summary.external_bytes,
+        external_data_file: summary.external_file,
+    };
+    Ok(Optimized { report, model })
+}

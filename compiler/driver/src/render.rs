@@ -1,0 +1,295 @@
+//! The reports as terminal text: what `wcc` prints (the CLI prints, this renders).
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+use wcc_ir::pass::PassRecord;
+use wcc_ir::stats::GraphStats;
+use wcc_runtime::OutputFidelity;
+
+use crate::compress::LayerDropReport;
+use crate::pipeline::PassInfo;
+use crate::report::{BenchReport, InspectReport, OptimizeReport, VerifyReport};
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 10_000_000_000 => format!("{:.1}G", n as f64 / 1e9),
+        n if n >= 10_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 100_000 => format!("{:.1}k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// Per pass: changes, nodes, parameters and bytes before → after, time, notes; then totals, the
+/// ops whose counts changed, and the fidelity measured.
+pub fn table(
+    records: &[PassRecord],
+    before: &GraphStats,
+    after: &GraphStats,
+    fidelity: Option<&[OutputFidelity]>,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<16} {:>7} {:>15} {:>19} {:>19} {:>9}",
+        "pass", "changes", "nodes", "params", "bytes", "ms"
+    );
+    for r in records {
+        let _ = writeln!(
+            s,
+            "{:<16} {:>7} {:>15} {:>19} {:>19} {:>9.1}",
+            r.pass,
+            r.changes,
+            format!("{} → {}", r.before.nodes, r.after.nodes),
+            format!(
+                "{} → {}",
+                human(r.before.parameters),
+                human(r.after.parameters)
+            ),
+            format!("{} → {}", human(r.before.bytes), human(r.after.bytes)),
+            r.millis
+        );
+        for n in &r.notes {
+            let _ = writeln!(s, "  note: {n}");
+        }
+    }
+    let total_ms: f64 = records.iter().map(|r| r.millis).sum();
+    let _ = writeln!(
+        s,
+        "{:<16} {:>7} {:>15} {:>19} {:>19} {:>9.1}",
+        "total",
+        records.iter().map(|r| r.changes).sum::<usize>(),
+        format!("{} → {}", before.nodes, after.nodes),
+        format!("{} → {}", human(before.parameters), human(after.parameters)),
+        format!("{} → {}", human(before.bytes), human(after.bytes)),
+        total_ms
+    );
+    let ops: BTreeSet<&String> = before
+        .nodes_by_op
+        .keys()
+        .chain(after.nodes_by_op.keys())
+        .collect();
+    let changed: Vec<String> = ops
+        .into_iter()
+        .filter_map(|op| {
+            let (b, a) = (
+                before.nodes_by_op.get(op).copied().unwrap_or(0),
+                after.nodes_by_op.get(op).copied().unwrap_or(0),
+            );
+            (a != b).then(|| format!("{op} {b}→{a}"))
+        })
+        .collect();
+    if !changed.is_empty() {
+        let _ = writeln!(s, "ops changed: {}", changed.join(", "));
+    }
+    if let Some(f) = fidelity {
+        for o in f {
+            let _ = writeln!(
+                s,
+                "fidelity {}: max|Δ| {:.3e}, rel L2 {:.3e}, cosine {:.9}{}",
+                o.name,
+                o.max_abs_error,
+                o.rel_l2_error,
+                o.cosine,
+                if o.bitwise_equal {
+                    " (bitwise equal)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    s
+}
+
+/// The lines about layer dropping: scores, the counts tried, what was dropped.
+pub fn layer_drop(r: &LayerDropReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "layer drop ({}, {}; calibration: {}):",
+        r.target, r.mode, r.calibration
+    );
+    for sc in &r.scores {
+        let _ = writeln!(
+            s,
+            "  score {:<8} similarity {:.6}",
+            sc.sublayer, sc.similarity
+        );
+    }
+    for t in &r.tried {
+        let _ = writeln!(
+            s,
+            "  try {} ({}): min cosine {:.6}, max rel error {:.3e} → {}",
+            t.count,
+            t.dropped.join(", "),
+            t.min_cosine,
+            t.max_rel_error,
+            match (&t.failure, t.passed) {
+                (Some(f), _) => format!("fails: {f}"),
+                (None, true) => "passes".into(),
+                (None, false) => "fails the gate".into(),
+            }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  dropped: {}",
+        if r.dropped.is_empty() {
+            "nothing".to_string()
+        } else {
+            r.dropped.join(", ")
+        }
+    );
+    for n in &r.notes {
+        let _ = writeln!(s, "  note: {n}");
+    }
+    s
+}
+
+/// What `wcc optimize` prints after writing: the table, layer dropping, outputs removed on
+/// purpose, the verification (or why there was none), and where the result went.
+pub fn optimize(r: &OptimizeReport) -> String {
+    let mut s = table(
+        &r.passes,
+        &r.before,
+        &r.after,
+        r.verification.as_ref().map(|v| v.outputs.as_slice()),
+    );
+    if let Some(ld) = &r.layer_drop {
+        s += &layer_drop(ld);
+    }
+    if let Some(v) = &r.verification {
+        for o in &v.removed_outputs {
+            let _ = writeln!(s, "output {} removed on purpose: {}", o.name, o.reason);
+        }
+        let _ = writeln!(s, "verified on {}, {}", v.backend, v.inputs);
+    }
+    if let Some(why) = &r.not_verified {
+        let _ = writeln!(s, "warning: {why}");
+    }
+    let _ = writeln!(
+        s,
+        "wrote {} ({} bytes{})",
+        r.output.display(),
+        r.output_bytes,
+        match &r.external_data_file {
+            Some(f) => format!(
+                ", external data {} bytes in {}",
+                r.external_data_bytes,
+                f.display()
+            ),
+            None => String::new(),
+        }
+    );
+    s
+}
+
+pub fn inspect(r: &InspectReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "ir_version {}  producer {}", r.ir_version, r.producer);
+    let _ = writeln!(
+        s,
+        "opsets {}",
+        r.opsets
+            .iter()
+            .map(|(d, v)| format!("{d}:{v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for (n, t) in &r.inputs {
+        let _ = writeln!(s, "input  {n}: {t}");
+    }
+    for (n, t) in &r.outputs {
+        let _ = writeln!(s, "output {n}: {t}");
+    }
+    let _ = writeln!(
+        s,
+        "nodes {}  initializers {}  parameters {}  bytes {}  functions {}  external tensors {}",
+        r.stats.nodes,
+        r.stats.initializers,
+        r.stats.parameters,
+        r.stats.bytes,
+        r.functions,
+        r.external_tensors
+    );
+    for (d, b) in &r.stats.bytes_by_dtype {
+        let _ = writeln!(s, "bytes {d}: {b}");
+    }
+    let mut ops: Vec<(&String, &usize)> = r.stats.nodes_by_op.iter().collect();
+    ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (op, c) in ops {
+        let _ = writeln!(s, "op {op}: {c}");
+    }
+    s
+}
+
+/// `wcc inspect --structure`.
+pub fn structure(s: &crate::Structure) -> String {
+    wcc_passes::structure::render(s)
+}
+
+/// `wcc verify`: the backend, then one line per output.
+pub fn verify(r: &VerifyReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "backend {}", r.backend);
+    for f in &r.outputs {
+        let _ = writeln!(
+            s,
+            "{}: max|Δ| {:.3e}  rel L2 {:.3e}  cosine {:.9}{}",
+            f.name,
+            f.max_abs_error,
+            f.rel_l2_error,
+            f.cosine,
+            if f.bitwise_equal {
+                "  bitwise equal"
+            } else {
+                ""
+            }
+        );
+    }
+    for o in &r.removed_outputs {
+        let _ = writeln!(s, "{}: removed on purpose ({})", o.name, o.reason);
+    }
+    s
+}
+
+/// `wcc passes`.
+pub fn passes(list: &[PassInfo]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<22} {:<8} {:<6} description",
+        "pass", "levels", "exact"
+    );
+    for p in list {
+        let levels = if p.levels.is_empty() {
+            "opt-in".to_string()
+        } else {
+            p.levels.join(",")
+        };
+        let _ = writeln!(
+            s,
+            "{:<22} {:<8} {:<6} {}",
+            p.name,
+            levels,
+            if p.lossless { "yes" } else { "no" },
+            p.description
+        );
+    }
+    s
+}
+
+/// `wcc bench`.
+pub fn bench(r: &BenchReport) -> String {
+    format!(
+        "{} on {}: median {:.3} ms, min {:.3} ms, p90 {:.3} ms over {} runs (load {:.1} ms)\n",
+        r.model.display(),
+        r.backend,
+        r.latency.median_ms,
+        r.latency.min_ms,
+        r.latency.p90_ms,
+        r.latency.runs,
+        r.load_ms
+    )
+}

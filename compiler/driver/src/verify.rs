@@ -1,0 +1,144 @@
+//! Verification: run the original and the result on the same inputs and compare every output of
+//! the original with the result's. An output the result lacks fails, unless a lossy pass removed
+//! it on purpose (a dropped attention's KV cache), which is reported as such.
+
+use serde::Serialize;
+use wcc_ir::Model;
+use wcc_runtime::compare::fidelity;
+use wcc_runtime::{Backend, NamedArrays, OutputFidelity};
+
+use crate::exec::run_on;
+
+/// An output of the original that the result no longer has, on purpose.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RemovedOutput {
+    pub name: String,
+    pub reason: String,
+}
+
+/// What verification measured (the report's `verification`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    /// The backend both models ran on.
+    pub backend: String,
+    /// The inputs they ran on.
+    pub inputs: String,
+    /// Per output of the result: its fidelity to the original's.
+    pub outputs: Vec<OutputFidelity>,
+    /// Outputs of the original that a lossy pass removed on purpose.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed_outputs: Vec<RemovedOutput>,
+    pub gate_min_cosine: Option<f64>,
+    pub gate_max_rel_error: Option<f64>,
+}
+
+/// Why a verification could not pass.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// The original cannot be run on the backend: nothing can be verified.
+    OriginalCannotRun(String),
+    /// The original runs and the result does not.
+    ResultCannotRun(String),
+    /// The result's outputs do not match the original's: one is missing, or has another shape
+    /// or element type.
+    Mismatch(String),
+}
+
+/// Compares every output of `reference` with the result's output of the same name. Outputs
+/// named in `removed` may be missing; any other missing output, or a shape or element type that
+/// differs, is an error naming it.
+pub fn compare(
+    reference: &NamedArrays,
+    result: &NamedArrays,
+    removed: &[RemovedOutput],
+) -> Result<Vec<OutputFidelity>, String> {
+    let mut out = vec![];
+    for (name, a) in reference {
+        let Some((_, b)) = result.iter().find(|(n, _)| n == name) else {
+            if removed.iter().any(|r| r.name == *name) {
+                continue;
+            }
+            return Err(format!(
+                "output '{name}' of the original is missing from the result"
+            ));
+        };
+        if a.shape() != b.shape() {
+            return Err(format!(
+                "output '{name}' has shape {:?} in the original but {:?} in the result",
+                a.shape(),
+                b.shape()
+            ));
+        }
+        if a.dtype() != b.dtype() {
+            return Err(format!(
+                "output '{name}' is {} in the original but {} in the result",
+                a.dtype(),
+                b.dtype()
+            ));
+        }
+        out.push(fidelity(name, a, b));
+    }
+    Ok(out)
+}
+
+/// Runs `original` and `result` on `inputs` (each takes the arrays it has inputs for) and
+/// compares them.
+pub fn run_and_compare(
+    backend: &Backend,
+    original: &Model,
+    result: &Model,
+    inputs: &NamedArrays,
+    removed: &[RemovedOutput],
+) -> Result<Vec<OutputFidelity>, Failure> {
+    let reference =
+        run_on(backend, original, inputs).map_err(|e| Failure::OriginalCannotRun(e.to_string()))?;
+    compare_with(backend, &reference, result, inputs, removed)
+}
+
+/// Runs `result` on `inputs` and compares it with the original's outputs `reference`.
+pub fn compare_with(
+    backend: &Backend,
+    reference: &NamedArrays,
+    result: &Model,
+    inputs: &NamedArrays,
+    removed: &[RemovedOutput],
+) -> Result<Vec<OutputFidelity>, Failure> {
+    let got =
+        run_on(backend, result, inputs).map_err(|e| Failure::ResultCannotRun(e.to_string()))?;
+    compare(reference, &got, removed).map_err(Failure::Mismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wcc_ir::eval::Array;
+
+    fn arr(v: &[f32]) -> Array {
+        Array::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[v.len()]), v.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn a_missing_output_fails_unless_removed_on_purpose() {
+        let reference = vec![
+            ("logits".to_string(), arr(&[1.0, 2.0])),
+            ("present.1.key".to_string(), arr(&[3.0])),
+        ];
+        let result = vec![("logits".to_string(), arr(&[1.0, 2.0]))];
+        let e = compare(&reference, &result, &[]).unwrap_err();
+        assert!(
+            e.contains("'present.1.key'") && e.contains("missing"),
+            "{e}"
+        );
+        let removed = [RemovedOutput {
+            name: "present.1.key".into(),
+            reason: "KV cache of dropped attn 1".into(),
+        }];
+        let f = compare(&reference, &result, &removed).unwrap();
+        assert_eq!(f.len(), 1);
+        assert!(f[0].bitwise_equal);
+        let other = vec![("logits".to_string(), arr(&[1.0]))];
+        assert!(compare(&reference, &other, &removed)
+            .unwrap_err()
+            .contains("shape"));
+    }
+}
