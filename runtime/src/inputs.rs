@@ -362,25 +362,25 @@ fn usage(model: &Model, types: &TypeMap, readers: &Readers, input: &str) -> Usag
                     }
                 }
             };
-            match (n.op_type.as_str(), k) {
-                ("Gather" | "GatherElements", 1) => {
-                    let data = &n.inputs[0];
-                    let shape: Option<Vec<Dim>> = g
-                        .initializer(data)
-                        .map(|t| t.dims().iter().map(|d| Dim::Known(*d)).collect())
-                        .or_else(|| types.shape(data).cloned());
-                    if let Some(s) = shape {
-                        let axis = n.attr_i("axis").unwrap_or(0);
-                        let axis = if axis < 0 {
-                            axis + s.len() as i64
-                        } else {
-                            axis
-                        };
-                        if let Some(Dim::Known(rows)) = s.get(axis.max(0) as usize) {
-                            u.index_bound = Some(u.index_bound.map_or(*rows, |b| b.min(*rows)));
-                        }
+            // Indices into another input (Gather's ids into an embedding table): the op
+            // registry says which input addresses which axis.
+            if let Some((d, _, axis)) = wcc_ir::ops::index_inputs(n).filter(|f| f.1 == k) {
+                let data = &n.inputs[d];
+                let shape: Option<Vec<Dim>> = g
+                    .initializer(data)
+                    .map(|t| t.dims().iter().map(|d| Dim::Known(*d)).collect())
+                    .or_else(|| types.shape(data).cloned());
+                let axis = shape
+                    .as_ref()
+                    .and_then(|s| wcc_ir::ops::util::norm_axis(axis, s.len()));
+                if let (Some(s), Some(a)) = (&shape, axis) {
+                    if let Dim::Known(rows) = s[a] {
+                        u.index_bound = Some(u.index_bound.map_or(rows, |b| b.min(rows)));
                     }
                 }
+                continue;
+            }
+            match (n.op_type.as_str(), k) {
                 ("Cast", 0) => match n.attr_i("to") {
                     Some(9) => u.mask = true,
                     // float, f16, f64, bf16
