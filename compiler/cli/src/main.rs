@@ -19,18 +19,9 @@ fn install_panic_hook() {
         if std::thread::current().name() != Some("main") {
             return previous(info);
         }
-        let payload = info.payload();
-        let msg = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
-        let at = info
-            .location()
-            .map(|l| format!(" (at {}:{})", l.file(), l.line()))
-            .unwrap_or_default();
+        let msg = wcc_driver::describe_panic(info);
         if let Ok(mut p) = PANIC.lock() {
-            *p = Some(format!("{msg}{at}"));
+            *p = Some(msg);
         }
     }));
 }
