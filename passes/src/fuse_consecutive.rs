@@ -213,5 +213,56 @@ mod tests {
         // x:[a,b] → unsqueeze 1 → [a,1,b] → unsqueeze 1 → [a,1,1,b]
         assert_eq!(combined_unsqueeze_axes(2, &[1], &[1]), Some(vec![1, 2]));
         assert_eq!(combined_unsqueeze_axes(1, &[5], &[0]), None);
+        // Repeated axes (invalid) are left alone instead of panicking.
+        assert_eq!(combined_unsqueeze_axes(1, &[0, 0], &[0]), None);
+    }
+
+    /// Unsqueeze → Unsqueeze at opset 13 where one has no axes input, and Transpose →
+    /// Transpose with a repeated perm: nothing to fuse, and no panic.
+    #[test]
+    fn malformed_chains_are_left_alone() {
+        use wcc_ir::model::{Attribute, Graph, Node, TensorType, ValueInfo};
+        use wcc_ir::{DataType, Model};
+        let n = |op: &str, ins: &[&str], out: &str| {
+            Node::new(
+                out,
+                op,
+                ins.iter().map(|s| s.to_string()).collect(),
+                vec![out.to_string()],
+            )
+        };
+        let mut t1 = n("Transpose", &["x"], "t1");
+        t1.attributes.push(Attribute::ints("perm", &[0, 0]));
+        let mut t2 = n("Transpose", &["t1"], "t2");
+        t2.attributes.push(Attribute::ints("perm", &[1, 0]));
+        let g = Graph {
+            inputs: vec![ValueInfo::tensor(
+                "x",
+                TensorType::known(DataType::F32, &[2, 3]),
+            )],
+            nodes: vec![
+                n("Unsqueeze", &["x"], "u1"),
+                n("Unsqueeze", &["u1"], "u2"),
+                t1,
+                t2,
+            ],
+            outputs: vec![
+                ValueInfo::tensor("u2", TensorType::unknown()),
+                ValueInfo::tensor("t2", TensorType::unknown()),
+            ],
+            ..Default::default()
+        };
+        let mut m = Model {
+            ir_version: 8,
+            opset_imports: vec![(String::new(), 13)],
+            graph: g,
+            functions: vec![],
+            rest: Default::default(),
+            sources: vec![],
+            escaped_strings: false,
+        };
+        use wcc_ir::pass::Pass;
+        let out = super::FuseConsecutive.run(&mut m).unwrap();
+        assert_eq!(out.changes, 0);
     }
 }

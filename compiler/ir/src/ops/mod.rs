@@ -501,6 +501,13 @@ mod tests {
             vec![Attribute::ints("strides", &[0, 1])],
         );
         assert!(validate_node(&conv).unwrap_err().contains("strides"));
+        // Passes index the inputs a schema guarantees (MiSS branch: MatMul's weight; layer
+        // dropping: SkipLayerNormalization's gamma).
+        let mut skip = node("SkipLayerNormalization", &["x", "skip"], vec![]);
+        skip.domain = "com.microsoft".into();
+        assert!(validate_node(&skip)
+            .unwrap_err()
+            .contains("takes 3 to 5 inputs"));
         let concat = node("Concat", &["a", "b"], vec![]);
         assert!(validate_node(&concat).unwrap_err().contains("'axis'"));
         // Unknown ops and domains are opaque.
