@@ -17,8 +17,8 @@ pub struct OutputFidelity {
     pub bitwise_equal: bool,
 }
 
-/// Compares `b` (candidate) against `a` (reference), output by output, matched by position; names
-/// must agree. A shape or dtype mismatch is an error naming the output.
+/// Compares `b` (candidate) against `a` (reference): both must have the same outputs, with the
+/// same shapes and element types. A mismatch is an error naming the output.
 pub fn compare_outputs(a: &NamedArrays, b: &NamedArrays) -> Result<Vec<OutputFidelity>, String> {
     if a.len() != b.len() {
         return Err(format!(
@@ -27,32 +27,44 @@ pub fn compare_outputs(a: &NamedArrays, b: &NamedArrays) -> Result<Vec<OutputFid
             b.len()
         ));
     }
-    a.iter()
-        .zip(b)
-        .enumerate()
-        .map(|(i, ((na, xa), (nb, xb)))| {
-            if na != nb {
-                return Err(format!(
-                    "output #{i} is named '{na}' in one model and '{nb}' in the other"
-                ));
+    compare_by_name(a, b, &|_| false)
+}
+
+/// Compares every output of `reference` with the `result` output of the same name. An output
+/// for which `may_be_missing` says yes may be absent from `result`; any other missing output, or
+/// a shape or element type that differs, is an error naming it.
+pub fn compare_by_name(
+    reference: &NamedArrays,
+    result: &NamedArrays,
+    may_be_missing: &dyn Fn(&str) -> bool,
+) -> Result<Vec<OutputFidelity>, String> {
+    let mut out = vec![];
+    for (name, a) in reference {
+        let Some((_, b)) = result.iter().find(|(n, _)| n == name) else {
+            if may_be_missing(name) {
+                continue;
             }
-            if xa.shape() != xb.shape() {
-                return Err(format!(
-                    "output '{na}': shape {:?} vs {:?}",
-                    xa.shape(),
-                    xb.shape()
-                ));
-            }
-            if xa.dtype() != xb.dtype() {
-                return Err(format!(
-                    "output '{na}': dtype {} vs {}",
-                    xa.dtype(),
-                    xb.dtype()
-                ));
-            }
-            Ok(fidelity(na, xa, xb))
-        })
-        .collect()
+            return Err(format!(
+                "output '{name}' of the original is missing from the result"
+            ));
+        };
+        if a.shape() != b.shape() {
+            return Err(format!(
+                "output '{name}' has shape {:?} in the original but {:?} in the result",
+                a.shape(),
+                b.shape()
+            ));
+        }
+        if a.dtype() != b.dtype() {
+            return Err(format!(
+                "output '{name}' is {} in the original but {} in the result",
+                a.dtype(),
+                b.dtype()
+            ));
+        }
+        out.push(fidelity(name, a, b));
+    }
+    Ok(out)
 }
 
 pub fn fidelity(name: &str, a: &Array, b: &Array) -> OutputFidelity {

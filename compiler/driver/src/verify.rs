@@ -4,7 +4,6 @@
 
 use serde::Serialize;
 use wcc_ir::Model;
-use wcc_runtime::compare::fidelity;
 use wcc_runtime::{Backend, NamedArrays, OutputFidelity};
 
 use crate::exec::run_on;
@@ -52,33 +51,9 @@ pub fn compare(
     result: &NamedArrays,
     removed: &[RemovedOutput],
 ) -> Result<Vec<OutputFidelity>, String> {
-    let mut out = vec![];
-    for (name, a) in reference {
-        let Some((_, b)) = result.iter().find(|(n, _)| n == name) else {
-            if removed.iter().any(|r| r.name == *name) {
-                continue;
-            }
-            return Err(format!(
-                "output '{name}' of the original is missing from the result"
-            ));
-        };
-        if a.shape() != b.shape() {
-            return Err(format!(
-                "output '{name}' has shape {:?} in the original but {:?} in the result",
-                a.shape(),
-                b.shape()
-            ));
-        }
-        if a.dtype() != b.dtype() {
-            return Err(format!(
-                "output '{name}' is {} in the original but {} in the result",
-                a.dtype(),
-                b.dtype()
-            ));
-        }
-        out.push(fidelity(name, a, b));
-    }
-    Ok(out)
+    wcc_runtime::compare::compare_by_name(reference, result, &|name| {
+        removed.iter().any(|r| r.name == name)
+    })
 }
 
 /// Runs `original` and `result` on `inputs` (each takes the arrays it has inputs for) and
