@@ -14,18 +14,18 @@
 //!   Normalization: Accelerating Deep Network Training by Reducing Internal Covariate Shift",
 //!   arXiv 1502.03167).
 //!
-//! Chains fold one map at a time (Conv → BN → Mul → Add becomes one Conv). It touches only a Conv
+//! A chain (Conv → BN → Mul → Add) is composed into one map and folded once. It touches only a Conv
 //! whose output has no other reader and is not a graph output, with f32/f64 constant weights; the
 //! folded weights are new initializers (a weight shared with another node is never edited).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use ndarray::{ArrayD, Axis, IxDyn};
 use wcc_ir::eval::Array;
 use wcc_ir::pass::{Pass, PassOutcome};
-use wcc_ir::{Graph, Model, Node, Result};
+use wcc_ir::{DataType, Graph, Model, Node, Result};
 
-use crate::graph_util::{constant_initializers, fresh_name, output_names, use_counts};
+use crate::graph_util::{fresh_name, output_names, use_counts};
 
 pub struct ConvAffine;
 
@@ -171,30 +171,52 @@ fn affine_of(
     }
 }
 
+impl Affine {
+    /// `self` then `next`: `s₂·(s₁·y + t₁) + t₂`.
+    fn then(self, next: &Affine) -> Affine {
+        Affine {
+            s: self.s.iter().zip(&next.s).map(|(a, b)| a * b).collect(),
+            t: self
+                .t
+                .iter()
+                .zip(&next.s)
+                .zip(&next.t)
+                .map(|((t1, s2), t2)| s2 * t1 + t2)
+                .collect(),
+        }
+    }
+}
+
+/// What to fold into one Conv: the nodes of its affine chain, composed into one map.
+struct Plan {
+    conv: usize,
+    chain: Vec<usize>,
+    map: Affine,
+}
+
+/// One pass over the graph: each Conv's chain of affine readers is composed and folded once.
 fn fold_graph(g: &mut Graph) -> usize {
-    let mut changes = 0;
-    loop {
-        let consts = constant_initializers(g);
+    let plans = {
+        let consts = g.constants();
         let uses = use_counts(g);
         let outputs = output_names(g);
-        let mut edit = None;
+        let mut reader: HashMap<&str, usize> = HashMap::new();
+        for (j, n) in g.nodes.iter().enumerate() {
+            for x in n.present_inputs() {
+                reader.entry(x).or_insert(j);
+            }
+        }
+        let mut plans = vec![];
         for (i, conv) in g.nodes.iter().enumerate() {
             if !conv.is("Conv") || conv.outputs.len() != 1 || conv.inputs.len() < 2 {
                 continue;
             }
-            let y = &conv.outputs[0];
-            if outputs.contains(y) || uses.get(y).copied() != Some(1) {
+            let Some(w) = g.constant(&conv.inputs[1]) else {
+                continue;
+            };
+            if !matches!(w.dtype(), Ok(DataType::F32 | DataType::F64)) {
                 continue;
             }
-            let Some(w) = g
-                .initializer(&conv.inputs[1])
-                .filter(|_| consts.contains(&conv.inputs[1]))
-            else {
-                continue;
-            };
-            let Some(Array::F32(_) | Array::F64(_)) = Array::from_tensor(w) else {
-                continue;
-            };
             let bias = conv.inputs.get(2).filter(|b| !b.is_empty());
             if bias.is_some_and(|b| !consts.contains(b)) {
                 continue;
@@ -203,31 +225,50 @@ fn fold_graph(g: &mut Graph) -> usize {
             if rank < 3 || c_out == 0 {
                 continue;
             }
-            let Some((j, reader)) = g
-                .nodes
-                .iter()
-                .enumerate()
-                .find(|(_, n)| n.inputs.iter().any(|x| x == y))
-            else {
-                continue;
-            };
-            if let Some(a) = affine_of(reader, y, g, &consts, rank, c_out) {
-                edit = Some((i, j, a));
-                break;
+            let (mut y, mut chain, mut map) = (&conv.outputs[0], vec![], None::<Affine>);
+            while !outputs.contains(y) && uses.get(y).copied() == Some(1) {
+                let Some(&j) = reader.get(y.as_str()) else {
+                    break;
+                };
+                let Some(a) = affine_of(&g.nodes[j], y, g, &consts, rank, c_out) else {
+                    break;
+                };
+                map = Some(match map {
+                    None => a,
+                    Some(m) => m.then(&a),
+                });
+                chain.push(j);
+                y = &g.nodes[j].outputs[0];
+            }
+            if let Some(map) = map {
+                plans.push(Plan {
+                    conv: i,
+                    chain,
+                    map,
+                });
             }
         }
-        let Some((i, j, a)) = edit else { break };
-        if !apply(g, i, j, &a) {
-            break;
+        plans
+    };
+    let mut removed = HashSet::new();
+    for p in &plans {
+        if apply(g, p) {
+            removed.extend(p.chain.iter().copied());
         }
-        changes += 1;
     }
-    changes
+    let mut k = 0;
+    g.nodes.retain(|_| {
+        k += 1;
+        !removed.contains(&(k - 1))
+    });
+    removed.len()
 }
 
-/// Rewrites Conv `i` to absorb the affine map of node `j`, which is removed.
-fn apply(g: &mut Graph, i: usize, j: usize, a: &Affine) -> bool {
-    let conv = &g.nodes[i];
+/// Rewrites the plan's Conv to compute its whole chain: new weight and bias initializers, and
+/// the chain's last output. The chain's nodes are removed by the caller.
+fn apply(g: &mut Graph, p: &Plan) -> bool {
+    let a = &p.map;
+    let conv = &g.nodes[p.conv];
     let (Some(w), bias_name) = (
         g.initializer(&conv.inputs[1]),
         conv.inputs.get(2).filter(|b| !b.is_empty()).cloned(),
@@ -263,16 +304,18 @@ fn apply(g: &mut Graph, i: usize, j: usize, a: &Affine) -> bool {
         Array::F32(_) => Array::F32(b_arr.mapv(|v| v as f32)),
         _ => Array::F64(b_arr),
     };
-    let out = g.nodes[j].outputs[0].clone();
+    let Some(&last) = p.chain.last() else {
+        return false;
+    };
+    let out = g.nodes[last].outputs[0].clone();
     let w_name = fresh_name(g, &format!("{}_w", out));
     let b_name = fresh_name(g, &format!("{}_b", out));
     g.initializers.push(new_w.to_tensor(&w_name));
     g.initializers.push(new_b.to_tensor(&b_name));
-    let conv = &mut g.nodes[i];
+    let conv = &mut g.nodes[p.conv];
     conv.inputs.truncate(1);
     conv.inputs.push(w_name);
     conv.inputs.push(b_name);
     conv.outputs[0] = out;
-    g.nodes.remove(j);
     true
 }
