@@ -185,7 +185,8 @@ fn fold_graph(
         g.value_info.retain(|v| !names.contains(v.name.as_str()));
         out.changes += removed.len();
     }
-    out.changes += static_reshape_targets(g, opset, outer_types);
+    // Folding changes no value's type: the inference above still holds.
+    out.changes += static_reshape_targets(g, &types);
     let guarded = keep.len();
     if guarded > 0 {
         out.notes.push(format!(
@@ -197,7 +198,6 @@ fn fold_graph(
     // Subgraphs see this graph's small constants.
     let has_sub = g.nodes.iter().any(|n| n.has_subgraphs());
     if has_sub {
-        let types = infer_graph(g, opset, outer_types);
         let mut visible = outer.clone();
         for t in &g.initializers {
             if consts.contains(t.name()) && t.byte_size() <= OUTER_CONST_BYTES {
@@ -251,9 +251,8 @@ fn known_shape_value(n: &wcc_ir::Node, types: &TypeMap) -> Option<Array> {
 /// with `allowzero = 0` a 0 copies the input's dim, so `[0, 0, -1]` says the same for every input.
 /// The shape arithmetic that computed the target is then dead. Returns the number of targets
 /// replaced.
-fn static_reshape_targets(g: &mut Graph, opset: i64, outer_types: Option<&TypeMap>) -> usize {
-    let types = infer_graph(g, opset, outer_types);
-    let consts = constant_initializers(g);
+fn static_reshape_targets(g: &mut Graph, types: &TypeMap) -> usize {
+    let consts = g.constants();
     let mut new_inits: Vec<wcc_ir::Tensor> = vec![];
     let mut changes = 0;
     let mut taken: HashSet<String> = g

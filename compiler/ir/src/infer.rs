@@ -51,11 +51,31 @@ impl TypeMap {
 
 /// Infers types for `g` given the types of values from enclosing graphs (`outer`).
 pub fn infer_graph(g: &Graph, opset: i64, outer: Option<&TypeMap>) -> TypeMap {
+    infer_graph_with_inputs(g, opset, outer, &[])
+}
+
+/// As `infer_graph`, with the given types in place of the declared types of those inputs (the
+/// concrete shapes of a run). Given inputs, `value_info` is not read: it describes the symbolic
+/// case, and every intermediate shape then follows from the inputs.
+pub fn infer_graph_with_inputs(
+    g: &Graph,
+    opset: i64,
+    outer: Option<&TypeMap>,
+    inputs: &[(String, TensorType)],
+) -> TypeMap {
     let mut m = outer.cloned().unwrap_or_default();
-    for v in g.inputs.iter().chain(&g.value_info).chain(&g.outputs) {
+    let value_info = if inputs.is_empty() {
+        &g.value_info[..]
+    } else {
+        &[]
+    };
+    for v in g.inputs.iter().chain(value_info).chain(&g.outputs) {
         if let Some(t) = v.tensor_type() {
             m.types.insert(v.name.clone(), t.clone());
         }
+    }
+    for (name, t) in inputs {
+        m.types.insert(name.clone(), t.clone());
     }
     for t in &g.initializers {
         add_tensor(&mut m, t.name(), t);

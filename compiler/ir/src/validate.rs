@@ -189,33 +189,29 @@ pub fn check_run_budget(
     max_tensor_bytes: u64,
 ) -> Result<()> {
     let g = &model.graph;
-    let mut types = crate::infer::TypeMap::default();
-    for (name, dims) in input_shapes {
-        let dtype = g
-            .inputs
-            .iter()
-            .find(|v| v.name == *name)
-            .and_then(|v| v.tensor_type())
-            .and_then(|t| t.dtype);
-        types.types.insert(
-            name.clone(),
-            crate::model::TensorType {
-                dtype,
-                shape: Some(
-                    dims.iter()
-                        .map(|d| crate::model::Dim::Known(*d as i64))
-                        .collect(),
-                ),
-            },
-        );
-    }
-    // Concrete input shapes replace the declared ones.
-    let mut concrete = g.clone();
-    concrete
-        .inputs
-        .retain(|v| !input_shapes.iter().any(|(n, _)| *n == v.name));
-    concrete.value_info.clear();
-    let m = crate::infer::infer_graph(&concrete, model.default_opset(), Some(&types));
+    let concrete: Vec<(String, crate::model::TensorType)> = input_shapes
+        .iter()
+        .map(|(name, dims)| {
+            let dtype = g
+                .inputs
+                .iter()
+                .find(|v| v.name == *name)
+                .and_then(|v| v.tensor_type())
+                .and_then(|t| t.dtype);
+            let shape = dims
+                .iter()
+                .map(|d| crate::model::Dim::Known(*d as i64))
+                .collect();
+            (
+                name.clone(),
+                crate::model::TensorType {
+                    dtype,
+                    shape: Some(shape),
+                },
+            )
+        })
+        .collect();
+    let m = crate::infer::infer_graph_with_inputs(g, model.default_opset(), None, &concrete);
     for n in &g.nodes {
         for o in n.outputs.iter().filter(|o| !o.is_empty()) {
             let Some(t) = m.get(o) else { continue };
