@@ -141,7 +141,7 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
                         let Some(p) = p2.after(&p1) else {
                             break;
                         };
-                        Rewrite::Perm(p.to_i64())
+                        Rewrite::Perm(p)
                     }
                     _ => break,
                 };
@@ -169,16 +169,14 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
                 Rewrite::Bypass => g.nodes[j].inputs[0] = src.clone(),
                 Rewrite::Perm(perm) => {
                     let out = g.nodes[j].outputs[0].clone();
-                    if perm.iter().enumerate().all(|(i, p)| i as i64 == *p)
-                        && !outputs.contains(&out)
-                    {
+                    if perm.is_identity() && !outputs.contains(&out) {
                         rename_uses(g, &out, &src);
                         drop.push(j);
                     } else {
                         let n = &mut g.nodes[j];
                         n.inputs[0] = src.clone();
                         n.attributes.retain(|a| a.name() != "perm");
-                        n.attributes.push(Attribute::ints("perm", &perm));
+                        n.attributes.push(Attribute::ints("perm", &perm.to_i64()));
                     }
                 }
             }
@@ -199,7 +197,7 @@ enum Rewrite {
     /// Reshape straight from the source.
     Bypass,
     /// Transpose with this permutation from the source (removed when identity).
-    Perm(Vec<i64>),
+    Perm(Perm),
 }
 
 #[cfg(test)]

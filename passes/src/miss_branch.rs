@@ -7,6 +7,7 @@
 //! and new Tile/initializer for the repeats. Exact.
 
 use wcc_ir::infer::infer_graph;
+use wcc_ir::ops::util::{axes_of, norm_axes};
 use wcc_ir::pass::{Pass, PassOutcome};
 use wcc_ir::{DataType, Dim, Model, Node, Result, Tensor};
 
@@ -51,17 +52,8 @@ impl Pass for MissBranch {
             else {
                 continue;
             };
-            let axes = if opset >= 13 {
-                rs.inputs.get(1).and_then(|a| types.ints(a))
-            } else {
-                rs.attr_ints("axes").map(|a| a.to_vec())
-            };
-            if axes.as_deref().map(|a| {
-                a.iter()
-                    .map(|x| if *x < 0 { x + rank_in as i64 } else { *x })
-                    .collect::<Vec<_>>()
-            }) != Some(vec![rank_in as i64 - 2])
-            {
+            let axes = axes_of(rs, || rs.inputs.get(1).and_then(|a| types.ints(a)));
+            if axes.and_then(|a| norm_axes(&a, rank_in)) != Some(vec![rank_in.wrapping_sub(2)]) {
                 continue;
             }
             let Some(sh_idx) = producer(&rs.inputs[0], g) else {

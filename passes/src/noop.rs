@@ -4,6 +4,7 @@
 //! May touch: node lists and value names; never tensor data.
 
 use wcc_ir::infer::{infer_graph, TypeMap};
+use wcc_ir::ops::util::Perm;
 use wcc_ir::pass::{Pass, PassOutcome};
 use wcc_ir::{Dim, Graph, Model, Node, Result};
 
@@ -66,7 +67,7 @@ fn passthrough(
             types.dtype(inp).is_some() && same_static(types.shape(inp), types.shape(out))
         }
         "Transpose" => match n.attr_ints("perm") {
-            Some(p) => p.iter().enumerate().all(|(i, v)| i as i64 == *v),
+            Some(p) => Perm::new(p).is_ok_and(|p| p.is_identity()),
             None => types.shape(inp).is_some_and(|s| s.len() <= 1),
         },
         "Concat" => n.inputs.len() == 1,

@@ -208,9 +208,8 @@ fn shape_facts(model: &Model, types: &TypeMap) -> ShapeFacts {
     };
     for n in g.nodes.iter().filter(|n| n.domain.is_empty()) {
         match n.op_type.as_str() {
-            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Mod" | "Max" | "Min" | "Sum" | "Mean"
-            | "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or"
-            | "Xor" | "Where" | "PRelu" => {
+            // Inputs broadcast together (the op registry says which ops do).
+            _ if wcc_ir::ops::broadcasts(n) => {
                 let shapes: Vec<Vec<Dim>> = n
                     .present_inputs()
                     .filter_map(|i| shape(&concat, i))
@@ -381,10 +380,9 @@ fn usage(model: &Model, types: &TypeMap, readers: &Readers, input: &str) -> Usag
                 continue;
             }
             match (n.op_type.as_str(), k) {
-                ("Cast", 0) => match n.attr_i("to") {
-                    Some(9) => u.mask = true,
-                    // float, f16, f64, bf16
-                    Some(1 | 10 | 11 | 16) => follow(&mut values, true),
+                ("Cast", 0) => match types.dtype(&n.outputs[0]) {
+                    Some(DataType::Bool) => u.mask = true,
+                    Some(d) if d.is_float() => follow(&mut values, true),
                     _ => follow(&mut values, float),
                 },
                 ("Not" | "And" | "Or" | "Xor", _) | ("Where", 0) => u.mask = true,

@@ -503,12 +503,15 @@ const ALPHA: &[Attr] = &[opt("alpha", Float)];
 const BINARY: (usize, usize) = (2, 2);
 
 const fn binary_op(name: &'static str) -> OpDef {
-    OpDef::new(name, BINARY, (1, 1), &[]).infer(broadcasting)
+    OpDef::new(name, BINARY, (1, 1), &[])
+        .infer(broadcasting)
+        .broadcasting()
 }
 
 const fn compare_op(name: &'static str) -> OpDef {
     OpDef::new(name, BINARY, (1, 1), &[])
         .infer(broadcasting_bool)
+        .broadcasting()
         .eval(eval_compare)
 }
 
@@ -611,24 +614,32 @@ pub(super) const OPS: &[OpDef] = &[
     binary_op("Pow").eval(eval_binary),
     OpDef::new("Mod", BINARY, (1, 1), &[opt("fmod", Int)])
         .infer(broadcasting)
+        .broadcasting()
         .eval(eval_binary),
-    OpDef::new("BitShift", BINARY, (1, 1), &[req("direction", Str)]).infer(broadcasting),
+    OpDef::new("BitShift", BINARY, (1, 1), &[req("direction", Str)])
+        .infer(broadcasting)
+        .broadcasting(),
     binary_op("PRelu"),
     binary_op("BitwiseAnd"),
     binary_op("BitwiseOr"),
     binary_op("BitwiseXor"),
     OpDef::new("Max", (1, MANY), (1, 1), &[])
         .infer(broadcasting)
+        .broadcasting()
         .propagate(propagate_binary)
         .eval(eval_variadic),
     OpDef::new("Min", (1, MANY), (1, 1), &[])
         .infer(broadcasting)
+        .broadcasting()
         .propagate(propagate_binary)
         .eval(eval_variadic),
     OpDef::new("Sum", (1, MANY), (1, 1), &[])
         .infer(broadcasting)
+        .broadcasting()
         .eval(eval_variadic),
-    OpDef::new("Mean", (1, MANY), (1, 1), &[]).infer(broadcasting),
+    OpDef::new("Mean", (1, MANY), (1, 1), &[])
+        .infer(broadcasting)
+        .broadcasting(),
     compare_op("Equal").propagate(propagate_binary),
     compare_op("Less").propagate(propagate_binary),
     compare_op("Greater").propagate(propagate_binary),
@@ -636,15 +647,19 @@ pub(super) const OPS: &[OpDef] = &[
     compare_op("GreaterOrEqual"),
     OpDef::new("And", BINARY, (1, 1), &[])
         .infer(broadcasting_bool)
+        .broadcasting()
         .eval(eval_logic),
     OpDef::new("Or", BINARY, (1, 1), &[])
         .infer(broadcasting_bool)
+        .broadcasting()
         .eval(eval_logic),
     OpDef::new("Xor", BINARY, (1, 1), &[])
         .infer(broadcasting_bool)
+        .broadcasting()
         .eval(eval_logic),
     OpDef::new("Where", (3, 3), (1, 1), &[])
         .infer(infer_where)
+        .broadcasting()
         .propagate(propagate_where)
         .eval(eval_where),
     OpDef::new(

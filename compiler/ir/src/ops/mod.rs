@@ -164,10 +164,7 @@ impl<'a> InferCx<'a> {
     }
     /// Axes from the `axes` attribute (older opsets) or from input `i` (newer).
     pub fn axes(&self, i: usize) -> Option<Vec<i64>> {
-        match self.node.attr_ints("axes") {
-            Some(a) => Some(a.to_vec()),
-            None => self.ints(i),
-        }
+        util::axes_of(self.node, || self.ints(i))
     }
     /// One output of this type; any further outputs unknown.
     pub fn out1(&self, dtype: Option<DataType>, shape: Option<Vec<Dim>>) -> Vec<TensorType> {
@@ -198,10 +195,7 @@ impl<'a> EvalCx<'a> {
     }
     /// Axes from the `axes` attribute (older opsets) or from input `i` (newer).
     pub fn axes(&self, i: usize) -> Option<Vec<i64>> {
-        match self.node.attr_ints("axes") {
-            Some(a) => Some(a.to_vec()),
-            None => self.ints(i),
-        }
+        util::axes_of(self.node, || self.ints(i))
     }
 }
 
@@ -223,6 +217,8 @@ pub struct OpDef {
     pub propagate: Option<PropagateFn>,
     pub eval: Option<EvalFn>,
     pub index: Option<IndexFn>,
+    /// Elementwise over its inputs broadcast together (numpy rules).
+    pub broadcasts: bool,
 }
 
 impl OpDef {
@@ -246,6 +242,7 @@ impl OpDef {
             propagate: None,
             eval: None,
             index: None,
+            broadcasts: false,
         }
     }
     pub const fn microsoft(mut self) -> OpDef {
@@ -270,6 +267,10 @@ impl OpDef {
     }
     pub const fn shape_inputs(mut self, s: &'static [usize]) -> OpDef {
         self.schema.shape_inputs = s;
+        self
+    }
+    pub const fn broadcasting(mut self) -> OpDef {
+        self.broadcasts = true;
         self
     }
     pub const fn index(mut self, f: IndexFn) -> OpDef {
@@ -309,13 +310,6 @@ pub fn lookup(domain: &str, op_type: &str) -> Option<&'static OpDef> {
 /// The registry entry of `n`'s op.
 pub fn def_of(n: &Node) -> Option<&'static OpDef> {
     lookup(&n.domain, &n.op_type)
-}
-
-/// Every op the registry knows, sorted by domain and name.
-pub fn all() -> Vec<&'static OpDef> {
-    let mut v: Vec<&'static OpDef> = registry().values().copied().collect();
-    v.sort_by_key(|d| (d.domain == Domain::Microsoft, d.name));
-    v
 }
 
 /// Output types of one node (unknown for ops the registry does not know).
@@ -364,6 +358,11 @@ pub fn eval_node(n: &Node, inputs: &[Option<&Array>], opset: i64) -> Option<Vec<
 /// (data input, index input, axis).
 pub fn index_inputs(n: &Node) -> Option<(usize, usize, i64)> {
     def_of(n)?.index.and_then(|f| f(n))
+}
+
+/// Whether `n` is elementwise over its inputs broadcast together (Add, Equal, Where…).
+pub fn broadcasts(n: &Node) -> bool {
+    def_of(n).is_some_and(|d| d.broadcasts)
 }
 
 /// Checks a node against its op's schema (arity, attribute types, required attributes) and the

@@ -34,6 +34,14 @@ pub fn norm_axes(axes: &[i64], rank: usize) -> Option<Vec<usize>> {
     (v.len() == n).then_some(v)
 }
 
+/// An op's axes: its `axes` attribute (older opsets), else what its axes input holds.
+pub fn axes_of(n: &Node, input: impl FnOnce() -> Option<Vec<i64>>) -> Option<Vec<i64>> {
+    match n.attr_ints("axes") {
+        Some(a) => Some(a.to_vec()),
+        None => input(),
+    }
+}
+
 /// A checked permutation of `0..len`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Perm(Vec<usize>);
