@@ -77,15 +77,6 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
         .map_err(|e| IrError::Other(format!("serializing: {e}")))
 }
 
-/// Restores escaped non-UTF-8 string fields to their bytes (see `rawstr`).
-fn restore_strings(model: &Model, bytes: Vec<u8>) -> Result<Vec<u8>> {
-    if !model.escaped_strings {
-        return Ok(bytes);
-    }
-    crate::rawstr::unescape(&bytes)
-        .ok_or_else(|| IrError::Other("restoring non-UTF-8 strings failed".into()))
-}
-
 /// Writes the model to `path` atomically. Refuses to write over any file the model was read from.
 pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummary> {
     let werr = |detail: String| IrError::Write {
@@ -153,7 +144,9 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummar
             let bytes = proto
                 .write_to_bytes()
                 .map_err(|e| werr(format!("serializing: {e}")))?;
-            let bytes = restore_strings(model, bytes)?;
+            // Escaped non-UTF-8 string fields get their bytes back (see `rawstr`).
+            let bytes = crate::rawstr::unescape(&bytes)
+                .ok_or_else(|| werr("restoring non-UTF-8 strings failed".into()))?;
             w.write_all(&bytes).map_err(|e| werr(e.to_string()))?;
         } else {
             proto

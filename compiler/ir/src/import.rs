@@ -26,24 +26,12 @@ pub fn load(path: &Path) -> Result<Model> {
         source: e,
     })?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut escaped = false;
-    let proto = match ModelProto::parse_from_reader(&mut reader) {
-        Ok(p) => p,
-        Err(e) if is_utf8_error(&e) => {
-            escaped = true;
-            let bytes = std::fs::read(path).map_err(|e| IrError::Io {
-                path: path.into(),
-                source: e,
-            })?;
-            parse_escaped(&bytes, path)?
-        }
-        Err(e) => {
-            return Err(IrError::Parse {
-                path: path.into(),
-                detail: e.to_string(),
-            })
-        }
-    };
+    let (proto, escaped) = parse_model(ModelProto::parse_from_reader(&mut reader), path, || {
+        std::fs::read(path).map_err(|e| IrError::Io {
+            path: path.into(),
+            source: e,
+        })
+    })?;
     let dir = path.parent().map(|p| {
         if p.as_os_str().is_empty() {
             Path::new(".")
@@ -62,34 +50,36 @@ pub fn load(path: &Path) -> Result<Model> {
 /// Parses a model from bytes; external data is an error (there is no folder to resolve it in).
 pub fn load_bytes(bytes: &[u8]) -> Result<Model> {
     let here = Path::new("<memory>");
-    let (proto, escaped) = match ModelProto::parse_from_bytes(bytes) {
-        Ok(p) => (p, false),
-        Err(e) if is_utf8_error(&e) => (parse_escaped(bytes, here)?, true),
-        Err(e) => {
-            return Err(IrError::Parse {
-                path: here.into(),
-                detail: e.to_string(),
-            })
-        }
-    };
+    let (proto, escaped) = parse_model(ModelProto::parse_from_bytes(bytes), here, || {
+        Ok(bytes.to_vec())
+    })?;
     let mut m = from_proto(proto, None, here)?;
     m.escaped_strings = escaped;
     Ok(m)
 }
 
-fn is_utf8_error(e: &protobuf::Error) -> bool {
-    e.to_string().contains("UTF-8")
-}
-
-/// Parses after escaping the string fields that are not UTF-8 (see `rawstr`).
-fn parse_escaped(bytes: &[u8], path: &Path) -> Result<ModelProto> {
+/// A parse's result; when it failed on a string field that is not UTF-8, the model parsed again
+/// from `bytes()` with such fields escaped (see `rawstr`), and `true`.
+fn parse_model(
+    parsed: protobuf::Result<ModelProto>,
+    path: &Path,
+    bytes: impl FnOnce() -> Result<Vec<u8>>,
+) -> Result<(ModelProto, bool)> {
     let perr = |detail: String| IrError::Parse {
         path: path.into(),
         detail,
     };
-    let escaped = crate::rawstr::escape(bytes)
-        .ok_or_else(|| perr("malformed protobuf (while escaping non-UTF-8 strings)".into()))?;
-    ModelProto::parse_from_bytes(&escaped).map_err(|e| perr(e.to_string()))
+    match parsed {
+        Ok(p) => Ok((p, false)),
+        Err(e) if e.to_string().contains("UTF-8") => {
+            let escaped = crate::rawstr::escape(&bytes()?).ok_or_else(|| {
+                perr("malformed protobuf (while escaping non-UTF-8 strings)".into())
+            })?;
+            let p = ModelProto::parse_from_bytes(&escaped).map_err(|e| perr(e.to_string()))?;
+            Ok((p, true))
+        }
+        Err(e) => Err(perr(e.to_string())),
+    }
 }
 
 /// Converts a parsed ModelProto. `dir` is where external data files are looked up.
