@@ -9,7 +9,9 @@ use protobuf::Message;
 use wcc_ir::pass::{Pass, PassOutcome};
 use wcc_ir::{Graph, Model, Result};
 
-use crate::graph_util::{constant_initializers, is_nondeterministic, output_names, rename_uses};
+use crate::graph_util::{
+    constant_initializers, is_nondeterministic, output_names, rename_all, resolve_chains,
+};
 
 pub struct CommonSubexpressionElimination;
 
@@ -53,21 +55,19 @@ fn run_graph(g: &mut Graph, changes: &mut usize) {
             cands.push(i);
         }
     }
-    for (from, to) in &renames {
-        rename_uses(g, from, to);
-    }
+    let mut renames: HashMap<String, String> = renames.into_iter().collect();
     *changes += renames.len();
 
-    // Nodes, in order, so a merge can enable merges downstream.
+    // Nodes, in order, so a merge can enable merges downstream: a node's inputs are read through
+    // the renames made so far (topological order makes them final), and every rename is applied
+    // in one sweep at the end, so the pass is linear in the graph.
     let mut seen: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
-    let mut i = 0;
-    while i < g.nodes.len() {
-        let n = &g.nodes[i];
+    let mut dup = vec![false; g.nodes.len()];
+    for (i, n) in g.nodes.iter().enumerate() {
         if is_nondeterministic(&n.op_type)
             || n.has_subgraphs()
             || n.outputs.iter().any(|o| outputs.contains(o))
         {
-            i += 1;
             continue;
         }
         let mut key = Vec::new();
@@ -76,6 +76,7 @@ fn run_graph(g: &mut Graph, changes: &mut usize) {
             key.push(0);
         }
         for inp in &n.inputs {
+            let inp = renames.get(inp).unwrap_or(inp);
             key.extend_from_slice(inp.as_bytes());
             key.push(0);
         }
@@ -89,17 +90,19 @@ fn run_graph(g: &mut Graph, changes: &mut usize) {
         key.extend((n.outputs.len() as u32).to_le_bytes());
         key.extend(n.outputs.iter().map(|o| o.is_empty() as u8));
         if let Some(prev_outs) = seen.get(&key) {
-            let prev_outs = prev_outs.clone();
-            let dup = g.nodes.remove(i);
-            for (o, p) in dup.outputs.iter().zip(&prev_outs) {
+            for (o, p) in n.outputs.iter().zip(prev_outs) {
                 if !o.is_empty() {
-                    rename_uses(g, o, p);
+                    renames.insert(o.clone(), p.clone());
                 }
             }
+            dup[i] = true;
             *changes += 1;
         } else {
             seen.insert(key, n.outputs.clone());
-            i += 1;
         }
     }
+    let mut keep = dup.iter().map(|d| !d);
+    g.nodes.retain(|_| keep.next().unwrap_or(true));
+    resolve_chains(&mut renames);
+    rename_all(g, &renames);
 }

@@ -46,6 +46,66 @@ pub fn rename_uses(g: &mut Graph, from: &str, to: &str) {
     }
 }
 
+/// Replaces every read of a key of `map` by its value, in `g` and its subgraphs, in one sweep
+/// (as `rename_uses` for each pair, but linear in the graph's size). `map` must be resolved: no
+/// value is itself a key.
+pub fn rename_all(g: &mut Graph, map: &HashMap<String, String>) {
+    if map.is_empty() {
+        return;
+    }
+    for n in &mut g.nodes {
+        for i in &mut n.inputs {
+            if let Some(to) = map.get(i.as_str()) {
+                *i = to.clone();
+            }
+        }
+        for a in &mut n.attributes {
+            for sg in &mut a.graphs {
+                rename_all(sg, map);
+                for o in &mut sg.outputs {
+                    if let Some(to) = map.get(o.name.as_str()) {
+                        o.name = to.clone();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves chains in a rename map (`a→b, b→c` becomes `a→c, b→c`), in time linear in its size.
+/// A cycle (which no graph in SSA form yields) is cut where it closes.
+pub fn resolve_chains(map: &mut HashMap<String, String>) {
+    let keys: Vec<String> = map.keys().cloned().collect();
+    let mut done: HashSet<String> = HashSet::new();
+    for k in keys {
+        if done.contains(&k) {
+            continue;
+        }
+        let mut path = vec![k.clone()];
+        let mut on_path: HashSet<String> = HashSet::from([k.clone()]);
+        let mut cur = map[&k].clone();
+        while let Some(next) = map.get(&cur) {
+            if done.contains(&cur) {
+                cur = next.clone();
+                break;
+            }
+            if !on_path.insert(cur.clone()) {
+                break;
+            }
+            path.push(cur.clone());
+            cur = next.clone();
+        }
+        for p in path {
+            if p != cur {
+                map.insert(p.clone(), cur.clone());
+            } else {
+                map.remove(&p);
+            }
+            done.insert(p);
+        }
+    }
+}
+
 /// Names of initializers that are constant (see `wcc_ir::Graph::constants`).
 pub fn constant_initializers(g: &Graph) -> HashSet<String> {
     g.constants()

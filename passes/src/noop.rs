@@ -8,7 +8,9 @@ use wcc_ir::ops::util::Perm;
 use wcc_ir::pass::{Pass, PassOutcome};
 use wcc_ir::{Dim, Graph, Model, Node, Result};
 
-use crate::graph_util::{output_names, rename_uses};
+use std::collections::{HashMap, HashSet};
+
+use crate::graph_util::{output_names, rename_all, resolve_chains};
 
 pub struct RemoveNoOps;
 
@@ -33,12 +35,7 @@ fn same_static(a: Option<&Vec<Dim>>, b: Option<&Vec<Dim>>) -> bool {
 }
 
 /// The input that a no-op node passes through, if the node is a no-op.
-fn passthrough(
-    n: &Node,
-    types: &TypeMap,
-    consts: &std::collections::HashSet<String>,
-    g: &Graph,
-) -> Option<usize> {
+fn passthrough(n: &Node, types: &TypeMap, consts: &HashSet<String>, g: &Graph) -> Option<usize> {
     if !n.domain.is_empty() || n.outputs.is_empty() || n.inputs.is_empty() || n.inputs[0].is_empty()
     {
         return None;
@@ -84,7 +81,7 @@ fn passthrough(
 fn identity_operand(
     n: &Node,
     types: &TypeMap,
-    consts: &std::collections::HashSet<String>,
+    consts: &HashSet<String>,
     g: &Graph,
 ) -> Option<usize> {
     let identity = match n.op_type.as_str() {
@@ -131,47 +128,74 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
     }
     let consts = crate::graph_util::constant_initializers(g);
     let outputs = output_names(g);
-    let graph_inputs: std::collections::HashSet<String> =
-        g.inputs.iter().map(|v| v.name.clone()).collect();
-    let mut i = 0;
-    while i < g.nodes.len() {
-        let n = &g.nodes[i];
+    let graph_inputs: HashSet<&str> = g.inputs.iter().map(|v| v.name.as_str()).collect();
+    // Which nodes are no-ops, and the value each passes through. One decision per node, one
+    // rename sweep at the end: linear in the graph, however long a chain of no-ops is.
+    let mut removed = vec![false; g.nodes.len()];
+    let mut subst: HashMap<String, String> = HashMap::new();
+    let mut at_output: Vec<(usize, String, String)> = vec![];
+    for (i, n) in g.nodes.iter().enumerate() {
         let Some(k) = passthrough(n, &types, &consts, g) else {
-            i += 1;
             continue;
         };
-        let inp = n.inputs[k].clone();
-        let out = n.outputs[0].clone();
-        if !outputs.contains(&out) {
-            g.nodes.remove(i);
-            rename_uses(g, &out, &inp);
-            *changes += 1;
-            continue;
+        let (inp, out) = (n.inputs[k].clone(), n.outputs[0].clone());
+        if outputs.contains(&out) {
+            at_output.push((i, inp, out));
+        } else {
+            subst.insert(out, inp);
+            removed[i] = true;
         }
-        // The output is a graph output: rename the producer of `inp` to `out`, if `inp` is a node
-        // output that is not itself a graph output.
-        let producer = g.nodes.iter().position(|m| m.outputs.contains(&inp));
-        if let Some(p) =
-            producer.filter(|_| !outputs.contains(&inp) && !graph_inputs.contains(&inp))
-        {
-            g.nodes.remove(i);
-            let p = if p > i { p - 1 } else { p };
-            for o in &mut g.nodes[p].outputs {
-                if *o == inp {
-                    *o = out.clone();
-                }
-            }
-            rename_uses(g, &inp, &out);
-            for v in &mut g.value_info {
-                if v.name == inp {
-                    v.name = out.clone();
-                }
-            }
-            *changes += 1;
-            continue;
-        }
-        i += 1;
     }
+    resolve_chains(&mut subst);
+    // A no-op whose output is a graph output: the value it passes through is renamed to the
+    // output instead, when a node that stays makes that value and it is neither a graph input nor
+    // a graph output (and no other output claimed it first).
+    let producer: HashMap<&str, usize> = g
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !removed[*i])
+        .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut claimed: HashMap<String, String> = HashMap::new();
+    let mut claimed_by: Vec<usize> = vec![];
+    for (i, inp, out) in at_output {
+        let root = subst.get(&inp).cloned().unwrap_or(inp);
+        if outputs.contains(&root)
+            || graph_inputs.contains(root.as_str())
+            || claimed.contains_key(&root)
+            || !producer.contains_key(root.as_str())
+        {
+            continue;
+        }
+        claimed.insert(root, out);
+        claimed_by.push(i);
+    }
+    for i in claimed_by {
+        removed[i] = true;
+    }
+    for to in subst.values_mut() {
+        if let Some(out) = claimed.get(to) {
+            *to = out.clone();
+        }
+    }
+    subst.extend(claimed.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut keep = removed.iter().map(|r| !r);
+    g.nodes.retain(|_| keep.next().unwrap_or(true));
+    for n in &mut g.nodes {
+        for o in &mut n.outputs {
+            if let Some(to) = claimed.get(o.as_str()) {
+                *o = to.clone();
+            }
+        }
+    }
+    for v in &mut g.value_info {
+        if let Some(to) = claimed.get(&v.name) {
+            v.name = to.clone();
+        }
+    }
+    rename_all(g, &subst);
+    *changes += removed.iter().filter(|r| **r).count();
     if *changes > 0 {
         wcc_ir::validate::topo_sort(g);
     }
