@@ -85,6 +85,25 @@ impl Pass for Algebra {
             stats.cost_after,
             if stats.rewritten { "" } else { " (graph unchanged)" }
         ));
+        // A limit that cut the pass short is said, not only recorded.
+        if stats.stop_reason.starts_with("time limit")
+            || stats.stop_reason.starts_with("node limit")
+        {
+            out.notes.push(format!(
+                "warning: e-graph saturation stopped at its {}; rewrites past it were not explored",
+                stats.stop_reason
+            ));
+        }
+        if let Some(why) = &stats.extract_stop {
+            out.notes
+                .push(format!("warning: e-graph extraction stopped: {why}"));
+        }
+        if stats.untried_alternatives > 0 {
+            out.notes.push(format!(
+                "warning: extraction's DAG refinement ran out of budget with {} alternatives untried",
+                stats.untried_alternatives
+            ));
+        }
         out.details = serde_json::to_value(&stats).ok();
         Ok(out)
     }

@@ -5,14 +5,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use egg::{EGraph, Id, Runner};
+use egg::{EGraph, Id, Language, Runner};
 use serde::Serialize;
 use wcc_ir::infer::infer_graph;
 use wcc_ir::validate::collect_outer_reads;
 use wcc_ir::{Attribute, Graph, Node, TensorType};
 
 use crate::analysis::{Facts, Info};
-use crate::extract::{cost_of, extract, CostModel};
+use crate::extract::{cost_of, extract, CostModel, ExtractStop};
 use crate::lang::{leaf, leaf_parts, parse_perm, perm_leaf, Op};
 use crate::rules::Rule;
 use egg::Analysis;
@@ -48,6 +48,11 @@ pub struct Stats {
     pub cost_after: f64,
     /// Whether the graph was rebuilt from the extracted term.
     pub rewritten: bool,
+    /// Why extraction gave up, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extract_stop: Option<String>,
+    /// Alternatives the extraction's DAG refinement left untried (its work budget ran out).
+    pub untried_alternatives: usize,
 }
 
 const ALGEBRA: [&str; 9] = [
@@ -245,12 +250,15 @@ pub fn run_graph(
         ..Default::default()
     };
 
+    // One time limit for the whole pass: saturation may use three fifths of it, extraction the
+    // rest (and whatever saturation left).
     let t0 = Instant::now();
+    let deadline = t0 + limits.time;
     let runner = Runner::<Op, Facts, ()>::default()
         .with_egraph(eg)
         .with_node_limit(limits.nodes)
         .with_iter_limit(limits.iterations)
-        .with_time_limit(limits.time)
+        .with_time_limit(limits.time * 3 / 5)
         .run(rules);
     stats.saturate_ms = t0.elapsed().as_secs_f64() * 1e3;
     stats.iterations = runner.iterations.len();
@@ -272,12 +280,30 @@ pub fn run_graph(
     stats.classes = eg.number_of_classes();
 
     let t1 = Instant::now();
-    let extraction = extract(&eg, &roots, model);
+    // The graph's own nodes, in the saturated e-graph's terms (ties in extraction go to them).
+    let originals: HashSet<Op> = original
+        .values()
+        .map(|op| op.clone().map_children(|c| eg.find(c)))
+        .collect();
+    let extraction = extract(&eg, &roots, model, &originals, deadline);
     stats.extract_ms = t1.elapsed().as_secs_f64() * 1e3;
-    let Some(extraction) = extraction else {
-        stats.cost_after = stats.cost_before;
-        return stats;
+    let extraction = match extraction {
+        Ok(x) => x,
+        Err(stop) => {
+            stats.extract_stop = Some(match stop {
+                ExtractStop::Time => format!(
+                    "time limit ({:.1} s) during extraction: graph left as it was",
+                    limits.time.as_secs_f64()
+                ),
+                ExtractStop::Incomplete => {
+                    "no complete acyclic choice: graph left as it was".into()
+                }
+            });
+            stats.cost_after = stats.cost_before;
+            return stats;
+        }
     };
+    stats.untried_alternatives = extraction.untried;
     stats.cost_after = extraction.cost;
     if extraction.cost >= stats.cost_before * (1.0 - 1e-9) {
         stats.cost_after = stats.cost_before;
@@ -317,6 +343,7 @@ pub fn run_graph(
         fresh: 0,
     };
     for (p, r) in pinned.iter().zip(&roots) {
+        b.emit_operands(*r);
         let v = b.value(*r, Some(p));
         if v != *p {
             b.nodes.push(Node::new(
@@ -405,6 +432,47 @@ impl Builder<'_> {
         }
         self.nodes.push(n);
         self.origin.push(Some(idx));
+    }
+
+    /// The classes whose values computing class `c` reads (through its chosen node).
+    fn operands(&self, c: Id) -> Vec<Id> {
+        let node = self.choice.get(&c).unwrap_or_else(|| &self.eg[c].nodes[0]);
+        match node {
+            Op::Leaf(_) | Op::Num(_) => vec![],
+            Op::Onnx(ch) => ch[1..].to_vec(),
+            Op::Out([_, t]) => vec![*t],
+            Op::Transpose([_, x]) => vec![*x],
+            other => other.children().to_vec(),
+        }
+    }
+
+    /// Emits everything class `c` reads, deepest first, without recursion (a chain of 50k nodes
+    /// must not exhaust the stack); afterwards `value(c)` only looks its operands up. The order is
+    /// the one a recursive left-to-right walk gives, so names and node order do not change.
+    fn emit_operands(&mut self, c: Id) {
+        let root = self.eg.find(c);
+        let mut stack: Vec<(Id, bool)> = self
+            .operands(root)
+            .into_iter()
+            .rev()
+            .map(|k| (self.eg.find(k), false))
+            .collect();
+        while let Some((c, expanded)) = stack.pop() {
+            if self.emitted.contains_key(&c) {
+                continue;
+            }
+            if expanded {
+                self.value(c, None);
+                continue;
+            }
+            stack.push((c, true));
+            for k in self.operands(c).into_iter().rev() {
+                let k = self.eg.find(k);
+                if !self.emitted.contains_key(&k) {
+                    stack.push((k, false));
+                }
+            }
+        }
     }
 
     /// The name of the value of class `c`, emitting what computes it.

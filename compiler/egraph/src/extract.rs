@@ -3,7 +3,8 @@
 //! whatever computes it at compile time). DAG-aware: a class shared by several users counts once.
 //! Greedy bottom-up over cost sets, with a cycle check so the chosen term is always a DAG.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Instant;
 
 use egg::{EGraph, Id, Language};
 use wcc_ir::Dim;
@@ -92,89 +93,211 @@ impl CostModel {
 pub struct Extraction {
     pub choice: HashMap<Id, Op>,
     pub cost: f64,
+    /// Alternatives the DAG refinement did not try because its work budget ran out (0: all tried).
+    pub untried: usize,
 }
 
-struct Best {
-    node: Op,
-    /// Classes whose cost is counted, with their own cost.
-    costs: BTreeMap<Id, f64>,
-    /// Every class in the chosen sub-DAG (for the cycle check).
-    reach: BTreeSet<Id>,
-    total: f64,
+/// Why extraction gave up (the graph is then left as it was).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExtractStop {
+    /// The deadline passed.
+    Time,
+    /// No acyclic choice reaches every root.
+    Incomplete,
 }
 
-pub fn extract(egraph: &EGraph<Op, Facts>, roots: &[Id], model: &CostModel) -> Option<Extraction> {
-    let mut best: HashMap<Id, Best> = HashMap::new();
+/// Class visits the DAG refinement may spend (each alternative it tries costs one walk over the
+/// chosen DAG): keeps refinement near-linear on huge graphs, and exhaustive on usual ones.
+pub const REFINE_BUDGET: usize = 4_000_000;
+
+/// A cost with a total order, for the heap.
+#[derive(Clone, Copy, PartialEq)]
+struct Key(f64, bool, usize);
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Reversed: BinaryHeap pops the largest, we want the cheapest (then the first pushed).
+        other
+            .0
+            .total_cmp(&self.0)
+            .then(other.1.cmp(&self.1))
+            .then(other.2.cmp(&self.2))
+    }
+}
+
+/// Up to this many classes, step 1 costs each candidate by the exact DAG cost of its sub-term
+/// (bitsets of the classes it reaches: classes² / 8 bytes, 12.5 MB at the limit); above it, by
+/// shares (see `extract`).
+pub const EXACT_CLASSES: usize = 10_000;
+
+/// Extraction in two steps:
+///
+/// 1. Bottom-up, cheapest first (Knuth's generalization of Dijkstra to and-or graphs): an e-node
+///    becomes a candidate once every child class has its choice, and a class takes the first
+///    candidate popped. Choices only ever point at classes chosen before, so the result is acyclic
+///    by construction, with no cycle check. A candidate's cost is the DAG cost of its sub-term:
+///    every class it reaches at run time counted once (exact, with bitsets, up to
+///    `EXACT_CLASSES`; above, each child's cost is shared among the e-nodes that read it, which
+///    approximates DAG cost in linear time without tree cost's exponential blow-up on shared
+///    values). A constant class costs its stored bytes, however it is computed; leaves come first.
+///    Among equal costs, the node the graph had wins (then the first).
+/// 2. DAG refinement: every alternative of every chosen class is tried against the true DAG cost
+///    of the whole choice and kept when the total drops, within `REFINE_BUDGET` class visits.
+pub fn extract(
+    egraph: &EGraph<Op, Facts>,
+    roots: &[Id],
+    model: &CostModel,
+    original: &HashSet<Op>,
+    deadline: Instant,
+) -> Result<Extraction, ExtractStop> {
+    // Every e-node, with its distinct child classes, by dense class index.
     let mut classes: Vec<Id> = egraph.classes().map(|c| c.id).collect();
     classes.sort();
-    for _round in 0..100 {
-        let mut changed = false;
-        for &cid in &classes {
-            let class = &egraph[cid];
-            for node in &class.nodes {
-                let kids: Vec<Id> = node.children().iter().map(|c| egraph.find(*c)).collect();
-                if kids
-                    .iter()
-                    .any(|k| !best.contains_key(k) || *k == cid || best[k].reach.contains(&cid))
-                {
-                    continue;
-                }
-                let own = model.node_cost(egraph, node, &class.data);
-                let mut reach: BTreeSet<Id> = BTreeSet::new();
-                let mut costs: BTreeMap<Id, f64> = BTreeMap::new();
-                for k in &kids {
-                    reach.extend(best[k].reach.iter().copied());
-                    reach.insert(*k);
-                    // A constant class is folded: what computes it costs nothing at run time.
-                    if !class.data.constant {
-                        for (c, v) in &best[k].costs {
-                            costs.insert(*c, *v);
-                        }
-                    }
-                }
-                costs.insert(cid, own);
-                let total: f64 = costs.values().sum();
-                // Prefer leaves (no compile-time work), then cheaper, then the first node.
-                let better = match best.get(&cid) {
-                    None => true,
-                    Some(b) => {
-                        let leaf_now = matches!(node, Op::Leaf(_));
-                        let leaf_before = matches!(b.node, Op::Leaf(_));
-                        (leaf_now && !leaf_before && class.data.constant)
-                            || (total + 1e-9 < b.total && !(leaf_before && class.data.constant))
-                    }
-                };
-                if better {
-                    best.insert(
-                        cid,
-                        Best {
-                            node: node.clone(),
-                            costs,
-                            reach,
-                            total,
-                        },
-                    );
-                    changed = true;
-                }
-            }
-        }
-        if !changed {
-            break;
+    let index: HashMap<Id, usize> = classes.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+    let mut nodes: Vec<(usize, &Op, Vec<usize>)> = vec![];
+    for (ci, &cid) in classes.iter().enumerate() {
+        for node in &egraph[cid].nodes {
+            let mut kids: Vec<usize> = node
+                .children()
+                .iter()
+                .map(|c| index[&egraph.find(*c)])
+                .collect();
+            kids.sort();
+            kids.dedup();
+            nodes.push((ci, node, kids));
         }
     }
+    let n_classes = classes.len();
+    let mut readers: Vec<Vec<usize>> = vec![vec![]; n_classes];
+    for (i, (_, _, kids)) in nodes.iter().enumerate() {
+        for &k in kids {
+            readers[k].push(i);
+        }
+    }
+    let exact = n_classes <= EXACT_CLASSES;
+    let words = n_classes.div_ceil(64);
+    // Per chosen class: its own cost, its total, and (exact mode) the run-time classes it reaches.
+    let mut own: Vec<f64> = vec![0.0; n_classes];
+    let mut total: Vec<f64> = vec![0.0; n_classes];
+    let mut reach: Vec<Vec<u64>> = vec![vec![]; n_classes];
+    let mut chosen: Vec<Option<usize>> = vec![None; n_classes];
+    let union = |kids: &[usize], reach: &[Vec<u64>]| -> Vec<u64> {
+        let mut set = vec![0u64; words];
+        for &k in kids {
+            for (w, r) in set.iter_mut().zip(&reach[k]) {
+                *w |= r;
+            }
+        }
+        set
+    };
+    let own_cost = |i: usize| -> f64 {
+        let (ci, node, _) = &nodes[i];
+        let data = &egraph[classes[*ci]].data;
+        let c = model.node_cost(egraph, node, data);
+        // Leaves first: a stored constant needs no compile-time work.
+        if data.constant && !matches!(node, Op::Leaf(_)) {
+            c + 1e-6
+        } else {
+            c
+        }
+    };
+    let candidate = |i: usize, own: &[f64], total: &[f64], reach: &[Vec<u64>]| -> f64 {
+        let (ci, _, kids) = &nodes[i];
+        let mine = own_cost(i);
+        if egraph[classes[*ci]].data.constant {
+            return mine;
+        }
+        if exact {
+            let set = union(kids, reach);
+            let mut sum = mine;
+            for (w, bits) in set.iter().enumerate() {
+                let mut b = *bits;
+                while b != 0 {
+                    let t = b.trailing_zeros() as usize;
+                    let c = w * 64 + t;
+                    if c != *ci {
+                        sum += own[c];
+                    }
+                    b &= b - 1;
+                }
+            }
+            sum
+        } else {
+            mine + kids
+                .iter()
+                .map(|&k| total[k] / readers[k].len().max(1) as f64)
+                .sum::<f64>()
+        }
+    };
+    // Ties go to what the graph had, so an equal-cost rewrite does not churn the output.
+    let is_original = |i: usize| original.contains(nodes[i].1);
+    let mut pending: Vec<usize> = nodes.iter().map(|(_, _, k)| k.len()).collect();
+    let mut heap = std::collections::BinaryHeap::new();
+    for (i, _) in pending.iter().enumerate().filter(|(_, p)| **p == 0) {
+        let key = Key(candidate(i, &own, &total, &reach), !is_original(i), i);
+        heap.push((key, i));
+    }
+    let mut popped = 0usize;
+    while let Some((Key(cost, _, _), i)) = heap.pop() {
+        popped += 1;
+        if popped.is_multiple_of(1024) && Instant::now() > deadline {
+            return Err(ExtractStop::Time);
+        }
+        let ci = nodes[i].0;
+        if chosen[ci].is_some() {
+            continue;
+        }
+        chosen[ci] = Some(i);
+        own[ci] = own_cost(i);
+        total[ci] = cost;
+        if exact {
+            let mut set = if egraph[classes[ci]].data.constant {
+                vec![0u64; words]
+            } else {
+                union(&nodes[i].2, &reach)
+            };
+            set[ci / 64] |= 1 << (ci % 64);
+            reach[ci] = set;
+        }
+        for &r in &readers[ci] {
+            pending[r] -= 1;
+            if pending[r] == 0 && chosen[nodes[r].0].is_none() {
+                heap.push((
+                    Key(candidate(r, &own, &total, &reach), !is_original(r), r),
+                    r,
+                ));
+            }
+        }
+    }
+    drop(reach);
+    let chosen: HashMap<Id, Op> = chosen
+        .iter()
+        .enumerate()
+        .filter_map(|(ci, n)| n.map(|i| (classes[ci], nodes[i].1.clone())))
+        .collect();
+
     // Greedy per-class choices can duplicate work that a shared value already does (choosing a
     // rewritten `x/s` that recomputes `x` when `x` is needed anyway). Improve the whole DAG: try
     // every alternative node of every chosen class and keep it when the global cost drops.
-    let mut choice: HashMap<Id, Op> = best.iter().map(|(c, b)| (*c, b.node.clone())).collect();
-    let mut cost = dag_cost(egraph, roots, &choice, model)?;
+    let mut choice = chosen;
+    let mut best_total = dag_cost(egraph, roots, &choice, model).ok_or(ExtractStop::Incomplete)?;
+    let mut budget = REFINE_BUDGET;
+    let mut untried = 0usize;
     for _pass in 0..4 {
         let mut improved = false;
-        for c in reachable(egraph, roots, &choice) {
-            let nodes = &egraph[c].nodes;
-            if nodes.len() < 2 {
+        let reach = reachable(egraph, roots, &choice);
+        let walk = reach.len().max(1);
+        for c in reach {
+            let alternatives = &egraph[c].nodes;
+            if alternatives.len() < 2 {
                 continue;
             }
-            for n in nodes {
+            for n in alternatives {
                 if choice.get(&c) == Some(n)
                     || n.children()
                         .iter()
@@ -182,10 +305,15 @@ pub fn extract(egraph: &EGraph<Op, Facts>, roots: &[Id], model: &CostModel) -> O
                 {
                     continue;
                 }
+                if budget < walk || Instant::now() > deadline {
+                    untried += 1;
+                    continue;
+                }
+                budget -= walk;
                 let old = choice.insert(c, n.clone());
                 match dag_cost(egraph, roots, &choice, model) {
-                    Some(v) if v + 1e-9 < cost => {
-                        cost = v;
+                    Some(v) if v + 1e-9 < best_total => {
+                        best_total = v;
                         improved = true;
                     }
                     _ => {
@@ -196,14 +324,18 @@ pub fn extract(egraph: &EGraph<Op, Facts>, roots: &[Id], model: &CostModel) -> O
                 }
             }
         }
-        if !improved {
+        if !improved || untried > 0 {
             break;
         }
     }
     let keep: std::collections::HashSet<Id> =
         reachable(egraph, roots, &choice).into_iter().collect();
     choice.retain(|c, _| keep.contains(c));
-    Some(Extraction { choice, cost })
+    Ok(Extraction {
+        choice,
+        cost: best_total,
+        untried,
+    })
 }
 
 /// Classes reachable from the roots through the chosen nodes, in a stable order.
