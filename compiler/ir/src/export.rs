@@ -61,20 +61,58 @@ pub fn tensor_bytes(model: &Model) -> u64 {
     g(&model.graph)
 }
 
-/// The whole model as one in-memory protobuf with all data embedded (for small models and for
-/// handing to a runtime).
+/// The whole model as one in-memory protobuf with all data embedded (for small models and tests).
 pub fn to_proto(model: &Model) -> Result<ModelProto> {
-    let mut sink = None;
-    model_proto(model, &mut sink)
+    model_proto(model, &mut Sink::Embed)
+}
+
+/// Tensors of the main graph at least this large are streamed into the output from where they
+/// live (the input's mmap, or memory) instead of being copied into the protobuf message first.
+const STREAM_MIN_BYTES: u64 = 4096;
+
+/// Writes the whole model, all data embedded, to `out`: the message is serialized with a
+/// placeholder for each large tensor of the main graph, whose bytes are then streamed in place
+/// (`wire::Skeleton`), so no second copy of the weights is ever made. `restore_strings` gives
+/// escaped non-UTF-8 string fields their bytes back (see `rawstr`).
+fn write_embedded(model: &Model, out: &mut dyn Write, restore_strings: bool) -> Result<()> {
+    let mut holes = vec![];
+    let proto = model_proto(model, &mut Sink::Holes(&mut holes))?;
+    let mut skeleton = proto
+        .write_to_bytes()
+        .map_err(|e| IrError::Other(format!("serializing: {e}")))?;
+    if restore_strings {
+        skeleton = crate::rawstr::unescape(&skeleton)
+            .ok_or_else(|| IrError::Other("restoring non-UTF-8 strings failed".into()))?;
+    }
+    let sk = crate::wire::Skeleton {
+        bytes: &skeleton,
+        holes: &holes,
+    };
+    let inits = &model.graph.initializers;
+    sk.write(out, &mut |k, w| {
+        inits[k]
+            .for_each_chunk(&mut |c| w.write_all(c))
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .map_err(|e| IrError::Other(format!("writing the model: {e}")))
 }
 
 /// The model serialized in memory, for backends and tests. String fields that were not UTF-8 in
 /// the file stay escaped here (every protobuf parser accepts the result, and names still match
 /// between models); `save` writes their original bytes.
 pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
-    to_proto(model)?
-        .write_to_bytes()
-        .map_err(|e| IrError::Other(format!("serializing: {e}")))
+    let mut out = Vec::new();
+    let want = usize::try_from(tensor_bytes(model))
+        .ok()
+        .and_then(|n| n.checked_add(1 << 20));
+    if want.is_none_or(|n| out.try_reserve_exact(n).is_err()) {
+        return Err(IrError::Other(format!(
+            "cannot hold the model in memory ({} bytes of tensors)",
+            tensor_bytes(model)
+        )));
+    }
+    write_embedded(model, &mut out, false)?;
+    Ok(out)
 }
 
 /// Writes the model to `path` atomically. Refuses to write over any file the model was read from.
@@ -107,8 +145,14 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummar
     }
     let external = opts.external_data || tensor_bytes(model) > AUTO_EXTERNAL_BYTES;
 
+    let tmp = tempfile::Builder::new()
+        .prefix(".wcc-")
+        .permissions(output_mode())
+        .tempfile_in(&dir)
+        .map_err(|e| werr(format!("temporary file: {e}")))?;
     let mut tmp_data = None;
-    let mut sink = if external {
+    let mut external_bytes = 0;
+    if external {
         let f = tempfile::Builder::new()
             .prefix(".wcc-")
             .permissions(output_mode())
@@ -116,43 +160,30 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummar
             .map_err(|e| werr(format!("temporary file: {e}")))?;
         let w = BufWriter::with_capacity(1 << 20, f.reopen().map_err(|e| werr(e.to_string()))?);
         tmp_data = Some(f);
-        Some(ExternalSink {
+        let mut sink = ExternalSink {
             location: data_name.clone(),
             out: w,
             offset: 0,
-        })
-    } else {
-        None
-    };
-    let proto = model_proto(model, &mut sink)?;
-    let mut external_bytes = 0;
-    if let Some(mut s) = sink {
-        s.out
+        };
+        let proto = model_proto(model, &mut Sink::External(&mut sink))?;
+        sink.out
             .flush()
             .map_err(|e| werr(format!("writing {}: {e}", data_path.display())))?;
-        external_bytes = s.offset;
-    }
-
-    let tmp = tempfile::Builder::new()
-        .prefix(".wcc-")
-        .permissions(output_mode())
-        .tempfile_in(&dir)
-        .map_err(|e| werr(format!("temporary file: {e}")))?;
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+        external_bytes = sink.offset;
+        let mut bytes = proto
+            .write_to_bytes()
+            .map_err(|e| werr(format!("serializing: {e}")))?;
         if model.escaped_strings {
-            let bytes = proto
-                .write_to_bytes()
-                .map_err(|e| werr(format!("serializing: {e}")))?;
             // Escaped non-UTF-8 string fields get their bytes back (see `rawstr`).
-            let bytes = crate::rawstr::unescape(&bytes)
+            bytes = crate::rawstr::unescape(&bytes)
                 .ok_or_else(|| werr("restoring non-UTF-8 strings failed".into()))?;
-            w.write_all(&bytes).map_err(|e| werr(e.to_string()))?;
-        } else {
-            proto
-                .write_to_writer(&mut w)
-                .map_err(|e| werr(format!("serializing: {e}")))?;
         }
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+        w.write_all(&bytes).map_err(|e| werr(e.to_string()))?;
+        w.flush().map_err(|e| werr(e.to_string()))?;
+    } else {
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+        write_embedded(model, &mut w, model.escaped_strings).map_err(|e| werr(e.to_string()))?;
         w.flush().map_err(|e| werr(e.to_string()))?;
     }
     let model_bytes = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(0);
@@ -207,7 +238,18 @@ impl ExternalSink {
     }
 }
 
-fn model_proto(model: &Model, sink: &mut Option<ExternalSink>) -> Result<ModelProto> {
+/// Where tensor data goes while the message is built.
+enum Sink<'a> {
+    /// Into the message (`raw_data` or the typed fields the tensor was read with).
+    Embed,
+    /// Large main-graph tensors with bytes in memory or in a file get a one-byte placeholder
+    /// `raw_data`, listed as (index, length) for `wire::Skeleton`; everything else is embedded.
+    Holes(&'a mut Vec<(usize, u64)>),
+    /// Tensors of `EXTERNAL_MIN_BYTES` or more go to the external data file.
+    External(&'a mut ExternalSink),
+}
+
+fn model_proto(model: &Model, sink: &mut Sink) -> Result<ModelProto> {
     let mut p = model.rest.clone();
     p.ir_version = model.ir_version;
     p.opset_import = model
@@ -224,23 +266,35 @@ fn model_proto(model: &Model, sink: &mut Option<ExternalSink>) -> Result<ModelPr
     Ok(p)
 }
 
-fn graph_proto(g: &Graph, sink: &mut Option<ExternalSink>) -> Result<GraphProto> {
+fn graph_proto(g: &Graph, sink: &mut Sink) -> Result<GraphProto> {
     let mut p = g.rest.clone();
     p.name = g.name.clone();
+    // Subgraphs embed their tensors (or send them to the external file): only the main graph's
+    // initializers are streamed into place.
+    let mut inner = match sink {
+        Sink::Holes(_) => Sink::Embed,
+        Sink::Embed => Sink::Embed,
+        Sink::External(s) => Sink::External(s),
+    };
     p.node = g
         .nodes
         .iter()
-        .map(|n| node_proto(n, sink))
+        .map(|n| node_proto(n, &mut inner))
         .collect::<Result<_>>()?;
+    let packed = |t: &Tensor| t.dtype().is_ok_and(|d| d.bits().is_some());
     p.initializer = g
         .initializers
         .iter()
-        .map(|t| match sink {
-            Some(s)
-                if t.byte_size() >= EXTERNAL_MIN_BYTES
-                    && t.dtype().is_ok_and(|d| d.bits().is_some()) =>
+        .enumerate()
+        .map(|(i, t)| match sink {
+            Sink::External(s) if t.byte_size() >= EXTERNAL_MIN_BYTES && packed(t) => s.put(t),
+            Sink::Holes(holes)
+                if t.byte_size() >= STREAM_MIN_BYTES && packed(t) && t.has_raw_storage() =>
             {
-                s.put(t)
+                let mut h = t.header_proto();
+                h.raw_data = vec![0];
+                holes.push((i, t.byte_size()));
+                Ok(h)
             }
             _ => t.to_embedded_proto(),
         })
@@ -251,7 +305,7 @@ fn graph_proto(g: &Graph, sink: &mut Option<ExternalSink>) -> Result<GraphProto>
     Ok(p)
 }
 
-fn node_proto(n: &Node, sink: &mut Option<ExternalSink>) -> Result<NodeProto> {
+fn node_proto(n: &Node, sink: &mut Sink) -> Result<NodeProto> {
     let mut p = n.rest.clone();
     p.name = n.name.clone();
     p.op_type = n.op_type.clone();

@@ -19,19 +19,23 @@ use crate::error::{IrError, Result};
 use crate::model::{Attribute, Dim, Graph, Model, Node, TensorType, ValueInfo, ValueType};
 use crate::tensor::{ExternalSlice, Tensor};
 
+/// Files at least this large are read through an mmap, their large tensors in place.
+const MAP_MIN_FILE: u64 = 1 << 20;
+/// `raw_data` at least this large is read in place from the mmapped model file, not copied.
+const MAP_MIN_TENSOR: usize = 4096;
+
 /// Reads a model file. External data is resolved relative to the file's folder.
+///
+/// Memory: a file of `MAP_MIN_FILE` or more is mmapped, and the main graph's initializers of
+/// `MAP_MIN_TENSOR` bytes or more stay in the file: the protobuf crate parses a copy of the model
+/// without them (`wire::split_raw_data`), and each such tensor is a slice of the map, like
+/// external data. So reading a model keeps only its structure and small tensors resident.
 pub fn load(path: &Path) -> Result<Model> {
-    let file = open_regular(path).map_err(|e| IrError::Io {
+    let ioerr = |e: std::io::Error| IrError::Io {
         path: path.into(),
         source: e,
-    })?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let (proto, escaped) = parse_model(ModelProto::parse_from_reader(&mut reader), path, || {
-        std::fs::read(path).map_err(|e| IrError::Io {
-            path: path.into(),
-            source: e,
-        })
-    })?;
+    };
+    let file = open_regular(path).map_err(ioerr)?;
     let dir = path.parent().map(|p| {
         if p.as_os_str().is_empty() {
             Path::new(".")
@@ -39,12 +43,59 @@ pub fn load(path: &Path) -> Result<Model> {
             p
         }
     });
-    let mut model = from_proto(proto, dir, path)?;
-    model.escaped_strings = escaped;
+    let size = file.metadata().map_err(ioerr)?.len();
+    let mut model = match mapped(&file, size) {
+        Some((map, skeleton, slots)) => {
+            let (proto, escaped) =
+                parse_model(ModelProto::parse_from_bytes(&skeleton), path, || {
+                    Ok(skeleton.clone())
+                })?;
+            let (map, file) = (Arc::new(map), Arc::new(file));
+            let top = slots
+                .into_iter()
+                .map(|s| {
+                    let slice = ExternalSlice {
+                        map: map.clone(),
+                        file: file.clone(),
+                        offset: s.offset,
+                        len: s.len,
+                        embedded: true,
+                    };
+                    (s.index, slice)
+                })
+                .collect();
+            let mut m = from_proto_with(proto, dir, path, top)?;
+            m.escaped_strings = escaped;
+            m
+        }
+        None => {
+            let mut reader = BufReader::with_capacity(1 << 20, file);
+            let (proto, escaped) =
+                parse_model(ModelProto::parse_from_reader(&mut reader), path, || {
+                    std::fs::read(path).map_err(ioerr)
+                })?;
+            let mut m = from_proto(proto, dir, path)?;
+            m.escaped_strings = escaped;
+            m
+        }
+    };
     if let Ok(c) = path.canonicalize() {
         model.sources.insert(0, c);
     }
     Ok(model)
+}
+
+/// The mmapped file, the model without its large `raw_data`, and where those lie; None for small
+/// files and for bytes `wire` does not rewrite (they are parsed whole).
+fn mapped(file: &File, size: u64) -> Option<(Mmap, Vec<u8>, Vec<crate::wire::RawSlot>)> {
+    if size < MAP_MIN_FILE {
+        return None;
+    }
+    // SAFETY: the file is mapped read-only; wcc never writes to its inputs (output paths that
+    // collide with an input are refused).
+    let map = unsafe { Mmap::map(file) }.ok()?;
+    let (skeleton, slots) = crate::wire::split_raw_data(&map, MAP_MIN_TENSOR)?;
+    Some((map, skeleton, slots))
 }
 
 /// Parses a model from bytes; external data is an error (there is no folder to resolve it in).
@@ -83,7 +134,18 @@ fn parse_model(
 }
 
 /// Converts a parsed ModelProto. `dir` is where external data files are looked up.
-pub fn from_proto(mut proto: ModelProto, dir: Option<&Path>, path: &Path) -> Result<Model> {
+pub fn from_proto(proto: ModelProto, dir: Option<&Path>, path: &Path) -> Result<Model> {
+    from_proto_with(proto, dir, path, HashMap::new())
+}
+
+/// As `from_proto`; the main graph's initializers listed in `in_place` (by index) have their
+/// `raw_data` in a mapped file instead of in the proto.
+fn from_proto_with(
+    mut proto: ModelProto,
+    dir: Option<&Path>,
+    path: &Path,
+    in_place: HashMap<usize, ExternalSlice>,
+) -> Result<Model> {
     let gp = proto.graph.take().ok_or_else(|| IrError::Parse {
         path: path.into(),
         detail: "the model has no graph".into(),
@@ -101,6 +163,7 @@ pub fn from_proto(mut proto: ModelProto, dir: Option<&Path>, path: &Path) -> Res
         dir: dir.map(Path::to_path_buf),
         canonical_dir: None,
         maps: HashMap::new(),
+        in_place,
     };
     let graph = ctx.graph(gp)?;
     let opset_imports = std::mem::take(&mut proto.opset_import)
@@ -133,17 +196,25 @@ struct Importer {
     dir: Option<PathBuf>,
     canonical_dir: Option<PathBuf>,
     maps: HashMap<PathBuf, (Arc<Mmap>, Arc<File>)>,
+    /// The main graph's initializers whose `raw_data` is read in place (taken by the first,
+    /// outermost `graph` call).
+    in_place: HashMap<usize, ExternalSlice>,
 }
 
 impl Importer {
     fn graph(&mut self, mut g: GraphProto) -> Result<Graph> {
+        let mut in_place = std::mem::take(&mut self.in_place);
         let nodes = std::mem::take(&mut g.node)
             .into_iter()
             .map(|n| self.node(n))
             .collect::<Result<_>>()?;
         let initializers = std::mem::take(&mut g.initializer)
             .into_iter()
-            .map(|t| self.tensor(t))
+            .enumerate()
+            .map(|(i, t)| match in_place.remove(&i) {
+                Some(slice) => Tensor::with_external(t, slice),
+                None => self.tensor(t),
+            })
             .collect::<Result<_>>()?;
         let inputs = std::mem::take(&mut g.input)
             .into_iter()
@@ -311,6 +382,7 @@ impl Importer {
             file,
             offset: offset as usize,
             len: length as usize,
+            embedded: false,
         })
     }
 }

@@ -16,6 +16,7 @@ pub mod safetensors;
 pub mod stats;
 pub mod tensor;
 pub mod validate;
+pub mod wire;
 
 pub use dtype::DataType;
 pub use error::{IrError, Result};

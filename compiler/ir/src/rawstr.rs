@@ -109,26 +109,7 @@ pub const MARK: &str = "\u{10FFFF}wcc-bytes:";
 /// Limits nesting (ONNX graphs nest through attributes).
 const MAX_DEPTH: usize = 100;
 
-fn varint(b: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*pos)?;
-        *pos += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
+use crate::wire::{put_varint, varint};
 
 /// Copies message `b` of type `desc`, rewriting every string field with `f` (None: unchanged).
 fn walk(

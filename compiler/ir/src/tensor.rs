@@ -18,15 +18,19 @@ const CHUNK: usize = 4 << 20;
 /// Largest element count wcc accepts for one tensor (2^40): anything above is a corrupt header.
 pub const MAX_ELEMENTS: u64 = 1 << 40;
 
-/// Bytes of a tensor that live in an mmapped external-data file. Whole-tensor scans (hashing,
-/// writing) read through `file` instead of the map, so they go through the page cache without
-/// making the pages part of wcc's resident memory.
+/// Bytes of a tensor that live in an mmapped file: an external-data file, or the model file
+/// itself (a large `raw_data`, see `wire`). Whole-tensor scans (hashing, writing) read through
+/// `file` instead of the map, so they go through the page cache without making the pages part of
+/// wcc's resident memory.
 #[derive(Clone)]
 pub struct ExternalSlice {
     pub map: Arc<Mmap>,
     pub file: Arc<std::fs::File>,
     pub offset: usize,
     pub len: usize,
+    /// The bytes are the tensor's own `raw_data` in the model file (embedded data, only read
+    /// without copying), not external data.
+    pub embedded: bool,
 }
 
 impl ExternalSlice {
@@ -107,7 +111,7 @@ impl Tensor {
         Ok(t)
     }
 
-    /// A tensor whose bytes live in an external file (already bounds-checked by the caller).
+    /// A tensor whose bytes live in a mapped file (already bounds-checked by the caller).
     pub fn with_external(mut proto: TensorProto, slice: ExternalSlice) -> Result<Self> {
         proto.external_data.clear();
         proto.data_location = EnumOrUnknown::new(DataLocation::DEFAULT);
@@ -116,6 +120,15 @@ impl Tensor {
         let want = dtype.storage_bytes(n).ok_or_else(|| {
             IrError::tensor(&proto.name, "string tensors cannot live in external data")
         })?;
+        if want != slice.len as u64 && slice.embedded {
+            return Err(IrError::tensor(
+                &proto.name,
+                format!(
+                    "holds {} bytes of data but dims {:?} of {dtype} need {want}",
+                    slice.len, proto.dims
+                ),
+            ));
+        }
         if want != slice.len as u64 {
             return Err(IrError::ExternalData {
                 tensor: proto.name.clone(),
@@ -161,7 +174,14 @@ impl Tensor {
         element_count(&self.proto.dims, "").unwrap_or(0)
     }
 
+    /// Whether the data lives in an external-data file (not in the model file).
     pub fn is_external(&self) -> bool {
+        self.external.as_ref().is_some_and(|e| !e.embedded)
+    }
+
+    /// Whether the data is read from a file (external data, or a large `raw_data` of the model
+    /// file read in place) rather than held in memory.
+    pub fn is_mapped(&self) -> bool {
         self.external.is_some()
     }
 
@@ -242,6 +262,12 @@ impl Tensor {
             _ => p.int32_data.iter().map(|v| *v as u8).collect(),
         };
         Ok(Cow::Owned(bytes))
+    }
+
+    /// Whether the bytes are held packed (in memory or in a mapped file), as `raw_data` writes
+    /// them, rather than in the proto's typed fields.
+    pub fn has_raw_storage(&self) -> bool {
+        self.external.is_some() || self.shared.is_some()
     }
 
     /// A copy with the data embedded as `raw_data` (typed fields and external references dropped).

@@ -1,0 +1,365 @@
+//! The protobuf wire format, just enough to keep large tensor bytes out of the protobuf crate.
+//!
+//! A model's weights are almost all of its bytes, and the protobuf crate would copy each of them
+//! into a `Vec` on parsing and again into the message on writing. Instead:
+//! - on import, `split_raw_data` copies the model's bytes *without* the `raw_data` of the main
+//!   graph's large initializers (a few hundred KB for a 90 MB model) and says where each of those
+//!   lies in the file; the tensors then borrow their bytes from the file's mmap;
+//! - on export, `Skeleton` writes a message serialized with a one-byte placeholder in place of
+//!   each such `raw_data`, streaming the real bytes into place (lengths of the enclosing messages
+//!   fixed up), so the output is byte-identical to serializing the whole message at once.
+//!
+//! Every read is bounds-checked; anything unexpected (a group, a repeated singular field) makes
+//! the caller fall back to the protobuf crate's own path.
+
+use std::io::Write;
+
+/// Fields of the messages this module looks into (from onnx.proto).
+const MODEL_GRAPH: u32 = 7;
+const GRAPH_INITIALIZER: u32 = 5;
+const TENSOR_RAW_DATA: u32 = 9;
+const TENSOR_EXTERNAL_DATA: u32 = 13;
+const TENSOR_DATA_LOCATION: u32 = 14;
+const LEN: u64 = 2;
+
+pub(crate) fn varint(b: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*pos)?;
+        *pos += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// One field of a message: its number, wire type, the whole field's range and (for
+/// length-delimited fields) the payload's range, all relative to the message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Field {
+    pub number: u32,
+    pub wire: u64,
+    pub start: usize,
+    pub body: usize,
+    pub end: usize,
+}
+
+/// The top-level fields of message `b`, or None when it is not well-formed (groups included).
+pub(crate) fn fields(b: &[u8]) -> Option<Vec<Field>> {
+    let mut out = vec![];
+    let mut pos = 0;
+    while pos < b.len() {
+        let start = pos;
+        let key = varint(b, &mut pos)?;
+        let (number, wire) = (u32::try_from(key >> 3).ok()?, key & 7);
+        let body;
+        match wire {
+            0 => {
+                varint(b, &mut pos)?;
+                body = pos;
+            }
+            1 | 5 => {
+                body = pos;
+                pos = pos.checked_add(if wire == 1 { 8 } else { 4 })?;
+            }
+            2 => {
+                let len = usize::try_from(varint(b, &mut pos)?).ok()?;
+                body = pos;
+                pos = pos.checked_add(len)?;
+            }
+            _ => return None,
+        }
+        if pos > b.len() {
+            return None;
+        }
+        out.push(Field {
+            number,
+            wire,
+            start,
+            body,
+            end: pos,
+        });
+    }
+    Some(out)
+}
+
+fn put_len_field(out: &mut Vec<u8>, number: u32, len: u64) {
+    put_varint(out, (u64::from(number) << 3) | LEN);
+    put_varint(out, len);
+}
+
+/// Where the `raw_data` of the main graph's `index`-th initializer lies in the model's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawSlot {
+    pub index: usize,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// `model` (a serialized ModelProto) without the `raw_data` of the main graph's initializers of
+/// at least `min_len` bytes, and where those bytes are. None when the bytes are not a message this
+/// module can rewrite safely (the caller then parses them whole).
+pub fn split_raw_data(model: &[u8], min_len: usize) -> Option<(Vec<u8>, Vec<RawSlot>)> {
+    let top = fields(model)?;
+    if top
+        .iter()
+        .filter(|f| f.number == MODEL_GRAPH && f.wire == LEN)
+        .count()
+        != 1
+    {
+        return None;
+    }
+    let mut slots = vec![];
+    let mut out = Vec::with_capacity(64 << 10);
+    for f in &top {
+        if !(f.number == MODEL_GRAPH && f.wire == LEN) {
+            out.extend_from_slice(&model[f.start..f.end]);
+            continue;
+        }
+        let g = &model[f.body..f.end];
+        let mut graph = Vec::with_capacity(64 << 10);
+        let mut index = 0usize;
+        for gf in fields(g)? {
+            if !(gf.number == GRAPH_INITIALIZER && gf.wire == LEN) {
+                graph.extend_from_slice(&g[gf.start..gf.end]);
+                continue;
+            }
+            let t = &g[gf.body..gf.end];
+            let tf = fields(t)?;
+            let raw: Vec<&Field> = tf
+                .iter()
+                .filter(|x| x.number == TENSOR_RAW_DATA && x.wire == LEN)
+                .collect();
+            let external = tf
+                .iter()
+                .any(|x| x.number == TENSOR_EXTERNAL_DATA || x.number == TENSOR_DATA_LOCATION);
+            match raw.as_slice() {
+                [r] if !external && r.end - r.body >= min_len => {
+                    let mut tensor = Vec::with_capacity(t.len() - (r.end - r.start));
+                    tensor.extend_from_slice(&t[..r.start]);
+                    tensor.extend_from_slice(&t[r.end..]);
+                    put_len_field(&mut graph, GRAPH_INITIALIZER, tensor.len() as u64);
+                    graph.extend_from_slice(&tensor);
+                    slots.push(RawSlot {
+                        index,
+                        offset: f.body + gf.body + r.body,
+                        len: r.end - r.body,
+                    });
+                }
+                _ => graph.extend_from_slice(&g[gf.start..gf.end]),
+            }
+            index += 1;
+        }
+        put_len_field(&mut out, MODEL_GRAPH, graph.len() as u64);
+        out.extend_from_slice(&graph);
+    }
+    Some((out, slots))
+}
+
+/// A serialized ModelProto whose main-graph initializers listed in `holes` carry a one-byte
+/// placeholder `raw_data`, and the true length of each; `write` streams the model with the real
+/// bytes in place.
+pub struct Skeleton<'a> {
+    pub bytes: &'a [u8],
+    /// (initializer index, real raw_data length), sorted by index.
+    pub holes: &'a [(usize, u64)],
+}
+
+enum Piece<'a> {
+    Bytes(&'a [u8]),
+    Owned(Vec<u8>),
+    Data(usize),
+}
+
+impl Piece<'_> {
+    fn len(&self, holes: &[(usize, u64)]) -> u64 {
+        match self {
+            Piece::Bytes(b) => b.len() as u64,
+            Piece::Owned(b) => b.len() as u64,
+            Piece::Data(k) => holes
+                .binary_search_by_key(k, |h| h.0)
+                .map(|i| holes[i].1)
+                .unwrap_or(0),
+        }
+    }
+}
+
+impl Skeleton<'_> {
+    /// Writes the model, calling `data(index, out)` where each hole's bytes go; `data` must write
+    /// exactly the announced length. None when the skeleton is not what `holes` says.
+    fn pieces(&self) -> Option<Vec<Piece<'_>>> {
+        let b = self.bytes;
+        let holes = self.holes;
+        let mut out: Vec<Piece> = vec![];
+        for f in fields(b)? {
+            if !(f.number == MODEL_GRAPH && f.wire == LEN) {
+                out.push(Piece::Bytes(&b[f.start..f.end]));
+                continue;
+            }
+            let g = &b[f.body..f.end];
+            let mut graph: Vec<Piece> = vec![];
+            let mut index = 0usize;
+            for gf in fields(g)? {
+                let is_init = gf.number == GRAPH_INITIALIZER && gf.wire == LEN;
+                let hole = is_init && holes.binary_search_by_key(&index, |h| h.0).is_ok();
+                if is_init {
+                    index += 1;
+                }
+                if !hole {
+                    graph.push(Piece::Bytes(&g[gf.start..gf.end]));
+                    continue;
+                }
+                let t = &g[gf.body..gf.end];
+                let tf = fields(t)?;
+                let raw = tf
+                    .iter()
+                    .find(|x| x.number == TENSOR_RAW_DATA && x.wire == LEN)?;
+                let mut tensor = vec![Piece::Bytes(&t[..raw.start])];
+                let mut head = vec![];
+                put_len_field(
+                    &mut head,
+                    TENSOR_RAW_DATA,
+                    Piece::Data(index - 1).len(holes),
+                );
+                tensor.push(Piece::Owned(head));
+                tensor.push(Piece::Data(index - 1));
+                tensor.push(Piece::Bytes(&t[raw.end..]));
+                let tlen: u64 = tensor.iter().map(|p| p.len(holes)).sum();
+                let mut head = vec![];
+                put_len_field(&mut head, GRAPH_INITIALIZER, tlen);
+                graph.push(Piece::Owned(head));
+                graph.extend(tensor);
+            }
+            let glen: u64 = graph.iter().map(|p| p.len(holes)).sum();
+            let mut head = vec![];
+            put_len_field(&mut head, MODEL_GRAPH, glen);
+            out.push(Piece::Owned(head));
+            out.extend(graph);
+        }
+        Some(out)
+    }
+
+    /// The model's total length.
+    pub fn len(&self) -> Option<u64> {
+        Some(self.pieces()?.iter().map(|p| p.len(self.holes)).sum())
+    }
+
+    /// Whether the model is empty (never, for a model with a graph).
+    pub fn is_empty(&self) -> bool {
+        self.len() == Some(0)
+    }
+
+    /// Writes the model; `data(index, out)` writes hole `index`'s bytes (exactly its length).
+    pub fn write(
+        &self,
+        out: &mut dyn Write,
+        data: &mut dyn FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let pieces = self.pieces().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "internal: the serialized model does not match its placeholders",
+            )
+        })?;
+        for p in pieces {
+            match p {
+                Piece::Bytes(b) => out.write_all(b)?,
+                Piece::Owned(b) => out.write_all(&b)?,
+                Piece::Data(k) => data(k, out)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use onnx_protobuf::{GraphProto, Message, ModelProto, TensorProto};
+
+    fn model(raws: &[Vec<u8>]) -> ModelProto {
+        ModelProto {
+            ir_version: 8,
+            producer_name: "t".into(),
+            graph: protobuf::MessageField::some(GraphProto {
+                name: "g".into(),
+                initializer: raws
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| TensorProto {
+                        name: format!("w{i}"),
+                        data_type: 2,
+                        dims: vec![r.len() as i64],
+                        raw_data: r.clone(),
+                        doc_string: "after raw_data".into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                doc_string: "graph doc".into(),
+                ..Default::default()
+            }),
+            doc_string: "model doc".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn split_and_splice_round_trip_byte_for_byte() {
+        // Sizes around varint boundaries (127/128, 16383/16384) change the enclosing lengths.
+        let raws: Vec<Vec<u8>> = [3usize, 127, 128, 300, 16_383, 16_384, 70_000]
+            .iter()
+            .map(|n| (0..*n).map(|i| (i * 7 % 251) as u8).collect())
+            .collect();
+        let whole = model(&raws).write_to_bytes().unwrap();
+        let (skel, slots) = split_raw_data(&whole, 128).unwrap();
+        assert_eq!(slots.len(), 5, "tensors of 128 bytes and more are split");
+        for s in &slots {
+            assert_eq!(&whole[s.offset..s.offset + s.len], &raws[s.index][..]);
+        }
+        // The stripped model parses, with the split tensors' raw_data empty.
+        let parsed = ModelProto::parse_from_bytes(&skel).unwrap();
+        assert_eq!(parsed.graph.initializer[0].raw_data.len(), 3);
+        assert!(parsed.graph.initializer[6].raw_data.is_empty());
+        assert_eq!(parsed.graph.initializer[6].doc_string, "after raw_data");
+
+        // Writing: placeholders of one byte, real lengths given, bytes streamed in place.
+        let mut m = model(&raws);
+        let mut holes = vec![];
+        for s in &slots {
+            m.graph.as_mut().unwrap().initializer[s.index].raw_data = vec![0];
+            holes.push((s.index, s.len as u64));
+        }
+        let placeholder = m.write_to_bytes().unwrap();
+        let sk = Skeleton {
+            bytes: &placeholder,
+            holes: &holes,
+        };
+        let mut out = vec![];
+        sk.write(&mut out, &mut |k, w| w.write_all(&raws[k]))
+            .unwrap();
+        assert_eq!(sk.len(), Some(whole.len() as u64));
+        assert_eq!(out, whole);
+    }
+
+    #[test]
+    fn malformed_input_is_refused_not_misread() {
+        let whole = model(&[vec![1; 200]]).write_to_bytes().unwrap();
+        for cut in [1, 5, whole.len() / 2, whole.len() - 1] {
+            assert!(split_raw_data(&whole[..cut], 16).is_none(), "cut at {cut}");
+        }
+        // Two graph fields (protobuf would merge them): not rewritten.
+        let mut twice = whole.clone();
+        twice.extend_from_slice(&whole);
+        assert!(split_raw_data(&twice, 16).is_none());
+    }
+}
