@@ -80,7 +80,14 @@ fn fold_graph(
             folded.insert(idx);
             continue;
         }
-        // All present inputs constant?
+        // All present inputs constant? Asked before anything is loaded, so a weight read next to
+        // a run-time value (a Gather's table, a MatMul's weight) is never copied for nothing.
+        if !n
+            .present_inputs()
+            .all(|i| values.contains_key(i) || consts.contains(i) || outer.contains_key(i))
+        {
+            continue;
+        }
         let mut ok = true;
         let mut src = 0u64;
         for i in n.present_inputs() {
