@@ -69,17 +69,37 @@ impl Backend {
         }
     }
 
-    /// Loads and compiles the model for repeated runs (benchmarks). Loading and every run happen
-    /// behind the guard: a panic in the backend is a `RunError::Panic`.
+    /// Loads the model for runs that check outputs (verification, calibration). Loading and
+    /// every run happen behind the guard: a panic in the backend is a `RunError::Panic`.
     pub fn prepare(
         &self,
         model: &[u8],
         inputs: &NamedArrays,
     ) -> Result<Box<dyn Prepared>, RunError> {
+        self.prepare_with(model, inputs, false)
+    }
+
+    /// As `prepare`, compiled for speed (benchmarks): tract's codegen is run.
+    pub fn prepare_optimized(
+        &self,
+        model: &[u8],
+        inputs: &NamedArrays,
+    ) -> Result<Box<dyn Prepared>, RunError> {
+        self.prepare_with(model, inputs, true)
+    }
+
+    fn prepare_with(
+        &self,
+        model: &[u8],
+        inputs: &NamedArrays,
+        optimize: bool,
+    ) -> Result<Box<dyn Prepared>, RunError> {
         let backend = self.name();
         let inner = guarded(backend, || -> Result<Box<dyn Prepared>, RunError> {
             Ok(match self {
-                Backend::Tract => Box::new(crate::tract_backend::TractModel::load(model, inputs)?),
+                Backend::Tract => Box::new(crate::tract_backend::TractModel::load(
+                    model, inputs, optimize,
+                )?),
                 Backend::Ort { lib, provider } => Box::new(crate::ort_backend::OrtModel::load(
                     model,
                     lib.as_deref(),

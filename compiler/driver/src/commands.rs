@@ -119,7 +119,7 @@ pub fn bench(
     let backend = exec.backend_for(&m);
     let t0 = Instant::now();
     let mut prepared = backend
-        .prepare(&bytes, &inputs)
+        .prepare_optimized(&bytes, &inputs)
         .map_err(|e| Error::Run(e.to_string()))?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let latency = wcc_runtime::bench::measure(prepared.as_mut(), &inputs, warmup, runs)

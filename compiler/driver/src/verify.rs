@@ -2,6 +2,8 @@
 //! the original with the result's. An output the result lacks fails, unless a lossy pass removed
 //! it on purpose (a dropped attention's KV cache), which is reported as such.
 
+use std::collections::HashSet;
+
 use serde::Serialize;
 use wcc_ir::Model;
 use wcc_runtime::{Backend, NamedArrays, OutputFidelity};
@@ -58,6 +60,11 @@ pub fn compare(
 
 /// Runs `original` and `result` on `inputs` (each takes the arrays it has inputs for) and
 /// compares them.
+///
+/// Both run as one model (`side_by_side`): the result's graph beside the original's, reading the
+/// same inputs and the same initializers wherever the result kept them, so the backend parses,
+/// prepares and holds each unchanged weight once. Only when that combined model cannot run are
+/// the two run apart, to say which of them fails.
 pub fn run_and_compare(
     backend: &Backend,
     original: &Model,
@@ -65,9 +72,98 @@ pub fn run_and_compare(
     inputs: &NamedArrays,
     removed: &[RemovedOutput],
 ) -> Result<Vec<OutputFidelity>, Failure> {
+    if let Some(joint) = side_by_side(original, result) {
+        if let Ok(outs) = run_on(backend, &joint, inputs) {
+            let (mut reference, mut got) = (vec![], vec![]);
+            for (name, a) in outs {
+                match name.strip_prefix(RESULT_PREFIX) {
+                    Some(n) => got.push((n.to_string(), a)),
+                    None => reference.push((name, a)),
+                }
+            }
+            return compare(&reference, &got, removed).map_err(Failure::Mismatch);
+        }
+    }
     let reference =
         run_on(backend, original, inputs).map_err(|e| Failure::OriginalCannotRun(e.to_string()))?;
     compare_with(backend, &reference, result, inputs, removed)
+}
+
+/// What names of the result's graph start with in `side_by_side`.
+const RESULT_PREFIX: &str = "wcc.result::";
+
+/// One model that computes the original's outputs and, under `RESULT_PREFIX`-ed names, the
+/// result's: the result's nodes and values are renamed (every name it defines, in subgraphs too),
+/// except its graph inputs and the initializers it shares with the original unchanged. None when
+/// the two differ in what the model around the graph says (IR version, opsets, functions) or the
+/// result holds something renaming would not cover (sparse initializers).
+pub fn side_by_side(original: &Model, result: &Model) -> Option<Model> {
+    if original.ir_version != result.ir_version
+        || original.opset_imports != result.opset_imports
+        || original.functions != result.functions
+        || !result.graph.rest.sparse_initializer.is_empty()
+    {
+        return None;
+    }
+    let mut keep: HashSet<String> = result.graph.inputs.iter().map(|v| v.name.clone()).collect();
+    let mut shared: HashSet<String> = HashSet::new();
+    for t in &result.graph.initializers {
+        if original
+            .graph
+            .initializer(t.name())
+            .is_some_and(|o| o.same_storage(t))
+        {
+            shared.insert(t.name().to_string());
+        }
+    }
+    keep.extend(shared.iter().cloned());
+    let rename = |s: &str| -> String {
+        if s.is_empty() || keep.contains(s) {
+            s.to_string()
+        } else {
+            format!("{RESULT_PREFIX}{s}")
+        }
+    };
+    let mut r = result.graph.clone();
+    r.initializers.retain(|t| !shared.contains(t.name()));
+    rename_graph(&mut r, &rename);
+    let mut joint = original.clone();
+    let g = &mut joint.graph;
+    let known: HashSet<String> = g.inputs.iter().map(|v| v.name.clone()).collect();
+    g.inputs
+        .extend(r.inputs.into_iter().filter(|v| !known.contains(&v.name)));
+    g.nodes.extend(r.nodes);
+    g.initializers.extend(r.initializers);
+    g.value_info.extend(r.value_info);
+    g.outputs.extend(r.outputs);
+    Some(joint)
+}
+
+/// Applies `rename` to every value and node name of `g` and its subgraphs (graph inputs
+/// included: a caller that keeps them says so through `rename`).
+fn rename_graph(g: &mut wcc_ir::Graph, rename: &dyn Fn(&str) -> String) {
+    for n in &mut g.nodes {
+        n.name = rename(&n.name);
+        for v in n.inputs.iter_mut().chain(n.outputs.iter_mut()) {
+            *v = rename(v);
+        }
+        for a in &mut n.attributes {
+            for sg in &mut a.graphs {
+                rename_graph(sg, rename);
+            }
+        }
+    }
+    for v in g
+        .inputs
+        .iter_mut()
+        .chain(g.outputs.iter_mut())
+        .chain(g.value_info.iter_mut())
+    {
+        v.name = rename(&v.name);
+    }
+    for t in &mut g.initializers {
+        t.proto.name = rename(&t.proto.name);
+    }
 }
 
 /// Runs `result` on `inputs` and compares it with the original's outputs `reference`.

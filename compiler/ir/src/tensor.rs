@@ -264,6 +264,22 @@ impl Tensor {
         Ok(Cow::Owned(bytes))
     }
 
+    /// Whether the two tensors are known to hold the same data without reading it: same name,
+    /// dtype and dims, and the same bytes in memory or the same range of the same mapped file (as
+    /// a clone of a model shares with its original until a pass edits the tensor).
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        self.proto.name == other.proto.name
+            && self.proto.data_type == other.proto.data_type
+            && self.proto.dims == other.proto.dims
+            && match (&self.shared, &other.shared, &self.external, &other.external) {
+                (Some(a), Some(b), _, _) => Arc::ptr_eq(a, b),
+                (None, None, Some(a), Some(b)) => {
+                    Arc::ptr_eq(&a.map, &b.map) && a.offset == b.offset && a.len == b.len
+                }
+                _ => false,
+            }
+    }
+
     /// Whether the bytes are held packed (in memory or in a mapped file), as `raw_data` writes
     /// them, rather than in the proto's typed fields.
     pub fn has_raw_storage(&self) -> bool {
