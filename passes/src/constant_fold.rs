@@ -45,6 +45,56 @@ impl Pass for ConstantFolding {
     }
 }
 
+/// Values at least this large are held as tensors between the nodes that read them.
+const HOLD_AS_TENSOR_BYTES: u64 = wcc_ir::spill::SPILL_MIN_BYTES as u64;
+
+/// A constant value during folding: in memory, or (large) as a tensor read back when used.
+enum Held {
+    Array(Array),
+    Stored(Box<wcc_ir::Tensor>),
+}
+
+impl Held {
+    /// A computed value: large ones become tensors now (to the scratch file when it is on).
+    fn hold(a: Array, name: &str) -> Held {
+        if a.byte_size() >= HOLD_AS_TENSOR_BYTES {
+            Held::Stored(Box::new(a.to_tensor(name)))
+        } else {
+            Held::Array(a)
+        }
+    }
+
+    /// An initializer: large ones are not loaded until a node reads them.
+    fn initializer(t: &wcc_ir::Tensor) -> Option<Held> {
+        if t.byte_size() >= HOLD_AS_TENSOR_BYTES {
+            use wcc_ir::DataType::*;
+            matches!(t.dtype(), Ok(F32 | F64 | F16 | I64 | I32 | I8 | U8 | Bool))
+                .then(|| Held::Stored(Box::new(t.clone())))
+        } else {
+            Array::from_tensor(t).map(Held::Array)
+        }
+    }
+
+    fn byte_size(&self) -> u64 {
+        match self {
+            Held::Array(a) => a.byte_size(),
+            Held::Stored(t) => t.byte_size(),
+        }
+    }
+
+    /// The value as an initializer named `name`.
+    fn to_tensor(&self, name: &str) -> wcc_ir::Tensor {
+        match self {
+            Held::Array(a) => a.to_tensor(name),
+            Held::Stored(t) => {
+                let mut t = (**t).clone();
+                t.proto.name = name.to_string();
+                t
+            }
+        }
+    }
+}
+
 fn guard_ok(out_bytes: u64, in_bytes: u64) -> bool {
     out_bytes <= GUARD_SMALL_BYTES.max(in_bytes.saturating_mul(GUARD_FACTOR))
 }
@@ -61,7 +111,10 @@ fn fold_graph(
 
     // Phase 1: evaluate every constant node. Intermediates are transient (the evaluator caps any
     // one array at 2^24 elements); the size guard applies to what gets stored, in phase 2.
-    let mut values: HashMap<String, Array> = HashMap::new();
+    // Large values are held as tensors (a folded one goes to the scratch file at once, see
+    // `wcc_ir::spill`; an initializer stays where it is) and read back only while a node that
+    // reads them is evaluated, so folding every weight of a model holds about one at a time.
+    let mut values: HashMap<String, Held> = HashMap::new();
     // Bytes of the initializers and Constant nodes each value is computed from (an upper bound).
     let mut src_bytes: HashMap<String, u64> = HashMap::new();
     let mut folded: BTreeSet<usize> = BTreeSet::new();
@@ -76,7 +129,7 @@ fn fold_graph(
         // Shape arithmetic whose every element is known (from static dims).
         if let Some(a) = known_shape_value(n, &types) {
             src_bytes.insert(n.outputs[0].clone(), a.byte_size());
-            values.insert(n.outputs[0].clone(), a);
+            values.insert(n.outputs[0].clone(), Held::hold(a, &n.outputs[0]));
             folded.insert(idx);
             continue;
         }
@@ -92,15 +145,15 @@ fn fold_graph(
         let mut src = 0u64;
         for i in n.present_inputs() {
             if !values.contains_key(i) {
-                let loaded = if consts.contains(i) {
-                    g.initializer(i).and_then(Array::from_tensor)
+                let held = if consts.contains(i) {
+                    g.initializer(i).and_then(Held::initializer)
                 } else {
-                    outer.get(i).cloned()
+                    outer.get(i).cloned().map(Held::Array)
                 };
-                match loaded {
-                    Some(a) => {
-                        src_bytes.insert(i.to_string(), a.byte_size());
-                        values.insert(i.to_string(), a);
+                match held {
+                    Some(h) => {
+                        src_bytes.insert(i.to_string(), h.byte_size());
+                        values.insert(i.to_string(), h);
                     }
                     None => {
                         ok = false;
@@ -113,21 +166,45 @@ fn fold_graph(
         if !ok {
             continue;
         }
+        // Large inputs are read back for this node only.
+        let mut loaded: HashMap<&str, Array> = HashMap::new();
+        for i in n.present_inputs() {
+            if let Some(Held::Stored(t)) = values.get(i) {
+                if !loaded.contains_key(i) {
+                    match Array::from_tensor(t) {
+                        Some(a) => {
+                            loaded.insert(i, a);
+                        }
+                        None => ok = false,
+                    }
+                }
+            }
+        }
+        if !ok {
+            continue;
+        }
         let inputs: Vec<Option<&Array>> = n
             .inputs
             .iter()
-            .map(|i| if i.is_empty() { None } else { values.get(i) })
+            .map(|i| match values.get(i) {
+                _ if i.is_empty() => None,
+                Some(Held::Array(a)) => Some(a),
+                Some(Held::Stored(_)) => loaded.get(i.as_str()),
+                None => None,
+            })
             .collect();
         let Some(results) = eval_node(n, &inputs, opset) else {
             continue;
         };
+        drop(inputs);
+        drop(loaded);
         if n.op_type == "Constant" {
             src = results.iter().map(|a| a.byte_size()).sum();
         }
         for (name, a) in n.outputs.iter().zip(results) {
             if !name.is_empty() {
                 src_bytes.insert(name.clone(), src);
-                values.insert(name.clone(), a);
+                values.insert(name.clone(), Held::hold(a, name));
             }
         }
         folded.insert(idx);

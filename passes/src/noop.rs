@@ -96,6 +96,9 @@ fn identity_operand(
         }
         let is_identity = consts.contains(&n.inputs[c])
             && g.initializer(&n.inputs[c])
+                // Only small constants are read: an identity element as large as a weight is
+                // not worth reading a weight in full to find.
+                .filter(|t| t.numel() <= 4096)
                 .and_then(|t| t.to_f64_vec().ok())
                 .is_some_and(|v| v.iter().all(|e| *e == identity));
         // Broadcasting leaves x's shape alone when the constant is a scalar, or has all-1 dims

@@ -313,7 +313,9 @@ struct Usage {
 fn scalar_constant(g: &wcc_ir::Graph, name: &str) -> Option<f64> {
     let one = |v: Vec<f64>| (v.len() == 1).then(|| v[0]);
     if let Some(t) = g.initializer(name) {
-        return t.to_f64_vec().ok().and_then(one);
+        return (t.numel() == 1)
+            .then(|| t.to_f64_vec().ok().and_then(one))
+            .flatten();
     }
     let n = g
         .nodes

@@ -96,27 +96,34 @@ impl Array {
         self.dtype().storage_bytes(self.len() as u64).unwrap_or(0)
     }
 
-    /// Reads a tensor (None for dtypes the evaluator does not cover).
+    /// Reads a tensor (None for dtypes the evaluator does not cover), decoding its bytes chunk by
+    /// chunk: data in a mapped file is read with positioned reads, so the only copy made is the
+    /// array itself (the map's pages never become part of wcc's resident memory).
     pub fn from_tensor(t: &Tensor) -> Option<Array> {
-        let b = t.raw_bytes().ok()?;
-        let sh = IxDyn(&dims_of(t));
-        macro_rules! rd {
-            ($ty:ty, $n:expr, $conv:expr) => {
-                ArrayD::from_shape_vec(sh, b.chunks_exact($n).map($conv).collect::<Vec<$ty>>())
-                    .ok()?
-            };
+        fn rd<T, const N: usize>(
+            t: &Tensor,
+            sh: IxDyn,
+            conv: impl Fn([u8; N]) -> T,
+        ) -> Option<ArrayD<T>> {
+            let mut v: Vec<T> = Vec::new();
+            v.try_reserve_exact(usize::try_from(t.numel()).ok()?).ok()?;
+            t.for_each_chunk(&mut |c| {
+                v.extend(c.chunks_exact(N).map(|e| conv(e.try_into().unwrap())));
+                Ok(())
+            })
+            .ok()?;
+            ArrayD::from_shape_vec(sh, v).ok()
         }
+        let sh = IxDyn(&dims_of(t));
         Some(match t.dtype().ok()? {
-            DataType::F32 => Array::F32(rd!(f32, 4, |c| f32::from_le_bytes(c.try_into().unwrap()))),
-            DataType::F64 => Array::F64(rd!(f64, 8, |c| f64::from_le_bytes(c.try_into().unwrap()))),
-            DataType::F16 => Array::F16(rd!(half::f16, 2, |c| half::f16::from_le_bytes([
-                c[0], c[1]
-            ]))),
-            DataType::I64 => Array::I64(rd!(i64, 8, |c| i64::from_le_bytes(c.try_into().unwrap()))),
-            DataType::I32 => Array::I32(rd!(i32, 4, |c| i32::from_le_bytes(c.try_into().unwrap()))),
-            DataType::I8 => Array::I8(rd!(i8, 1, |c| c[0] as i8)),
-            DataType::U8 => Array::U8(rd!(u8, 1, |c| c[0])),
-            DataType::Bool => Array::Bool(rd!(bool, 1, |c| c[0] != 0)),
+            DataType::F32 => Array::F32(rd(t, sh, f32::from_le_bytes)?),
+            DataType::F64 => Array::F64(rd(t, sh, f64::from_le_bytes)?),
+            DataType::F16 => Array::F16(rd(t, sh, half::f16::from_le_bytes)?),
+            DataType::I64 => Array::I64(rd(t, sh, i64::from_le_bytes)?),
+            DataType::I32 => Array::I32(rd(t, sh, i32::from_le_bytes)?),
+            DataType::I8 => Array::I8(rd(t, sh, |c: [u8; 1]| c[0] as i8)?),
+            DataType::U8 => Array::U8(rd(t, sh, |c: [u8; 1]| c[0])?),
+            DataType::Bool => Array::Bool(rd(t, sh, |c: [u8; 1]| c[0] != 0)?),
             _ => return None,
         })
     }
@@ -124,7 +131,12 @@ impl Array {
     /// Writes the array as a tensor named `name`.
     pub fn to_tensor(&self, name: &str) -> Tensor {
         fn bytes<T: Copy, const N: usize>(a: &ArrayD<T>, f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-            a.iter().flat_map(|v| f(*v)).collect()
+            let mut out = Vec::with_capacity(a.len() * N);
+            match a.as_slice() {
+                Some(s) => s.iter().for_each(|v| out.extend_from_slice(&f(*v))),
+                None => a.iter().for_each(|v| out.extend_from_slice(&f(*v))),
+            }
+            out
         }
         let raw = match self {
             Array::F32(a) => bytes(a, f32::to_le_bytes),

@@ -13,6 +13,7 @@ pub mod pass;
 pub mod print;
 pub mod rawstr;
 pub mod safetensors;
+pub mod spill;
 pub mod stats;
 pub mod tensor;
 pub mod validate;

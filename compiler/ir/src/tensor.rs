@@ -145,8 +145,18 @@ impl Tensor {
         })
     }
 
-    /// A new tensor from little-endian raw bytes.
+    /// A new tensor from little-endian raw bytes. Large ones go to the scratch file when one is
+    /// on (see `spill`): the bytes are written there and dropped from memory.
     pub fn from_raw(name: &str, dtype: DataType, dims: &[i64], raw: Vec<u8>) -> Result<Self> {
+        if let Some(slice) = crate::spill::spill(&raw) {
+            let proto = TensorProto {
+                name: name.to_string(),
+                data_type: dtype.code(),
+                dims: dims.to_vec(),
+                ..Default::default()
+            };
+            return Tensor::with_external(proto, slice);
+        }
         let proto = TensorProto {
             name: name.to_string(),
             data_type: dtype.code(),

@@ -1,0 +1,107 @@
+//! Where large tensors that passes make live: a scratch file instead of memory.
+//!
+//! Memory model of wcc (what is resident when):
+//! - Reading: the model's structure and its small tensors are in memory; every tensor of 4 KiB or
+//!   more in the main graph, and all external data, stay in their files (mmapped, read with
+//!   positioned reads where a whole tensor is scanned). See `import`.
+//! - Rewriting: a pass that computes a tensor holds it (and the inputs it reads, in their own
+//!   dtype) while it computes it; a new tensor of `SPILL_MIN_BYTES` or more is then written here
+//!   and read back through an mmap, like external data. So a pass that rewrites every weight holds
+//!   about one weight at a time, not all of them. An original that nothing reads any more is
+//!   dropped with the graph's last reference to it (its bytes were never loaded).
+//! - Writing: the output is streamed, tensor by tensor, from wherever each tensor lives (see
+//!   `export`).
+//!
+//! The driver turns the store on (`enable`) for the folder it will write into, so the scratch
+//! file is on the output's filesystem; it is unlinked at once and vanishes with the process.
+//! Without a store (library use, tests), new tensors stay in memory.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use memmap2::Mmap;
+
+use crate::tensor::ExternalSlice;
+
+/// New tensors at least this large go to the scratch file.
+pub const SPILL_MIN_BYTES: usize = 1 << 20;
+
+/// Offsets in the scratch file are aligned like this (pages).
+const ALIGN: u64 = 4096;
+
+struct Store {
+    file: Arc<File>,
+    end: u64,
+}
+
+static STORE: Mutex<Option<Store>> = Mutex::new(None);
+
+/// Sends new large tensors to an (unlinked) scratch file in `dir` from now on.
+pub fn enable(dir: &Path) -> std::io::Result<()> {
+    let file = tempfile::tempfile_in(dir)?;
+    let mut s = STORE.lock().unwrap_or_else(|e| e.into_inner());
+    *s = Some(Store {
+        file: Arc::new(file),
+        end: 0,
+    });
+    Ok(())
+}
+
+/// Keeps new tensors in memory again (tensors already spilled keep their file).
+pub fn disable() {
+    *STORE.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+/// Whether a store is on.
+pub fn enabled() -> bool {
+    STORE.lock().map(|s| s.is_some()).unwrap_or(false)
+}
+
+/// Writes `bytes` to the scratch file and gives them back as a mapped slice; None (keep them in
+/// memory) when they are small, no store is on, or the file cannot take them.
+pub(crate) fn spill(bytes: &[u8]) -> Option<ExternalSlice> {
+    if bytes.len() < SPILL_MIN_BYTES {
+        return None;
+    }
+    let mut guard = STORE.lock().ok()?;
+    let store = guard.as_mut()?;
+    let offset = store.end.div_ceil(ALIGN) * ALIGN;
+    store.file.write_all_at(bytes, offset).ok()?;
+    store.end = offset + bytes.len() as u64;
+    // SAFETY: the scratch file is private to this process (unlinked at creation) and its written
+    // ranges are never written again.
+    let map = unsafe { Mmap::map(&*store.file) }.ok()?;
+    Some(ExternalSlice {
+        map: Arc::new(map),
+        file: store.file.clone(),
+        offset: usize::try_from(offset).ok()?,
+        len: bytes.len(),
+        embedded: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{DataType, Tensor};
+
+    #[test]
+    fn large_new_tensors_go_to_the_scratch_file_and_read_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        super::enable(dir.path()).unwrap();
+        let big: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
+        let t = Tensor::from_raw("w", DataType::U8, &[big.len() as i64], big.clone()).unwrap();
+        let small = Tensor::from_raw("s", DataType::U8, &[16], vec![3; 16]).unwrap();
+        let t2 = Tensor::from_raw("w2", DataType::U8, &[big.len() as i64], big.clone()).unwrap();
+        super::disable();
+        assert!(t.is_mapped() && t2.is_mapped(), "large tensors are spilled");
+        assert!(!t.is_external(), "spilled tensors are not external data");
+        assert!(!small.is_mapped(), "small tensors stay in memory");
+        assert_eq!(&*t.raw_bytes().unwrap(), &big[..]);
+        assert_eq!(&*t2.raw_bytes().unwrap(), &big[..]);
+        assert_eq!(t.content_hash(), t2.content_hash());
+        let kept = Tensor::from_raw("m", DataType::U8, &[big.len() as i64], big).unwrap();
+        assert!(!kept.is_mapped(), "without a store, memory");
+    }
+}
