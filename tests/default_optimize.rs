@@ -208,3 +208,52 @@ fn verify_lists_the_caches_layer_dropping_removed() {
         "{text}"
     );
 }
+
+#[test]
+fn a_model_over_the_verification_budget_is_written_and_said_unverified() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.onnx");
+    let report = dir.path().join("r.json");
+    let run = |extra: &[&str]| {
+        let _ = std::fs::remove_file(&out);
+        wcc()
+            .arg("optimize")
+            .arg(fixture_path("bert.legacy"))
+            .args(extra)
+            .arg("-o")
+            .arg(&out)
+            .arg("--report")
+            .arg(&report)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--verify-memory", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_no_crash(&err);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning: not verified") && err.contains("--verify-memory budget"),
+        "{err}"
+    );
+    assert!(out.is_file());
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r["verification"].is_null());
+    assert!(r["not_verified"]
+        .as_str()
+        .unwrap()
+        .contains("--verify-memory"));
+    // With a gate, a verification that cannot run is an error, and nothing is written.
+    let o = run(&["--verify-memory", "0", "--min-cosine", "0.99"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_no_crash(&err);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--verify-memory budget"), "{err}");
+    assert!(!out.exists());
+    // Under the default budget the same model verifies.
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(0));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r["not_verified"].is_null() && !r["verification"].is_null());
+}

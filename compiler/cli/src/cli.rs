@@ -175,6 +175,11 @@ pub struct OptimizeArgs {
     /// Skip running original and result (no fidelity figures; not allowed with a gate).
     #[arg(long)]
     pub no_verify: bool,
+    /// Most memory verification may take, in GiB (about 3 times the original's weights plus the
+    /// result's changed ones); a model that needs more is written unverified, with a warning
+    /// and `not_verified` in the report saying so.
+    #[arg(long, value_name = "GIB", default_value_t = wcc_driver::optimize::DEFAULT_VERIFY_MEMORY_GIB)]
+    pub verify_memory: f64,
     #[command(flatten)]
     pub exec: ExecArgs,
     #[command(flatten)]
@@ -242,6 +247,7 @@ impl OptimizeArgs {
             exec: self.exec.options(),
             gate: self.gate.gate(),
             verify: !self.no_verify,
+            verify_memory_bytes: (self.verify_memory.max(0.0) * (1u64 << 30) as f64) as u64,
             external_data: self.external_data,
             ..OptimizeOptions::new(&self.model)
         }
