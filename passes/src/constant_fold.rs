@@ -67,8 +67,8 @@ impl Held {
     /// An initializer: large ones are not loaded until a node reads them.
     fn initializer(t: &wcc_ir::Tensor) -> Option<Held> {
         if t.byte_size() >= HOLD_AS_TENSOR_BYTES {
-            use wcc_ir::DataType::*;
-            matches!(t.dtype(), Ok(F32 | F64 | F16 | I64 | I32 | I8 | U8 | Bool))
+            t.dtype()
+                .is_ok_and(Array::covers)
                 .then(|| Held::Stored(Box::new(t.clone())))
         } else {
             Array::from_tensor(t).map(Held::Array)

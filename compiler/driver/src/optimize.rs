@@ -111,16 +111,12 @@ const VERIFY_COPIES: u64 = 3;
 /// (`verify::side_by_side` shares those). Activations at verification's small dims are left out.
 pub fn verify_bytes(original: &Model, result: &Model) -> u64 {
     let orig = wcc_ir::export::tensor_bytes(original);
+    let kept = crate::verify::kept_initializers(original, result);
     let changed: u64 = result
         .graph
         .initializers
         .iter()
-        .filter(|t| {
-            !original
-                .graph
-                .initializer(t.name())
-                .is_some_and(|o| o.same_storage(t))
-        })
+        .filter(|t| !kept.contains(t.name()))
         .map(|t| t.byte_size())
         .sum();
     (orig + changed).saturating_mul(VERIFY_COPIES)

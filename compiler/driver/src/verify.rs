@@ -106,16 +106,7 @@ pub fn side_by_side(original: &Model, result: &Model) -> Option<Model> {
         return None;
     }
     let mut keep: HashSet<String> = result.graph.inputs.iter().map(|v| v.name.clone()).collect();
-    let mut shared: HashSet<String> = HashSet::new();
-    for t in &result.graph.initializers {
-        if original
-            .graph
-            .initializer(t.name())
-            .is_some_and(|o| o.same_storage(t))
-        {
-            shared.insert(t.name().to_string());
-        }
-    }
+    let shared = kept_initializers(original, result);
     keep.extend(shared.iter().cloned());
     let rename = |s: &str| -> String {
         if s.is_empty() || keep.contains(s) {
@@ -137,6 +128,23 @@ pub fn side_by_side(original: &Model, result: &Model) -> Option<Model> {
     g.value_info.extend(r.value_info);
     g.outputs.extend(r.outputs);
     Some(joint)
+}
+
+/// The result's initializers that are the original's, unchanged (same name and storage).
+pub fn kept_initializers(original: &Model, result: &Model) -> HashSet<String> {
+    let by_name: std::collections::HashMap<&str, &wcc_ir::Tensor> = original
+        .graph
+        .initializers
+        .iter()
+        .map(|t| (t.name(), t))
+        .collect();
+    result
+        .graph
+        .initializers
+        .iter()
+        .filter(|t| by_name.get(t.name()).is_some_and(|o| o.same_storage(t)))
+        .map(|t| t.name().to_string())
+        .collect()
 }
 
 /// Applies `rename` to every value and node name of `g` and its subgraphs (graph inputs

@@ -96,6 +96,12 @@ impl Array {
         self.dtype().storage_bytes(self.len() as u64).unwrap_or(0)
     }
 
+    /// Whether the evaluator holds values of this dtype (what `from_tensor` reads).
+    pub fn covers(d: DataType) -> bool {
+        use DataType::*;
+        matches!(d, F32 | F64 | F16 | I64 | I32 | I8 | U8 | Bool)
+    }
+
     /// Reads a tensor (None for dtypes the evaluator does not cover), decoding its bytes chunk by
     /// chunk: data in a mapped file is read with positioned reads, so the only copy made is the
     /// array itself (the map's pages never become part of wcc's resident memory).

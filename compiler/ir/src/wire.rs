@@ -195,8 +195,8 @@ impl Piece<'_> {
 }
 
 impl Skeleton<'_> {
-    /// Writes the model, calling `data(index, out)` where each hole's bytes go; `data` must write
-    /// exactly the announced length. None when the skeleton is not what `holes` says.
+    /// The model as pieces to write in order: bytes of the skeleton, fixed-up headers, and the
+    /// holes' data. None when the skeleton is not what `holes` says.
     fn pieces(&self) -> Option<Vec<Piece<'_>>> {
         let b = self.bytes;
         let holes = self.holes;
@@ -247,16 +247,6 @@ impl Skeleton<'_> {
             out.extend(graph);
         }
         Some(out)
-    }
-
-    /// The model's total length.
-    pub fn len(&self) -> Option<u64> {
-        Some(self.pieces()?.iter().map(|p| p.len(self.holes)).sum())
-    }
-
-    /// Whether the model is empty (never, for a model with a graph).
-    pub fn is_empty(&self) -> bool {
-        self.len() == Some(0)
     }
 
     /// Writes the model; `data(index, out)` writes hole `index`'s bytes (exactly its length).
@@ -347,7 +337,6 @@ mod tests {
         let mut out = vec![];
         sk.write(&mut out, &mut |k, w| w.write_all(&raws[k]))
             .unwrap();
-        assert_eq!(sk.len(), Some(whole.len() as u64));
         assert_eq!(out, whole);
     }
 
