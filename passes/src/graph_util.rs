@@ -25,30 +25,15 @@ pub fn use_counts(g: &Graph) -> HashMap<String, usize> {
 }
 
 /// Replaces every read of `from` by `to` in `g` and its subgraphs (node inputs and subgraph
-/// outputs that refer to outer values; graph outputs of `g` itself are left alone).
+/// outputs that refer to outer values; graph outputs of `g` itself are left alone). For many
+/// renames at once, `rename_all` does them in one sweep.
 pub fn rename_uses(g: &mut Graph, from: &str, to: &str) {
-    for n in &mut g.nodes {
-        for i in &mut n.inputs {
-            if i == from {
-                *i = to.to_string();
-            }
-        }
-        for a in &mut n.attributes {
-            for sg in &mut a.graphs {
-                rename_uses(sg, from, to);
-                for o in &mut sg.outputs {
-                    if o.name == from {
-                        o.name = to.to_string();
-                    }
-                }
-            }
-        }
-    }
+    rename_all(g, &HashMap::from([(from.to_string(), to.to_string())]));
 }
 
-/// Replaces every read of a key of `map` by its value, in `g` and its subgraphs, in one sweep
-/// (as `rename_uses` for each pair, but linear in the graph's size). `map` must be resolved: no
-/// value is itself a key.
+/// Replaces every read of a key of `map` by its value, in `g` and its subgraphs (node inputs and
+/// subgraph outputs that refer to outer values; graph outputs of `g` itself are left alone), in
+/// one sweep. `map` must be resolved (see `resolve_chains`): no value is itself a key.
 pub fn rename_all(g: &mut Graph, map: &HashMap<String, String>) {
     if map.is_empty() {
         return;

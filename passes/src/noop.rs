@@ -153,28 +153,24 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
     // A no-op whose output is a graph output: the value it passes through is renamed to the
     // output instead, when a node that stays makes that value and it is neither a graph input nor
     // a graph output (and no other output claimed it first).
-    let producer: HashMap<&str, usize> = g
+    let made_by_kept: HashSet<&str> = g
         .nodes
         .iter()
-        .enumerate()
-        .filter(|(i, _)| !removed[*i])
-        .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i)))
+        .zip(&removed)
+        .filter(|(_, r)| !**r)
+        .flat_map(|(n, _)| n.outputs.iter().map(String::as_str))
         .collect();
     let mut claimed: HashMap<String, String> = HashMap::new();
-    let mut claimed_by: Vec<usize> = vec![];
     for (i, inp, out) in at_output {
         let root = subst.get(&inp).cloned().unwrap_or(inp);
         if outputs.contains(&root)
             || graph_inputs.contains(root.as_str())
             || claimed.contains_key(&root)
-            || !producer.contains_key(root.as_str())
+            || !made_by_kept.contains(root.as_str())
         {
             continue;
         }
         claimed.insert(root, out);
-        claimed_by.push(i);
-    }
-    for i in claimed_by {
         removed[i] = true;
     }
     for to in subst.values_mut() {

@@ -272,8 +272,7 @@ fn graph_proto(g: &Graph, sink: &mut Sink) -> Result<GraphProto> {
     // Subgraphs embed their tensors (or send them to the external file): only the main graph's
     // initializers are streamed into place.
     let mut inner = match sink {
-        Sink::Holes(_) => Sink::Embed,
-        Sink::Embed => Sink::Embed,
+        Sink::Holes(_) | Sink::Embed => Sink::Embed,
         Sink::External(s) => Sink::External(s),
     };
     p.node = g
