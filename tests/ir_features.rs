@@ -564,3 +564,89 @@ fn folded_values_keep_their_rank() {
     .unwrap();
     assert_eq!(r[0].1.to_f64_vec(), vec![3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
 }
+
+/// Large weights run through elementwise ops (per-column Mul, per-row Add, a Cast down to f16 and
+/// back) fold piece by piece in the CLI (into the scratch file beside the output) to exactly what
+/// ONNX Runtime computes from the original.
+#[test]
+fn large_weights_fold_piece_by_piece_exactly() {
+    let (rows, cols) = (1500i64, 1200i64);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut w = tensor("w", 1, &[rows, cols]);
+    w.raw_data = (0..rows * cols)
+        .flat_map(|_| next().to_le_bytes())
+        .collect();
+    let mut c = tensor("c", 1, &[cols]);
+    c.float_data = (0..cols).map(|_| next() * 3.0).collect();
+    let mut r = tensor("r", 1, &[rows, 1]);
+    r.float_data = (0..rows).map(|_| next()).collect();
+    let cast = |inp: &str, out: &str, to: i64| {
+        let mut n = node("Cast", "", &[inp], &[out]);
+        n.attribute.push(AttributeProto {
+            name: "to".into(),
+            type_: AttributeType::INT.into(),
+            i: to,
+            ..Default::default()
+        });
+        n
+    };
+    let m = ModelProto {
+        ir_version: 8,
+        opset_import: vec![opset("", 17)],
+        graph: protobuf::MessageField::some(GraphProto {
+            name: "g".into(),
+            node: vec![
+                node("Mul", "", &["w", "c"], &["a"]),
+                node("Add", "", &["a", "r"], &["b"]),
+                cast("b", "h", 10),
+                cast("h", "wf", 1),
+                node("Relu", "", &["wf"], &["p"]),
+                node("Add", "", &["x", "p"], &["y"]),
+            ],
+            initializer: vec![w, c, r],
+            input: vec![vi("x", 1, &[1, cols])],
+            output: vec![vi("y", 1, &[rows, cols])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("m.onnx"), dir.path().join("o.onnx"));
+    std::fs::write(&src, m.write_to_bytes().unwrap()).unwrap();
+    let st = wcc()
+        .args(["optimize", "-O1", "--no-verify"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&dst)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let a = wcc_ir::import::load(&src).unwrap();
+    let b = wcc_ir::import::load(&dst).unwrap();
+    let ops: Vec<&str> = b.graph.nodes.iter().map(|n| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["Add"], "the weight chain folds into one initializer");
+    let x: Vec<f32> = (0..cols).map(|i| i as f32 * 0.01 - 5.0).collect();
+    let inputs = vec![(
+        "x".to_string(),
+        wcc_ir::eval::Array::F32(
+            ndarray::ArrayD::from_shape_vec(vec![1, cols as usize], x).unwrap(),
+        ),
+    )];
+    let ort = ort();
+    let (ra, rb) = (
+        run(&ort, &a, &inputs).unwrap(),
+        run(&ort, &b, &inputs).unwrap(),
+    );
+    let cmp = wcc_runtime::compare_outputs(&ra, &rb).unwrap();
+    assert!(cmp.iter().all(|f| f.bitwise_equal), "{cmp:?}");
+}

@@ -95,6 +95,108 @@ impl Held {
     }
 }
 
+/// Bytes of the large input read per piece by `fold_streamed`.
+const STREAM_PIECE_BYTES: usize = 4 << 20;
+
+/// Folds an elementwise node (`ops::broadcasts`: Mul, Add, Relu, Cast…) whose one large input is
+/// held as a tensor and whose other inputs are small arrays that broadcast into it: piece by
+/// piece along its first axis longer than 1, each piece of the large input is read, evaluated by
+/// the node's own evaluator and written to the result (to the scratch file when it is on), so
+/// neither the whole input nor the whole result is in memory at once, and no wider copy of either
+/// is made. None (the caller evaluates the node whole) when the node does not have that form.
+fn fold_streamed(
+    n: &wcc_ir::Node,
+    values: &HashMap<String, Held>,
+    opset: i64,
+) -> Option<wcc_ir::Tensor> {
+    if !wcc_ir::ops::broadcasts(n) || n.outputs.len() != 1 || n.outputs[0].is_empty() {
+        return None;
+    }
+    let big_names: BTreeSet<&str> = n
+        .present_inputs()
+        .filter(|i| matches!(values.get(*i), Some(Held::Stored(_))))
+        .collect();
+    let [big_name] = big_names.into_iter().collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    let Some(Held::Stored(big)) = values.get(big_name) else {
+        return None;
+    };
+    let dtype = big.dtype().ok().filter(|d| Array::covers(*d))?;
+    let shape: Vec<usize> = big
+        .dims()
+        .iter()
+        .map(|d| usize::try_from(*d).ok())
+        .collect::<Option<_>>()?;
+    let rank = shape.len();
+    // Every other input broadcasts into the large one's shape without growing it.
+    let small = |i: &str| match values.get(i) {
+        Some(Held::Array(a)) => Some(a),
+        _ => None,
+    };
+    for i in n.present_inputs().filter(|i| *i != big_name) {
+        let s = small(i)?.shape();
+        if s.len() > rank
+            || !s
+                .iter()
+                .zip(&shape[rank - s.len()..])
+                .all(|(a, b)| *a == 1 || a == b)
+        {
+            return None;
+        }
+    }
+    let ax = shape.iter().position(|d| *d > 1)?;
+    let row_bytes =
+        usize::try_from(dtype.storage_bytes(shape[ax + 1..].iter().product::<usize>() as u64)?)
+            .ok()?;
+    let rows = (STREAM_PIECE_BYTES / row_bytes.max(1)).max(1);
+    let numel = big.numel();
+    let mut out: Option<(wcc_ir::spill::Writer, wcc_ir::DataType)> = None;
+    let mut r0 = 0;
+    while r0 < shape[ax] {
+        let r1 = (r0 + rows).min(shape[ax]);
+        let mut piece_shape = shape.clone();
+        piece_shape[ax] = r1 - r0;
+        let bytes = big.read_range(r0 * row_bytes, (r1 - r0) * row_bytes).ok()?;
+        let piece = Array::from_le_bytes(dtype, &piece_shape, &bytes)?;
+        drop(bytes);
+        // The other inputs' rows for this piece: sliced where they run along the axis.
+        let sliced: Vec<Option<Array>> = n
+            .inputs
+            .iter()
+            .map(|i| {
+                let a = small(i)?;
+                let k = (ax + a.shape().len()).checked_sub(rank)?;
+                (a.shape()[k] == shape[ax]).then(|| a.slice_axis(k, r0, r1))?
+            })
+            .collect();
+        let inputs: Vec<Option<&Array>> = n
+            .inputs
+            .iter()
+            .zip(&sliced)
+            .map(|(i, s)| match s {
+                _ if i.is_empty() => None,
+                _ if i == big_name => Some(&piece),
+                Some(s) => Some(s),
+                None => small(i),
+            })
+            .collect();
+        let res = eval_node(n, &inputs, opset)?.pop()?;
+        if res.shape() != piece_shape.as_slice() {
+            return None;
+        }
+        if out.is_none() {
+            let len = usize::try_from(res.dtype().storage_bytes(numel)?).ok()?;
+            out = Some((wcc_ir::spill::Writer::new(len)?, res.dtype()));
+        }
+        let (w, _) = out.as_mut()?;
+        w.write(&res.to_le_bytes()).ok()?;
+        r0 = r1;
+    }
+    let (w, out_dtype) = out?;
+    w.finish(&n.outputs[0], out_dtype, big.dims()).ok()
+}
+
 fn guard_ok(out_bytes: u64, in_bytes: u64) -> bool {
     out_bytes <= GUARD_SMALL_BYTES.max(in_bytes.saturating_mul(GUARD_FACTOR))
 }
@@ -164,6 +266,13 @@ fn fold_graph(
             src = src.saturating_add(src_bytes[i]);
         }
         if !ok {
+            continue;
+        }
+        // An elementwise node over one large value is evaluated piece by piece.
+        if let Some(t) = fold_streamed(n, &values, opset) {
+            src_bytes.insert(n.outputs[0].clone(), src);
+            values.insert(n.outputs[0].clone(), Held::Stored(Box::new(t)));
+            folded.insert(idx);
             continue;
         }
         // Large inputs are read back for this node only.

@@ -53,6 +53,10 @@ macro_rules! each_opt {
 }
 pub(crate) use each_opt;
 
+/// Passes a value's bytes, in order and in pieces, to the function it is given; false when it
+/// could not read them all.
+type Feed<'a> = &'a mut dyn FnMut(&mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> bool;
+
 fn dims_of(t: &Tensor) -> Vec<usize> {
     t.dims().iter().map(|d| *d as usize).collect()
 }
@@ -106,36 +110,53 @@ impl Array {
     /// chunk: data in a mapped file is read with positioned reads, so the only copy made is the
     /// array itself (the map's pages never become part of wcc's resident memory).
     pub fn from_tensor(t: &Tensor) -> Option<Array> {
+        let dims = dims_of(t);
+        Array::decode(t.dtype().ok()?, &dims, &mut |f| t.for_each_chunk(f).is_ok())
+    }
+
+    /// An array of `dtype` and `shape` from its little-endian bytes (None when they do not fit).
+    pub fn from_le_bytes(dtype: DataType, shape: &[usize], bytes: &[u8]) -> Option<Array> {
+        let want = dtype.storage_bytes(shape.iter().product::<usize>() as u64)?;
+        if want != bytes.len() as u64 {
+            return None;
+        }
+        Array::decode(dtype, shape, &mut |f| f(bytes).is_ok())
+    }
+
+    /// Decodes the bytes that `feed` passes, in order and in pieces, to the function it is given.
+    fn decode(dtype: DataType, shape: &[usize], feed: Feed) -> Option<Array> {
         fn rd<T, const N: usize>(
-            t: &Tensor,
-            sh: IxDyn,
+            shape: &[usize],
+            feed: Feed,
             conv: impl Fn([u8; N]) -> T,
         ) -> Option<ArrayD<T>> {
             let mut v: Vec<T> = Vec::new();
-            v.try_reserve_exact(usize::try_from(t.numel()).ok()?).ok()?;
-            t.for_each_chunk(&mut |c| {
+            v.try_reserve_exact(shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d))?)
+                .ok()?;
+            let mut ok = true;
+            let fed = feed(&mut |c| {
+                ok &= c.len() % N == 0;
                 v.extend(c.chunks_exact(N).map(|e| conv(e.try_into().unwrap())));
                 Ok(())
-            })
-            .ok()?;
-            ArrayD::from_shape_vec(sh, v).ok()
+            });
+            (fed && ok).then_some(())?;
+            ArrayD::from_shape_vec(IxDyn(shape), v).ok()
         }
-        let sh = IxDyn(&dims_of(t));
-        Some(match t.dtype().ok()? {
-            DataType::F32 => Array::F32(rd(t, sh, f32::from_le_bytes)?),
-            DataType::F64 => Array::F64(rd(t, sh, f64::from_le_bytes)?),
-            DataType::F16 => Array::F16(rd(t, sh, half::f16::from_le_bytes)?),
-            DataType::I64 => Array::I64(rd(t, sh, i64::from_le_bytes)?),
-            DataType::I32 => Array::I32(rd(t, sh, i32::from_le_bytes)?),
-            DataType::I8 => Array::I8(rd(t, sh, |c: [u8; 1]| c[0] as i8)?),
-            DataType::U8 => Array::U8(rd(t, sh, |c: [u8; 1]| c[0])?),
-            DataType::Bool => Array::Bool(rd(t, sh, |c: [u8; 1]| c[0] != 0)?),
+        Some(match dtype {
+            DataType::F32 => Array::F32(rd(shape, feed, f32::from_le_bytes)?),
+            DataType::F64 => Array::F64(rd(shape, feed, f64::from_le_bytes)?),
+            DataType::F16 => Array::F16(rd(shape, feed, half::f16::from_le_bytes)?),
+            DataType::I64 => Array::I64(rd(shape, feed, i64::from_le_bytes)?),
+            DataType::I32 => Array::I32(rd(shape, feed, i32::from_le_bytes)?),
+            DataType::I8 => Array::I8(rd(shape, feed, |c: [u8; 1]| c[0] as i8)?),
+            DataType::U8 => Array::U8(rd(shape, feed, |c: [u8; 1]| c[0])?),
+            DataType::Bool => Array::Bool(rd(shape, feed, |c: [u8; 1]| c[0] != 0)?),
             _ => return None,
         })
     }
 
-    /// Writes the array as a tensor named `name`.
-    pub fn to_tensor(&self, name: &str) -> Tensor {
+    /// The values as little-endian bytes, in row-major order (a tensor's `raw_data`).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
         fn bytes<T: Copy, const N: usize>(a: &ArrayD<T>, f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
             let mut out = Vec::with_capacity(a.len() * N);
             match a.as_slice() {
@@ -144,7 +165,7 @@ impl Array {
             }
             out
         }
-        let raw = match self {
+        match self {
             Array::F32(a) => bytes(a, f32::to_le_bytes),
             Array::F64(a) => bytes(a, f64::to_le_bytes),
             Array::F16(a) => bytes(a, half::f16::to_le_bytes),
@@ -153,9 +174,24 @@ impl Array {
             Array::I8(a) => bytes(a, |v: i8| [v as u8]),
             Array::U8(a) => bytes(a, |v: u8| [v]),
             Array::Bool(a) => bytes(a, |v: bool| [v as u8]),
-        };
+        }
+    }
+
+    /// Writes the array as a tensor named `name`.
+    pub fn to_tensor(&self, name: &str) -> Tensor {
         let dims: Vec<i64> = self.shape().iter().map(|d| *d as i64).collect();
-        Tensor::from_raw(name, self.dtype(), &dims, raw).expect("evaluator output is consistent")
+        Tensor::from_raw(name, self.dtype(), &dims, self.to_le_bytes())
+            .expect("evaluator output is consistent")
+    }
+
+    /// Indices `start..end` along `axis` (None when out of range).
+    pub fn slice_axis(&self, axis: usize, start: usize, end: usize) -> Option<Array> {
+        let n = *self.shape().get(axis)?;
+        if start > end || end > n {
+            return None;
+        }
+        let s = ndarray::Slice::from(start..end);
+        Some(each!(self, a => a.slice_axis(ndarray::Axis(axis), s).to_owned()))
     }
 
     /// Values as i64 (integer and bool arrays only).

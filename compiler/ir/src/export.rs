@@ -215,12 +215,23 @@ impl ExternalSink {
         let pad = (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
         self.out.write_all(&vec![0u8; pad as usize]).map_err(werr)?;
         self.offset += pad;
-        let out = &mut self.out;
-        let mut len = 0usize;
-        t.for_each_chunk(&mut |c| {
-            len += c.len();
-            out.write_all(c)
-        })?;
+        let len = match t.file_range() {
+            // Bytes already in a file are copied by the kernel, page cache to page cache.
+            Some((file, at, len)) => {
+                self.out.flush().map_err(werr)?;
+                copy_range(file, at, self.out.get_ref(), len).map_err(werr)?;
+                len
+            }
+            None => {
+                let out = &mut self.out;
+                let mut len = 0usize;
+                t.for_each_chunk(&mut |c| {
+                    len += c.len();
+                    out.write_all(c)
+                })?;
+                len
+            }
+        };
         let mut p = t.header_proto();
         let entry = |k: &str, v: String| StringStringEntryProto {
             key: k.into(),
@@ -236,6 +247,58 @@ impl ExternalSink {
         self.offset += len as u64;
         Ok(p)
     }
+}
+
+/// Appends `len` bytes of `src` from offset `at` to `dst` (at its current position), with
+/// `copy_file_range` (no copy through wcc's memory); with reads and writes where the kernel or
+/// the filesystems cannot.
+fn copy_range(src: &File, at: u64, mut dst: &File, len: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let mut off = i64::try_from(at).map_err(std::io::Error::other)?;
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: both descriptors are open for the duration of the call; `off` is a valid
+        // pointer; a null output offset means dst's own position, which the call advances.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off,
+                dst.as_raw_fd(),
+                std::ptr::null_mut(),
+                left,
+                0,
+            )
+        };
+        if n > 0 {
+            left -= n as usize;
+            continue;
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "source ended early",
+            ));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM) => {
+                break
+            }
+            _ => return Err(e),
+        }
+    }
+    // Fallback for what the kernel would not copy.
+    let mut buf = vec![0u8; left.min(4 << 20)];
+    while left > 0 {
+        let n = left.min(buf.len());
+        src.read_exact_at(&mut buf[..n], off as u64)?;
+        dst.write_all(&buf[..n])?;
+        off += n as i64;
+        left -= n;
+    }
+    Ok(())
 }
 
 /// Where tensor data goes while the message is built.

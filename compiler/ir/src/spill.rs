@@ -82,12 +82,112 @@ pub(crate) fn spill(bytes: &[u8]) -> Option<ExternalSlice> {
     })
 }
 
+/// A new tensor written piece by piece (a folded weight computed chunk by chunk): its bytes go
+/// straight to a reserved range of the scratch file when a store is on and the tensor is large,
+/// else to memory. Nothing of it is resident but the piece being written.
+pub struct Writer {
+    dest: Dest,
+    len: usize,
+    done: usize,
+}
+
+enum Dest {
+    File { file: Arc<File>, offset: u64 },
+    Memory(Vec<u8>),
+}
+
+impl Writer {
+    /// A writer for exactly `len` bytes; None when they cannot be held in memory.
+    pub fn new(len: usize) -> Option<Writer> {
+        let reserved = (len >= SPILL_MIN_BYTES)
+            .then(|| {
+                let mut guard = STORE.lock().ok()?;
+                let store = guard.as_mut()?;
+                let offset = store.end.div_ceil(ALIGN) * ALIGN;
+                store.end = offset.checked_add(len as u64)?;
+                Some(Dest::File {
+                    file: store.file.clone(),
+                    offset,
+                })
+            })
+            .flatten();
+        let dest = match reserved {
+            Some(d) => d,
+            None => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(len).ok()?;
+                Dest::Memory(v)
+            }
+        };
+        Some(Writer { dest, len, done: 0 })
+    }
+
+    /// Appends `bytes`; refuses more than the length the writer was made for.
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if bytes.len() > self.len - self.done {
+            return Err(std::io::Error::other("more bytes than reserved"));
+        }
+        match &mut self.dest {
+            Dest::File { file, offset } => file.write_all_at(bytes, *offset + self.done as u64)?,
+            Dest::Memory(v) => v.extend_from_slice(bytes),
+        }
+        self.done += bytes.len();
+        Ok(())
+    }
+
+    /// The finished tensor (all reserved bytes must have been written).
+    pub fn finish(
+        self,
+        name: &str,
+        dtype: crate::DataType,
+        dims: &[i64],
+    ) -> crate::Result<crate::Tensor> {
+        use crate::error::IrError;
+        if self.done != self.len {
+            return Err(IrError::tensor(
+                name,
+                format!("{} of {} bytes written", self.done, self.len),
+            ));
+        }
+        let proto = onnx_protobuf::TensorProto {
+            name: name.to_string(),
+            data_type: dtype.code(),
+            dims: dims.to_vec(),
+            ..Default::default()
+        };
+        match self.dest {
+            Dest::Memory(raw) => crate::Tensor::from_proto(onnx_protobuf::TensorProto {
+                raw_data: raw,
+                ..proto
+            }),
+            Dest::File { file, offset } => {
+                // SAFETY: as in `spill`: a private scratch file whose written ranges never change.
+                let map = unsafe { Mmap::map(&*file) }
+                    .map_err(|e| IrError::tensor(name, format!("mapping scratch data: {e}")))?;
+                let slice = ExternalSlice {
+                    map: Arc::new(map),
+                    file,
+                    offset: usize::try_from(offset)
+                        .map_err(|_| IrError::tensor(name, "scratch offset"))?,
+                    len: self.len,
+                    embedded: true,
+                };
+                crate::Tensor::with_external(proto, slice)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::{DataType, Tensor};
 
+    /// The store is global: tests that turn it on take turns.
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn large_new_tensors_go_to_the_scratch_file_and_read_back_the_same() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         super::enable(dir.path()).unwrap();
         let big: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
@@ -103,5 +203,35 @@ mod tests {
         assert_eq!(t.content_hash(), t2.content_hash());
         let kept = Tensor::from_raw("m", DataType::U8, &[big.len() as i64], big).unwrap();
         assert!(!kept.is_mapped(), "without a store, memory");
+    }
+
+    #[test]
+    fn a_writer_streams_pieces_into_a_reserved_range() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(3 << 20)).map(|i| (i % 253) as u8).collect();
+        let write = |w: &mut super::Writer| {
+            for piece in big.chunks(1 << 19) {
+                w.write(piece).unwrap();
+            }
+        };
+        super::enable(dir.path()).unwrap();
+        let mut w = super::Writer::new(big.len()).unwrap();
+        // Another spill between the reservation and the writes must not land in the range.
+        let other = Tensor::from_raw("o", DataType::U8, &[2 << 20], vec![7; 2 << 20]).unwrap();
+        write(&mut w);
+        assert!(w.write(&[1]).is_err(), "no more than reserved");
+        let t = w.finish("w", DataType::U8, &[big.len() as i64]).unwrap();
+        super::disable();
+        assert!(t.is_mapped());
+        assert_eq!(&*t.raw_bytes().unwrap(), &big[..]);
+        assert!(other.raw_bytes().unwrap().iter().all(|b| *b == 7));
+        let mut m = super::Writer::new(big.len()).unwrap();
+        write(&mut m);
+        let t = m.finish("m", DataType::U8, &[big.len() as i64]).unwrap();
+        assert!(!t.is_mapped(), "without a store, memory");
+        assert_eq!(&*t.raw_bytes().unwrap(), &big[..]);
+        let short = super::Writer::new(4).unwrap();
+        assert!(short.finish("s", DataType::U8, &[4]).is_err(), "unfinished");
     }
 }

@@ -340,6 +340,36 @@ impl Tensor {
         }
     }
 
+    /// Bytes `at..at + len` of the data (an error past the end), read like `for_each_chunk`.
+    pub fn read_range(&self, at: usize, len: usize) -> Result<Vec<u8>> {
+        let total = usize::try_from(self.byte_size()).unwrap_or(usize::MAX);
+        if at.checked_add(len).is_none_or(|e| e > total) {
+            return Err(IrError::tensor(
+                self.name(),
+                format!("bytes {at}..+{len} are past its {total}"),
+            ));
+        }
+        match &self.external {
+            Some(ext) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; len];
+                ext.file
+                    .read_exact_at(&mut buf, (ext.offset + at) as u64)
+                    .map_err(|e| IrError::tensor(self.name(), format!("reading data: {e}")))?;
+                Ok(buf)
+            }
+            None => Ok(self.raw_bytes()?[at..at + len].to_vec()),
+        }
+    }
+
+    /// The file and byte range holding the data, when it lives in a file (external data, data
+    /// left in the model file, or the scratch file).
+    pub fn file_range(&self) -> Option<(&std::fs::File, u64, usize)> {
+        self.external
+            .as_ref()
+            .map(|e| (&*e.file, e.offset as u64, e.len))
+    }
+
     /// Up to `len` bytes at `at` (clamped), read without touching the mmap for external data.
     fn sample(&self, at: usize, len: usize) -> Vec<u8> {
         match &self.external {

@@ -492,7 +492,9 @@ fn infer_isinf(cx: &InferCx) -> Option<Vec<TensorType>> {
 }
 
 const fn unary_op(name: &'static str) -> OpDef {
-    OpDef::new(name, (1, 1), (1, 1), &[]).infer(same)
+    OpDef::new(name, (1, 1), (1, 1), &[])
+        .infer(same)
+        .broadcasting()
 }
 
 const fn unary_eval(name: &'static str) -> OpDef {
@@ -671,6 +673,7 @@ pub(super) const OPS: &[OpDef] = &[
     .check(check_cast)
     .infer(infer_cast)
     .propagate(propagate_cast)
+    .broadcasting()
     .eval(eval_cast),
     OpDef::new("CastLike", (2, 2), (1, 1), &[opt("saturate", Int)])
         .infer(infer_cast_like)

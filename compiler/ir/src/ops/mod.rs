@@ -217,7 +217,8 @@ pub struct OpDef {
     pub propagate: Option<PropagateFn>,
     pub eval: Option<EvalFn>,
     pub index: Option<IndexFn>,
-    /// Elementwise over its inputs broadcast together (numpy rules).
+    /// Elementwise over its inputs broadcast together (numpy rules; a one-input op such as Relu
+    /// or Cast trivially): each output element depends only on the input elements at its index.
     pub broadcasts: bool,
 }
 
@@ -360,7 +361,7 @@ pub fn index_inputs(n: &Node) -> Option<(usize, usize, i64)> {
     def_of(n)?.index.and_then(|f| f(n))
 }
 
-/// Whether `n` is elementwise over its inputs broadcast together (Add, Equal, Where…).
+/// Whether `n` is elementwise over its inputs broadcast together (Add, Equal, Where, Relu, Cast…).
 pub fn broadcasts(n: &Node) -> bool {
     def_of(n).is_some_and(|d| d.broadcasts)
 }
