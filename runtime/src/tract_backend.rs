@@ -44,6 +44,11 @@ fn from_tract(t: &Tensor) -> Result<Array, RunError> {
         Array::F16(t.to_plain_array_view::<f16>().map_err(err)?.to_owned())
     } else if dt == i64::datum_type() {
         Array::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned())
+    } else if dt == TDim::datum_type() {
+        // Shape values (what `Shape` makes, and arithmetic on it) are symbolic dims in tract;
+        // at concrete input dims they are numbers.
+        let t = t.cast_to::<i64>().map_err(err)?;
+        Array::I64(t.to_plain_array_view::<i64>().map_err(err)?.to_owned())
     } else if dt == i32::datum_type() {
         Array::I32(t.to_plain_array_view::<i32>().map_err(err)?.to_owned())
     } else if dt == i8::datum_type() {
@@ -67,7 +72,10 @@ impl TractModel {
         // and output types (as the dynamo exporter writes them) would clash, so drop them: tract
         // infers every intermediate shape itself.
         let onnx = tract_onnx::onnx();
-        let mut proto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(err)?;
+        // Decoded straight from the caller's bytes (tract's `proto_model_for_read` would copy
+        // them into a buffer of its own first).
+        let mut proto =
+            <tract_onnx::pb::ModelProto as prost::Message>::decode(bytes).map_err(err)?;
         if let Some(g) = proto.graph.as_mut() {
             g.value_info.clear();
             for o in &mut g.output {
@@ -75,6 +83,8 @@ impl TractModel {
             }
         }
         let mut model = onnx.model_for_proto_model(&proto).map_err(err)?;
+        // The model holds its own copies of the weights now.
+        drop(proto);
         for (i, (_, a)) in inputs.iter().enumerate() {
             let fact = InferenceFact::dt_shape_from_tensor(&to_tract(a));
             model = model.with_input_fact(i, fact).map_err(err)?;
