@@ -175,9 +175,15 @@ pub struct OptimizeArgs {
     /// Skip running original and result (no fidelity figures; not allowed with a gate).
     #[arg(long)]
     pub no_verify: bool,
-    /// Most memory verification may take, in GiB (about 3 times the original's weights plus the
-    /// result's changed ones); a model that needs more is written unverified, with a warning
-    /// and `not_verified` in the report saying so.
+    /// Run the original and the result whole, end to end, even for a lossless result (by
+    /// default one is checked region by region: each changed part of the graph beside the part
+    /// of the original it replaces).
+    #[arg(long)]
+    pub verify_whole: bool,
+    /// Most memory verification may take, in GiB (about 3 times the weights it runs: those of
+    /// the changed regions checked at once, or, run whole, the original's plus the result's
+    /// changed ones); a model that needs more is written unverified, with a warning and
+    /// `not_verified` in the report saying so.
     #[arg(long, value_name = "GIB", default_value_t = wcc_driver::optimize::DEFAULT_VERIFY_MEMORY_GIB)]
     pub verify_memory: f64,
     #[command(flatten)]
@@ -248,6 +254,7 @@ impl OptimizeArgs {
             gate: self.gate.gate(),
             verify: !self.no_verify,
             verify_memory_bytes: (self.verify_memory.max(0.0) * (1u64 << 30) as f64) as u64,
+            verify_whole: self.verify_whole,
             external_data: self.external_data,
             ..OptimizeOptions::new(&self.model)
         }

@@ -16,6 +16,7 @@ pub mod gate;
 pub mod level;
 pub mod optimize;
 pub mod pipeline;
+pub mod regions;
 pub mod render;
 pub mod report;
 pub mod verify;

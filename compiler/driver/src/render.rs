@@ -147,15 +147,43 @@ pub fn layer_drop(r: &LayerDropReport) -> String {
     s
 }
 
+/// One line for a region-by-region verification: how much was checked and the worst figures.
+fn regions_line(f: &[OutputFidelity], g: &crate::regions::RegionSummary) -> String {
+    if g.regions == 0 {
+        return "fidelity: no node changed what it computes: nothing to run\n".into();
+    }
+    let worst = |k: fn(&OutputFidelity) -> f64| f.iter().map(k).fold(0.0f64, f64::max);
+    let min_cos = f.iter().map(|o| o.cosine).fold(1.0f64, f64::min);
+    let exact = f.iter().filter(|o| o.bitwise_equal).count();
+    format!(
+        "fidelity: {} value(s) of {} changed region(s) ({} nodes, {} run(s)): max|Δ| {:.3e}, \
+         rel L2 {:.3e}, cosine ≥ {:.9}; {exact} bitwise equal\n",
+        f.len(),
+        g.regions,
+        g.nodes,
+        g.runs,
+        worst(|o| o.max_abs_error),
+        worst(|o| o.rel_l2_error),
+        min_cos
+    )
+}
+
 /// What `wcc optimize` prints after writing: the table, layer dropping, outputs removed on
 /// purpose, the verification (or why there was none), and where the result went.
 pub fn optimize(r: &OptimizeReport) -> String {
+    let by_regions = r.verification.as_ref().and_then(|v| v.regions.as_ref());
     let mut s = table(
         &r.passes,
         &r.before,
         &r.after,
-        r.verification.as_ref().map(|v| v.outputs.as_slice()),
+        r.verification
+            .as_ref()
+            .filter(|_| by_regions.is_none())
+            .map(|v| v.outputs.as_slice()),
     );
+    if let (Some(v), Some(g)) = (&r.verification, by_regions) {
+        s += &regions_line(&v.outputs, g);
+    }
     if let Some(ld) = &r.layer_drop {
         s += &layer_drop(ld);
     }

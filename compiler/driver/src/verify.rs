@@ -31,6 +31,10 @@ pub struct Verification {
     pub removed_outputs: Vec<RemovedOutput>,
     pub gate_min_cosine: Option<f64>,
     pub gate_max_rel_error: Option<f64>,
+    /// Verified region by region (`regions`): `outputs` are then the values each changed region
+    /// computes (its anchors), not the model's outputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regions: Option<crate::regions::RegionSummary>,
 }
 
 /// Why a verification could not pass.
