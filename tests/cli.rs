@@ -365,6 +365,9 @@ fn a_failed_gate_is_exit_1_and_no_output() {
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("fidelity gate failed"));
     assert!(!out.exists());
+    // The output is written while verification runs: what was written is gone too.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 
     // verify: a LoRA-adapted model against its base differs, and the gate says so.
     let o = wcc()

@@ -176,8 +176,8 @@ pub struct OptimizeArgs {
     #[arg(long)]
     pub no_verify: bool,
     /// Run the original and the result whole, end to end, even for a lossless result (by
-    /// default one is checked region by region: each changed part of the graph beside the part
-    /// of the original it replaces).
+    /// default one is checked region by region on random inputs: each changed part of the graph
+    /// beside the part of the original it replaces; gated runs and `--inputs` run whole).
     #[arg(long)]
     pub verify_whole: bool,
     /// Most memory verification may take, in GiB (about 3 times the weights it runs: those of

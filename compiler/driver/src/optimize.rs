@@ -102,15 +102,18 @@ impl OptimizeOptions {
 
 /// `--verify-memory`'s default, in GiB. A lossless result is checked region by region, a few
 /// changed layers at a time within this (the 2.27 GB scale benchmark, whose every layer's weight
-/// changes, verifies at 0.8 GB peak RSS); run whole (with a gate, or where regions cannot be
-/// used), models up to about 300 MB of weights fit. A verification that does not fit is skipped
-/// with a warning saying so (an error with a gate), instead of holding weights several times over.
+/// changes, verifies one layer at a time at 0.68 GB peak RSS); run whole (with a gate, given
+/// inputs, or where regions cannot be used), models up to about 200 MB of weights fit. A
+/// verification that does not fit is skipped with a warning saying so (an error with a gate),
+/// instead of holding weights several times over.
 pub const DEFAULT_VERIFY_MEMORY_GIB: f64 = 1.0;
 
 /// How many times its weights a verification holds at its peak: the serialized model handed to
-/// the backend, the backend's parsed copy and its tensors (measured on tract: a 1.33 GB fp16
-/// model peaked at 3.97 GB).
-const VERIFY_COPIES: u64 = 3;
+/// the backend, the backend's parsed copy, its tensors and the packed copies its matrix products
+/// make, plus, run after run, what the allocator keeps for reuse (the `wcc` binary keeps freed
+/// memory: see its `main`). Measured with tract: a 1.33 GB fp16 model run whole peaked at
+/// 3.97 GB; one region of the 2.27 GB scale benchmark (128 MB of weights) at 0.68 GB.
+const VERIFY_COPIES: u64 = 5;
 
 /// What verifying `result` against `original` holds: `VERIFY_COPIES` times the original's
 /// tensors and those of the result that are not the original's unchanged
@@ -302,132 +305,148 @@ pub fn optimize(
         s
     };
 
-    // Verification: run original and result on the same inputs.
-    let mut verification = None;
-    let mut not_verified = None;
-    let wants_verify =
-        opts.verify && (gate.is_set() || !pass_list.is_empty() || layer_drop.is_some());
-    // A lossless result is checked region by region (see `regions`); a gate is about the
-    // model's outputs, so gated results, and whatever regions cannot check, run whole.
-    let mut whole = wants_verify;
-    let mut whole_because = None;
-    if wants_verify && !gate.is_set() && layer_drop.is_none() && !opts.verify_whole {
-        progress(Stage::Verifying);
-        match by_regions(&opts, &backend, &original, &model)? {
-            RegionOutcome::Verified(v) => {
-                verification = Some(v);
-                whole = false;
-            }
-            RegionOutcome::NotVerified(why) => {
-                not_verified = Some(why);
-                whole = false;
-            }
-            RegionOutcome::Whole(why) => whole_because = Some(why),
-        }
-    }
-    let need = if whole {
-        verify_bytes(&original, &model)
-    } else {
-        0
-    };
-    if whole && need > opts.verify_memory_bytes {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        let why = format!(
-            "verifying would take about {:.2} GiB (the original's weights and the result's \
-             changed ones, held {VERIFY_COPIES} times by the backend), over the --verify-memory \
-             budget of {:.2} GiB",
-            gib(need),
-            gib(opts.verify_memory_bytes)
-        );
-        if gate.is_set() {
-            return Err(Error::Run(format!("cannot check the fidelity gate: {why}")));
-        }
-        not_verified = Some(format!(
-            "not verified: the result's outputs were not compared with the original's ({why}); \
-             raise --verify-memory to verify"
-        ));
-    } else if whole {
-        progress(Stage::Verifying);
-        let removed = layer_drop
-            .as_ref()
-            .map(|r| r.removed_outputs.clone())
-            .unwrap_or_default();
-        let label = backend.label();
-        let outcome = match opts.exec.inputs(&original) {
-            Ok((inputs, described)) => {
-                run_and_compare(&backend, &original, &model, &inputs, &removed)
-                    .map(|fid| (fid, described))
-            }
-            // Random inputs cannot be made for this model: it cannot be run without a file.
-            Err(Error::Run(e)) => Err(Failure::OriginalCannotRun(e)),
-            Err(e) => return Err(e),
-        };
-        match outcome {
-            Ok((fid, mut inputs)) => {
-                if let Some(why) = &whole_because {
-                    inputs = format!("{inputs}; run whole, not region by region ({why})");
+    // Verification (run original and result on the same inputs) and writing go side by side:
+    // the output is written to temporary files while the models run, and only put in place
+    // once verification passed (dropped, the temporary files are deleted).
+    let mut verify = || -> Result<(Option<Verification>, Option<String>), Error> {
+        let mut verification = None;
+        let mut not_verified = None;
+        let wants_verify =
+            opts.verify && (gate.is_set() || !pass_list.is_empty() || layer_drop.is_some());
+        // A lossless result is checked region by region (see `regions`) on random inputs; a
+        // gate is about the model's outputs, and inputs the user gives (`--inputs`) are to be
+        // run, so gated results, given inputs and whatever regions cannot check run whole.
+        let mut whole = wants_verify;
+        let mut whole_because = None;
+        if wants_verify
+            && !gate.is_set()
+            && layer_drop.is_none()
+            && !opts.verify_whole
+            && opts.exec.inputs.is_none()
+        {
+            progress(Stage::Verifying);
+            match by_regions(&opts, &backend, &original, &model)? {
+                RegionOutcome::Verified(v) => {
+                    verification = Some(v);
+                    whole = false;
                 }
-                if let Some(msg) = gate.check(&fid) {
-                    return Err(Error::Gate {
-                        message: format!("fidelity gate failed: {msg}; no output written"),
-                        details: Some(measured(Some(&fid))),
+                RegionOutcome::NotVerified(why) => {
+                    not_verified = Some(why);
+                    whole = false;
+                }
+                RegionOutcome::Whole(why) => whole_because = Some(why),
+            }
+        }
+        let need = if whole {
+            verify_bytes(&original, &model)
+        } else {
+            0
+        };
+        if whole && need > opts.verify_memory_bytes {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let why = format!(
+                "verifying would take about {:.2} GiB (the original's weights and the result's \
+                 changed ones, held {VERIFY_COPIES} times by the backend), over the --verify-memory \
+                 budget of {:.2} GiB",
+                gib(need),
+                gib(opts.verify_memory_bytes)
+            );
+            if gate.is_set() {
+                return Err(Error::Run(format!("cannot check the fidelity gate: {why}")));
+            }
+            not_verified = Some(format!(
+                "not verified: the result's outputs were not compared with the original's ({why}); \
+                 raise --verify-memory to verify"
+            ));
+        } else if whole {
+            progress(Stage::Verifying);
+            let removed = layer_drop
+                .as_ref()
+                .map(|r| r.removed_outputs.clone())
+                .unwrap_or_default();
+            let label = backend.label();
+            let outcome = match opts.exec.inputs(&original) {
+                Ok((inputs, described)) => {
+                    run_and_compare(&backend, &original, &model, &inputs, &removed)
+                        .map(|fid| (fid, described))
+                }
+                // Random inputs cannot be made for this model: it cannot be run without a file.
+                Err(Error::Run(e)) => Err(Failure::OriginalCannotRun(e)),
+                Err(e) => return Err(e),
+            };
+            match outcome {
+                Ok((fid, mut inputs)) => {
+                    if let Some(why) = &whole_because {
+                        inputs = format!("{inputs}; run whole, not region by region ({why})");
+                    }
+                    if let Some(msg) = gate.check(&fid) {
+                        return Err(Error::Gate {
+                            message: format!("fidelity gate failed: {msg}; no output written"),
+                            details: Some(measured(Some(&fid))),
+                        });
+                    }
+                    verification = Some(Verification {
+                        backend: label,
+                        inputs,
+                        outputs: fid,
+                        removed_outputs: removed,
+                        gate_min_cosine: gate.min_cosine,
+                        gate_max_rel_error: gate.max_rel_error,
+                        regions: None,
                     });
                 }
-                verification = Some(Verification {
-                    backend: label,
-                    inputs,
-                    outputs: fid,
-                    removed_outputs: removed,
-                    gate_min_cosine: gate.min_cosine,
-                    gate_max_rel_error: gate.max_rel_error,
-                    regions: None,
-                });
-            }
-            Err(Failure::OriginalCannotRun(e)) => {
-                let why = match opts.exec.auto_reason(&original) {
-                    Some(r) => format!("{r}, and {label} cannot run it: {e}"),
-                    None => format!("{label} cannot run the original model: {e}"),
-                };
-                if gate.is_set() {
-                    return Err(Error::Run(format!("cannot check the fidelity gate: {why}")));
-                }
-                let hint = match backend {
-                    wcc_runtime::Backend::Tract => "pass --backend ort",
-                    wcc_runtime::Backend::Ort { .. } => {
-                        "give ONNX Runtime's library (--ort-lib, ORT_DYLIB_PATH)"
+                Err(Failure::OriginalCannotRun(e)) => {
+                    let why = match opts.exec.auto_reason(&original) {
+                        Some(r) => format!("{r}, and {label} cannot run it: {e}"),
+                        None => format!("{label} cannot run the original model: {e}"),
+                    };
+                    if gate.is_set() {
+                        return Err(Error::Run(format!("cannot check the fidelity gate: {why}")));
                     }
-                };
-                not_verified = Some(format!(
-                    "not verified: the result's outputs were not compared with the original's \
-                     ({why}); {hint}, or --inputs FILE.npz with inputs the model takes"
-                ));
-            }
-            Err(Failure::ResultCannotRun(e)) => {
-                return Err(Error::Gate {
-                    message: format!(
-                        "verification failed: the result cannot be run by {label} while the \
-                         original can: {e}; no output written"
-                    ),
-                    details: Some(measured(None)),
-                })
-            }
-            Err(Failure::Mismatch(e)) => {
-                return Err(Error::Gate {
-                    message: format!("verification failed: {e}; no output written"),
-                    details: Some(measured(None)),
-                })
+                    let hint = match backend {
+                        wcc_runtime::Backend::Tract => "pass --backend ort",
+                        wcc_runtime::Backend::Ort { .. } => {
+                            "give ONNX Runtime's library (--ort-lib, ORT_DYLIB_PATH)"
+                        }
+                    };
+                    not_verified = Some(format!(
+                        "not verified: the result's outputs were not compared with the original's \
+                         ({why}); {hint}, or --inputs FILE.npz with inputs the model takes"
+                    ));
+                }
+                Err(Failure::ResultCannotRun(e)) => {
+                    return Err(Error::Gate {
+                        message: format!(
+                            "verification failed: the result cannot be run by {label} while the \
+                             original can: {e}; no output written"
+                        ),
+                        details: Some(measured(None)),
+                    })
+                }
+                Err(Failure::Mismatch(e)) => {
+                    return Err(Error::Gate {
+                        message: format!("verification failed: {e}; no output written"),
+                        details: Some(measured(None)),
+                    })
+                }
             }
         }
-    }
+        Ok((verification, not_verified))
+    };
+    let save_opts = export::SaveOptions {
+        external_data: opts.external_data,
+    };
+    let (staged, checked) = std::thread::scope(|s| {
+        let writer = s.spawn(|| export::stage(&model, &out_path, &save_opts));
+        let checked = verify();
+        (writer.join(), checked)
+    });
+    let (verification, not_verified) = checked?;
+    let staged =
+        staged.map_err(|_| Error::Run("internal error: writing the output panicked".into()))??;
 
     progress(Stage::Writing);
-    let summary = export::save(
-        &model,
-        &out_path,
-        &export::SaveOptions {
-            external_data: opts.external_data,
-        },
-    )?;
+    let summary = staged.commit()?;
     let report = OptimizeReport {
         wcc_version: crate::VERSION,
         input: opts.model.clone(),

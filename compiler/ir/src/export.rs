@@ -117,6 +117,49 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
 
 /// Writes the model to `path` atomically. Refuses to write over any file the model was read from.
 pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummary> {
+    stage(model, path, opts)?.commit()
+}
+
+/// A model written to temporary files in its destination's folder, not yet in place: `commit`
+/// renames them into place; dropped, they are deleted (nothing is left behind).
+pub struct Staged {
+    path: PathBuf,
+    tmp: tempfile::NamedTempFile,
+    data: Option<(tempfile::NamedTempFile, PathBuf)>,
+    model_bytes: u64,
+    external_bytes: u64,
+}
+
+impl Staged {
+    /// Renames the files into place (the external data first, so the model never points at
+    /// data that is not there).
+    pub fn commit(self) -> Result<SaveSummary> {
+        let werr = |detail: String| IrError::Write {
+            path: self.path.clone(),
+            detail,
+        };
+        let external_file = match self.data {
+            Some((d, data_path)) => {
+                d.persist(&data_path)
+                    .map_err(|e| werr(format!("renaming into {}: {e}", data_path.display())))?;
+                Some(data_path)
+            }
+            None => None,
+        };
+        self.tmp
+            .persist(&self.path)
+            .map_err(|e| werr(format!("renaming: {e}")))?;
+        Ok(SaveSummary {
+            model_bytes: self.model_bytes,
+            external_file,
+            external_bytes: self.external_bytes,
+        })
+    }
+}
+
+/// Writes the model beside `path` (see `Staged`), checking first that `path` and its data file
+/// are none of the files the model was read from.
+pub fn stage(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Staged> {
     let werr = |detail: String| IrError::Write {
         path: path.into(),
         detail,
@@ -187,18 +230,11 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummar
         w.flush().map_err(|e| werr(e.to_string()))?;
     }
     let model_bytes = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(0);
-    let external_file = if let Some(d) = tmp_data {
-        d.persist(&data_path)
-            .map_err(|e| werr(format!("renaming into {}: {e}", data_path.display())))?;
-        Some(data_path)
-    } else {
-        None
-    };
-    tmp.persist(path)
-        .map_err(|e| werr(format!("renaming: {e}")))?;
-    Ok(SaveSummary {
+    Ok(Staged {
+        path: path.to_path_buf(),
+        tmp,
+        data: tmp_data.map(|d| (d, data_path)),
         model_bytes,
-        external_file,
         external_bytes,
     })
 }

@@ -7,10 +7,13 @@
 //! - Rewriting: a pass that computes a tensor holds it (and the inputs it reads, in their own
 //!   dtype) while it computes it; a new tensor of `SPILL_MIN_BYTES` or more is then written here
 //!   and read back through an mmap, like external data. So a pass that rewrites every weight holds
-//!   about one weight at a time, not all of them. An original that nothing reads any more is
-//!   dropped with the graph's last reference to it (its bytes were never loaded).
+//!   about one weight at a time, not all of them. An elementwise fold of a large weight (a scale,
+//!   a bias, a Cast) holds less: it is computed piece by piece straight into a `Writer`'s range
+//!   here. An original that nothing reads any more is dropped with the graph's last reference to
+//!   it (its bytes were never loaded).
 //! - Writing: the output is streamed, tensor by tensor, from wherever each tensor lives (see
-//!   `export`).
+//!   `export`): bytes already in a file (the input's, or this one) are copied by the kernel into
+//!   the output's external data, never through memory.
 //!
 //! The driver turns the store on (`enable`) for the folder it will write into, so the scratch
 //! file is on the output's filesystem; it is unlinked at once and vanishes with the process.
