@@ -38,6 +38,15 @@ fn constant(out: &str, vals: &[f32]) -> NodeProto {
     n
 }
 
+fn int_attr(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        type_: AttributeType::INT.into(),
+        i,
+        ..Default::default()
+    }
+}
+
 fn graph_attr(name: &str, g: GraphProto) -> AttributeProto {
     AttributeProto {
         name: name.into(),
@@ -493,12 +502,7 @@ fn external_data_that_is_not_a_regular_file_is_refused_without_blocking() {
 #[test]
 fn folded_values_keep_their_rank() {
     let mut start = node("ReduceSum", "", &["sh"], &["start"]);
-    start.attribute.push(AttributeProto {
-        name: "keepdims".into(),
-        type_: AttributeType::INT.into(),
-        i: 0,
-        ..Default::default()
-    });
+    start.attribute.push(int_attr("keepdims", 0));
     let m = ModelProto {
         ir_version: 8,
         opset_import: vec![opset("", 17)],
@@ -588,12 +592,7 @@ fn large_weights_fold_piece_by_piece_exactly() {
     r.float_data = (0..rows).map(|_| next()).collect();
     let cast = |inp: &str, out: &str, to: i64| {
         let mut n = node("Cast", "", &[inp], &[out]);
-        n.attribute.push(AttributeProto {
-            name: "to".into(),
-            type_: AttributeType::INT.into(),
-            i: to,
-            ..Default::default()
-        });
+        n.attribute.push(int_attr("to", to));
         n
     };
     let m = ModelProto {

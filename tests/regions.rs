@@ -83,7 +83,7 @@ fn a_changed_weight_is_caught_and_counted_against_the_budget() {
     let bytes = 2 * a.graph.initializer(&w[3]).unwrap().byte_size();
     assert!(matches!(
         p.check(&Backend::Tract, &ins, bytes - 1, 0),
-        Err(RegionError::OverBudget(b)) if b == bytes
+        Err(RegionError::OverBudget(b, _)) if b == bytes
     ));
     assert!(p.check(&Backend::Tract, &ins, bytes, 0).is_ok());
 }
@@ -137,4 +137,73 @@ fn o1_regions_on_real_exports_match_and_read_no_weight_they_do_not_change() {
             assert!(small.is_ok(), "{stem}: {:?}", small.err());
         }
     }
+}
+
+/// y = Identity(MatMul(x, W)) against y = MatMul(x, W) (what removing the Identity leaves): the
+/// MatMul is the original's under another output name, so the only claim left is the Identity's,
+/// which reads no weight.
+#[test]
+fn a_node_whose_output_was_renamed_is_matched_and_its_weight_not_loaded() {
+    use onnx_protobuf::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+    use protobuf::Message;
+    let node = |op: &str, i: &[&str], o: &str| NodeProto {
+        op_type: op.into(),
+        name: o.into(),
+        input: i.iter().map(|s| s.to_string()).collect(),
+        output: vec![o.into()],
+        ..Default::default()
+    };
+    let model = |nodes: Vec<NodeProto>| {
+        let w = TensorProto {
+            name: "w".into(),
+            data_type: 1,
+            dims: vec![64, 32],
+            float_data: (0..64 * 32).map(|i| (i % 7) as f32 - 3.0).collect(),
+            ..Default::default()
+        };
+        let m = ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                version: 17,
+                ..Default::default()
+            }],
+            graph: protobuf::MessageField::some(GraphProto {
+                name: "g".into(),
+                node: nodes,
+                initializer: vec![w],
+                input: vec![vi("x", 1, &[2, 64])],
+                output: vec![vi("y", 1, &[2, 32])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        wcc_ir::import::load_bytes(&m.write_to_bytes().unwrap()).unwrap()
+    };
+    let a = model(vec![
+        node("MatMul", &["x", "w"], "t"),
+        node("Identity", &["t"], "y"),
+    ]);
+    let b = model(vec![node("MatMul", &["x", "w"], "y")]);
+    let ins = inputs(&a);
+    let p = plan(&a, &b, &ins).unwrap();
+    assert_eq!(p.regions(), 1);
+    let (fid, s) = p.check(&Backend::Tract, &ins, 0, 0).unwrap();
+    assert_eq!((s.regions, s.nodes), (1, 0));
+    assert!(fid[0].name == "y" && fid[0].bitwise_equal, "{fid:?}");
+    // Reading another weight, the MatMul is a changed region of its own, weight and all.
+    let mut c = b.clone();
+    let mut w2 = c.graph.initializers[0].clone();
+    w2.proto.name = "w2".into();
+    c.graph.initializers.push(w2);
+    c.graph.nodes[0].inputs = vec!["x".into(), "w2".into()];
+    let p = plan(&a, &c, &ins).unwrap();
+    assert!(matches!(
+        p.check(&Backend::Tract, &ins, 0, 0),
+        Err(RegionError::OverBudget(..))
+    ));
+    let (fid, _) = p.check(&Backend::Tract, &ins, u64::MAX, 0).unwrap();
+    assert!(
+        fid[0].bitwise_equal,
+        "the same weight under another name: {fid:?}"
+    );
 }

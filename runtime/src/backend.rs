@@ -1,5 +1,6 @@
 //! Backend selection and the common run interface.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 use crate::guard::guarded;
@@ -61,6 +62,14 @@ impl Backend {
         self.prepare(model, inputs)?.run(inputs)
     }
 
+    /// As `run`, taking the serialized model: the backend frees it as soon as it holds the
+    /// model its own way, so the bytes and the backend's copy of the weights are not both held
+    /// for the whole load.
+    pub fn run_owned(&self, model: Vec<u8>, inputs: &NamedArrays) -> Result<NamedArrays, RunError> {
+        self.prepare_with(Cow::Owned(model), inputs, false)?
+            .run(inputs)
+    }
+
     /// The backend's name in errors: "tract" or "onnxruntime".
     fn name(&self) -> &'static str {
         match self {
@@ -76,7 +85,7 @@ impl Backend {
         model: &[u8],
         inputs: &NamedArrays,
     ) -> Result<Box<dyn Prepared>, RunError> {
-        self.prepare_with(model, inputs, false)
+        self.prepare_with(Cow::Borrowed(model), inputs, false)
     }
 
     /// As `prepare`, compiled for speed (benchmarks): tract's codegen is run.
@@ -85,12 +94,12 @@ impl Backend {
         model: &[u8],
         inputs: &NamedArrays,
     ) -> Result<Box<dyn Prepared>, RunError> {
-        self.prepare_with(model, inputs, true)
+        self.prepare_with(Cow::Borrowed(model), inputs, true)
     }
 
     fn prepare_with(
         &self,
-        model: &[u8],
+        model: Cow<'_, [u8]>,
         inputs: &NamedArrays,
         optimize: bool,
     ) -> Result<Box<dyn Prepared>, RunError> {
@@ -101,7 +110,7 @@ impl Backend {
                     model, inputs, optimize,
                 )?),
                 Backend::Ort { lib, provider } => Box::new(crate::ort_backend::OrtModel::load(
-                    model,
+                    &model,
                     lib.as_deref(),
                     *provider,
                 )?),

@@ -67,7 +67,11 @@ fn from_tract(t: &Tensor) -> Result<Array, RunError> {
 impl TractModel {
     /// Loads the model for these inputs' shapes; `optimize` runs tract's codegen (for
     /// benchmarks), else the model is only decluttered (for checks, see below).
-    pub fn load(bytes: &[u8], inputs: &NamedArrays, optimize: bool) -> Result<Self, RunError> {
+    pub fn load(
+        bytes: std::borrow::Cow<'_, [u8]>,
+        inputs: &NamedArrays,
+        optimize: bool,
+    ) -> Result<Self, RunError> {
         // tract unifies declared shapes with the concrete input facts; symbolic dims in value_info
         // and output types (as the dynamo exporter writes them) would clash, so drop them: tract
         // infers every intermediate shape itself.
@@ -75,7 +79,9 @@ impl TractModel {
         // Decoded straight from the caller's bytes (tract's `proto_model_for_read` would copy
         // them into a buffer of its own first).
         let mut proto =
-            <tract_onnx::pb::ModelProto as prost::Message>::decode(bytes).map_err(err)?;
+            <tract_onnx::pb::ModelProto as prost::Message>::decode(&*bytes).map_err(err)?;
+        // Bytes the caller handed over are freed now: the protobuf holds the weights.
+        drop(bytes);
         if let Some(g) = proto.graph.as_mut() {
             g.value_info.clear();
             for o in &mut g.output {

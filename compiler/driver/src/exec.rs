@@ -140,5 +140,5 @@ pub fn run_on(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<Name
     let own = own_inputs(m, inputs);
     check_budget(m, &own)?;
     let bytes = wcc_ir::export::to_bytes(m).map_err(|e| RunError::Setup(e.to_string()))?;
-    backend.run(&bytes, &own)
+    backend.run_owned(bytes, &own)
 }

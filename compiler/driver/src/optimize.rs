@@ -206,11 +206,12 @@ fn by_regions(
             gate_max_rel_error: None,
             regions: Some(summary),
         })),
-        Err(crate::regions::RegionError::OverBudget(bytes)) => {
+        Err(crate::regions::RegionError::OverBudget(bytes, anchor)) => {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             Ok(RegionOutcome::NotVerified(format!(
                 "not verified: the result's outputs were not compared with the original's \
-                 (one changed region and its original counterpart read {:.2} GiB of weights, \
+                 (the changed region that computes '{anchor}' and its original counterpart read \
+                 {:.2} GiB of weights, \
                  held {VERIFY_COPIES} times by the backend: over the --verify-memory budget of \
                  {:.2} GiB); raise --verify-memory to verify",
                 gib(bytes),

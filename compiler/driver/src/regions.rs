@@ -1,11 +1,13 @@
 //! Verification region by region: the parts of the result that differ from the original, each
 //! run beside the part of the original it replaces, on random values at its boundary.
 //!
-//! A node of the result is *matched* when the original has a node that makes the same outputs
-//! with the same op, attributes and inputs, and each of those inputs is *known equal* in both
-//! graphs. A value is known equal when it is a graph input of both, an initializer the result
-//! kept unchanged, an output of a matched node, or an *anchor*: a value that an unmatched node
-//! makes and the original's nodes also make (same name). Unmatched nodes joined by values that
+//! A node of the result is *matched* when the original has a node with the same op, attributes
+//! and inputs, each of those inputs *known equal* in both graphs; its outputs may be named
+//! otherwise (removing an Identity after it renames them: a 7B model's LM head, 0.24 GiB, is then
+//! not loaded), and an original value that has such a name becomes one more anchor. A value is
+//! known equal when it is a graph input of both, an initializer the result kept unchanged, an
+//! output of a matched node, or an *anchor*: a value that an unmatched node makes and the
+//! original's nodes also make (same name). Unmatched nodes joined by values that
 //! are not known equal form *regions*. A region claims that, given the known-equal values it
 //! reads, it computes its anchors as the original does; checking every claim checks the whole
 //! result, by induction along the graph.
@@ -74,8 +76,13 @@ pub struct Plan<'a> {
     result: &'a Model,
     regions: Vec<Region>,
     slices: Vec<Slice>,
-    /// Known-equal values (see the module docs).
+    /// Known-equal values (see the module docs), by their names in the result.
     same: HashSet<String>,
+    /// Result values known equal to an original value of another name (the output of a matched
+    /// node whose outputs were renamed): result name → original name.
+    alias: HashMap<String, String>,
+    /// The original names in `alias`.
+    alias_targets: HashSet<String>,
     /// Types of the original's values at the verification's dims.
     types: HashMap<String, TensorType>,
     /// Result nodes in no region matched an original node: everything else is in `regions`.
@@ -96,8 +103,8 @@ pub struct RegionSummary {
 /// Why a region could not be checked.
 #[derive(Debug)]
 pub enum RegionError {
-    /// One region alone holds more than the budget (bytes).
-    OverBudget(u64),
+    /// One region alone holds more than the budget: its bytes, and the first value it computes.
+    OverBudget(u64, String),
     /// The backend could not run a group (either side: the caller runs the models whole to say).
     Run(String),
     /// A region's anchors differ in shape or type from the original's.
@@ -163,33 +170,65 @@ pub fn plan<'a>(
             same.insert(t.name().to_string());
         }
     }
+    // Original nodes by what they compute: op, domain and inputs.
+    let mut by_inputs: HashMap<(&str, &str, &[String]), Vec<usize>> = HashMap::new();
+    for (i, n) in og.nodes.iter().enumerate() {
+        by_inputs
+            .entry((&n.op_type, &n.domain, &n.inputs))
+            .or_default()
+            .push(i);
+    }
     let mut defined: HashSet<&str> = rg.inputs.iter().map(|v| v.name.as_str()).collect();
     defined.extend(rg.initializers.iter().map(|t| t.name()));
     let mut changed: Vec<usize> = vec![];
     let mut anchors: HashSet<String> = HashSet::new();
+    let mut alias: HashMap<String, String> = HashMap::new();
+    let mut alias_anchors: Vec<String> = vec![];
     for (i, n) in rg.nodes.iter().enumerate() {
         if !n.present_inputs().all(|v| defined.contains(v)) {
             return Err(format!("node '{}' is not in topological order", n.name));
         }
         defined.extend(n.outputs.iter().map(String::as_str));
-        let matched = n.present_inputs().all(|v| same.contains(v))
-            && n.outputs
-                .first()
-                .and_then(|o| producer.get(o.as_str()))
-                .is_some_and(|&j| {
+        // Matched: an original node computes the same from the same values; its outputs may
+        // have other names (a removed Identity after it renamed them).
+        let inputs: Vec<String> = n
+            .inputs
+            .iter()
+            .map(|v| alias.get(v).unwrap_or(v).clone())
+            .collect();
+        let matched = n
+            .present_inputs()
+            .all(|v| same.contains(v))
+            .then(|| by_inputs.get(&(n.op_type.as_str(), n.domain.as_str(), &inputs[..])))
+            .flatten()
+            .and_then(|cands| {
+                let same_node = |&&j: &&usize| {
                     let o = &og.nodes[j];
-                    o.op_type == n.op_type
-                        && o.domain == n.domain
-                        && o.inputs == n.inputs
-                        && o.outputs == n.outputs
+                    o.outputs.len() == n.outputs.len()
                         && o.attributes.len() == n.attributes.len()
                         && o.attributes
                             .iter()
                             .zip(&n.attributes)
                             .all(|(a, b)| a.proto == b.proto)
-                });
-        if matched {
-            same.extend(n.outputs.iter().filter(|o| !o.is_empty()).cloned());
+                };
+                let named = |&&j: &&usize| og.nodes[j].outputs == n.outputs;
+                let mut ok = cands.iter().filter(same_node);
+                ok.clone().find(named).or_else(|| ok.next()).copied()
+            });
+        if let Some(j) = matched {
+            for (r, o) in n.outputs.iter().zip(&og.nodes[j].outputs) {
+                if r.is_empty() {
+                    continue;
+                }
+                same.insert(r.clone());
+                if r != o {
+                    alias.insert(r.clone(), o.clone());
+                    // The original's value of that name, if any, must be this one.
+                    if producer.contains_key(r.as_str()) {
+                        alias_anchors.push(r.clone());
+                    }
+                }
+            }
             continue;
         }
         changed.push(i);
@@ -251,6 +290,10 @@ pub fn plan<'a>(
             Region { nodes, anchors }
         })
         .filter(|r| !r.anchors.is_empty())
+        .chain(alias_anchors.into_iter().map(|a| Region {
+            nodes: vec![],
+            anchors: vec![a],
+        }))
         .collect();
 
     // Types at the verification's dims, to make the boundary's random values.
@@ -275,6 +318,8 @@ pub fn plan<'a>(
         result,
         slices: vec![],
         same,
+        alias_targets: alias.values().cloned().collect(),
+        alias,
         types,
         changed_nodes: changed.len(),
         regions,
@@ -288,6 +333,11 @@ pub fn plan<'a>(
 }
 
 impl Plan<'_> {
+    /// The original's name for the result's known-equal value `v`.
+    fn original_name<'s>(&'s self, v: &'s str) -> &'s str {
+        self.alias.get(v).map_or(v, String::as_str)
+    }
+
     fn slice(
         &self,
         r: &Region,
@@ -299,6 +349,13 @@ impl Plan<'_> {
         let targets: HashSet<&str> = r.anchors.iter().map(String::as_str).collect();
         // What the region reads: its own initializers, or values of the original.
         let mut todo: Vec<&str> = r.anchors.iter().map(String::as_str).collect();
+        // An anchor a matched node computes under another name: that value is the result's.
+        todo.extend(
+            r.anchors
+                .iter()
+                .filter_map(|a| self.alias.get(a))
+                .map(String::as_str),
+        );
         let inside: HashSet<&str> = r
             .nodes
             .iter()
@@ -310,7 +367,7 @@ impl Plan<'_> {
                     continue;
                 }
                 if self.same.contains(v) {
-                    todo.push(v);
+                    todo.push(self.original_name(v));
                 } else if rg.initializer(v).is_some() {
                     s.result_inits.insert(v.to_string());
                 } else {
@@ -333,7 +390,8 @@ impl Plan<'_> {
                 continue;
             }
             let ty = self.types.get(v);
-            if !targets.contains(v) && self.same.contains(v) && is_float(ty.and_then(|t| t.dtype)) {
+            let known = self.same.contains(v) || self.alias_targets.contains(v);
+            if !targets.contains(v) && known && is_float(ty.and_then(|t| t.dtype)) {
                 let numel = ty.and_then(|t| t.shape.as_ref()).and_then(|d| {
                     d.iter().try_fold(1u64, |n, d| match d {
                         Dim::Known(k) => u64::try_from(*k).ok().and_then(|k| n.checked_mul(k)),
@@ -391,7 +449,8 @@ impl Plan<'_> {
         let mut held = 0u64;
         for (k, s) in self.slices.iter().enumerate() {
             if s.bytes > budget {
-                return Err(RegionError::OverBudget(s.bytes));
+                let anchor = self.regions[k].anchors[0].clone();
+                return Err(RegionError::OverBudget(s.bytes, anchor));
             }
             match groups.last_mut() {
                 Some(g) if held + s.bytes <= budget => {
@@ -464,7 +523,7 @@ impl Plan<'_> {
         let prefixed = |v: &str| format!("{RESULT_PREFIX}{v}");
         let rename = |v: &str| -> String {
             if v.is_empty() || self.same.contains(v) {
-                v.to_string()
+                self.original_name(v).to_string()
             } else {
                 prefixed(v)
             }
@@ -510,6 +569,18 @@ impl Plan<'_> {
             let a = random_array(&ty, rng);
             g.inputs.push(ValueInfo::tensor(v, ty));
             feeds.push((v.clone(), a));
+        }
+        // Anchors of matched nodes that renamed their outputs: the result's value is the
+        // original's of the other name.
+        for a in &anchors {
+            if let Some(o) = self.alias.get(*a) {
+                g.nodes.push(Node::new(
+                    &prefixed(a),
+                    "Identity",
+                    vec![o.clone()],
+                    vec![prefixed(a)],
+                ));
+            }
         }
         for a in anchors {
             // The element type only: shapes are the backend's to find.

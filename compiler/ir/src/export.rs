@@ -72,9 +72,15 @@ const STREAM_MIN_BYTES: u64 = 4096;
 
 /// Writes the whole model, all data embedded, to `out`: the message is serialized with a
 /// placeholder for each large tensor of the main graph, whose bytes are then streamed in place
-/// (`wire::Skeleton`), so no second copy of the weights is ever made. `restore_strings` gives
-/// escaped non-UTF-8 string fields their bytes back (see `rawstr`).
-fn write_embedded(model: &Model, out: &mut dyn Write, restore_strings: bool) -> Result<()> {
+/// (`wire::Skeleton`), so no second copy of the weights is ever made: when `out` writes to
+/// `file` (at its position), bytes already in a file are copied by the kernel (`copy_range`).
+/// `restore_strings` gives escaped non-UTF-8 string fields their bytes back (see `rawstr`).
+fn write_embedded(
+    model: &Model,
+    out: &mut dyn Write,
+    file: Option<&File>,
+    restore_strings: bool,
+) -> Result<()> {
     let mut holes = vec![];
     let proto = model_proto(model, &mut Sink::Holes(&mut holes))?;
     let mut skeleton = proto
@@ -89,10 +95,14 @@ fn write_embedded(model: &Model, out: &mut dyn Write, restore_strings: bool) -> 
         holes: &holes,
     };
     let inits = &model.graph.initializers;
-    sk.write(out, &mut |k, w| {
-        inits[k]
+    sk.write(out, &mut |k, w| match (file, inits[k].file_range()) {
+        (Some(dst), Some((src, at, len))) => {
+            w.flush()?;
+            copy_range(src, at, dst, len)
+        }
+        _ => inits[k]
             .for_each_chunk(&mut |c| w.write_all(c))
-            .map_err(|e| std::io::Error::other(e.to_string()))
+            .map_err(|e| std::io::Error::other(e.to_string())),
     })
     .map_err(|e| IrError::Other(format!("writing the model: {e}")))
 }
@@ -111,7 +121,7 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
             tensor_bytes(model)
         )));
     }
-    write_embedded(model, &mut out, false)?;
+    write_embedded(model, &mut out, None, false)?;
     Ok(out)
 }
 
@@ -226,7 +236,8 @@ pub fn stage(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Staged> {
         w.flush().map_err(|e| werr(e.to_string()))?;
     } else {
         let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
-        write_embedded(model, &mut w, model.escaped_strings).map_err(|e| werr(e.to_string()))?;
+        write_embedded(model, &mut w, Some(tmp.as_file()), model.escaped_strings)
+            .map_err(|e| werr(e.to_string()))?;
         w.flush().map_err(|e| werr(e.to_string()))?;
     }
     let model_bytes = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(0);
