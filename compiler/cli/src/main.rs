@@ -33,8 +33,9 @@ fn install_panic_hook() {
 /// the weights of each group of regions) costs page faults and zeroing again; on a VM that hands
 /// freed pages back to its host, several times more. Served from the heap and kept there, the
 /// next group reuses the last one's pages: the 2.27 GB scale benchmark's default run (26 weights
-/// rewritten and verified) took 18.3 s before, 8.4 s after, in 0.68 GB. What verification may
-/// hold is bounded by `--verify-memory`, which counts this (see `wcc_driver::optimize`).
+/// rewritten and verified) took 18-20 s before, 6-12 s after, in 0.55-0.75 GB. What is kept is
+/// bounded: region-by-region verification hands freed memory back past a share of
+/// `--verify-memory` (see `wcc_driver::regions`).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation policy; called before any other thread runs.

@@ -102,7 +102,7 @@ impl OptimizeOptions {
 
 /// `--verify-memory`'s default, in GiB. A lossless result is checked region by region, a few
 /// changed layers at a time within this (the 2.27 GB scale benchmark, whose every layer's weight
-/// changes, verifies one layer at a time at 0.68 GB peak RSS); run whole (with a gate, given
+/// changes, verifies one layer at a time at 0.55-0.75 GB peak RSS); run whole (with a gate, given
 /// inputs, or where regions cannot be used), models up to about 200 MB of weights fit. A
 /// verification that does not fit is skipped with a warning saying so (an error with a gate),
 /// instead of holding weights several times over.
@@ -112,7 +112,8 @@ pub const DEFAULT_VERIFY_MEMORY_GIB: f64 = 1.0;
 /// the backend, the backend's parsed copy, its tensors and the packed copies its matrix products
 /// make, plus, run after run, what the allocator keeps for reuse (the `wcc` binary keeps freed
 /// memory: see its `main`). Measured with tract: a 1.33 GB fp16 model run whole peaked at
-/// 3.97 GB; one region of the 2.27 GB scale benchmark (128 MB of weights) at 0.68 GB.
+/// 3.97 GB (before the backend freed the serialized model early); the 2.27 GB scale benchmark,
+/// one region of 128 MB of weights at a time, at 0.55-0.75 GB.
 const VERIFY_COPIES: u64 = 5;
 
 /// What verifying `result` against `original` holds: `VERIFY_COPIES` times the original's
