@@ -3,6 +3,8 @@
 //! one Transpose (or nothing, when the permutations cancel). Only when every reader of the
 //! intermediate is such a node (each then reads the source directly). May touch: node inputs, attributes and initializers for new axes; no data.
 
+use std::collections::HashMap;
+
 use wcc_ir::infer::{infer_graph, TypeMap};
 use wcc_ir::ops::util::{norm_axes, Perm};
 use wcc_ir::pass::{Pass, PassOutcome};
@@ -64,43 +66,54 @@ fn run_graph(g: &mut Graph, opset: i64, outer: Option<&TypeMap>, changes: &mut u
     let outputs = output_names(g);
     let mut local = 0;
     loop {
+        // Candidates first, without types: an Unsqueeze/Reshape/Transpose whose every reader is
+        // the same op reading it as its data input (most graphs have none left after a round).
+        let uses = use_counts(g);
+        let mut readers_of: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (j, n) in g.nodes.iter().enumerate() {
+            for x in n.inputs.iter().filter(|x| !x.is_empty()) {
+                let r = readers_of.entry(x.as_str()).or_default();
+                if r.last() != Some(&j) {
+                    r.push(j);
+                }
+            }
+        }
+        let candidates: Vec<(usize, &Vec<usize>)> = g
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.domain.is_empty()
+                    && matches!(p.op_type.as_str(), "Unsqueeze" | "Reshape" | "Transpose")
+                    && p.outputs.len() == 1
+                    && !outputs.contains(&p.outputs[0])
+            })
+            .filter_map(|(i, p)| {
+                let mid = &p.outputs[0];
+                let readers = readers_of.get(mid.as_str())?;
+                let fits = uses.get(mid).copied() == Some(readers.len())
+                    && readers.iter().all(|&j| {
+                        let n = &g.nodes[j];
+                        n.domain.is_empty()
+                            && n.op_type == p.op_type
+                            && n.inputs[0] == *mid
+                            && !n.inputs.iter().skip(1).any(|x| x == mid)
+                    });
+                fits.then_some((i, readers))
+            })
+            .collect();
+        if candidates.is_empty() {
+            break;
+        }
         // Recomputed after every edit: edits add initializers and rewire inputs.
         let types = infer_graph(g, opset, outer);
         let consts = constant_initializers(g);
-        let uses = use_counts(g);
         let mut edit: Option<(usize, Vec<(usize, Rewrite)>)> = None;
-        for (i, p) in g.nodes.iter().enumerate() {
-            if !p.domain.is_empty()
-                || !matches!(p.op_type.as_str(), "Unsqueeze" | "Reshape" | "Transpose")
-                || p.outputs.len() != 1
-            {
-                continue;
-            }
-            let mid = &p.outputs[0];
-            if outputs.contains(mid) {
-                continue;
-            }
-            // Every reader must be the same op reading `mid` as its data input.
-            let readers: Vec<usize> = g
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| n.inputs.iter().any(|x| x == mid))
-                .map(|(j, _)| j)
-                .collect();
-            if readers.is_empty() || uses.get(mid).copied() != Some(readers.len()) {
-                continue;
-            }
+        for (i, readers) in candidates {
+            let p = &g.nodes[i];
             let mut rewrites = vec![];
-            for &j in &readers {
+            for &j in readers {
                 let n = &g.nodes[j];
-                if !n.domain.is_empty()
-                    || n.op_type != p.op_type
-                    || n.inputs[0] != *mid
-                    || n.inputs.iter().skip(1).any(|x| x == mid)
-                {
-                    break;
-                }
                 let r = match n.op_type.as_str() {
                     "Unsqueeze" if opset >= 13 => {
                         let axes_known = |x: &str| consts.contains(x);

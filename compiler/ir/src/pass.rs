@@ -86,26 +86,33 @@ impl PassManager {
         self.passes.iter().map(|p| p.name()).collect()
     }
 
-    /// Runs the pipeline to a fixed point (bounded by `max_rounds`), validating after each pass.
+    /// Runs the pipeline to a fixed point (bounded by `max_rounds`), validating after each pass
+    /// that reports changes, and once more at the end (a pass that changed the graph without
+    /// saying so is caught there).
     pub fn run(&mut self, model: &mut Model) -> Result<Vec<PassRecord>> {
         let mut records = vec![];
+        let invalid = |who: &str, e: IrError| {
+            IrError::Other(format!(
+                "internal error: {who} produced an invalid graph: {e}"
+            ))
+        };
+        let mut stats = GraphStats::of(model);
         for round in 0..self.max_rounds.max(1) {
             let mut any = false;
             for p in &self.passes {
                 if round > 0 && p.run_once() {
                     continue;
                 }
-                let before = GraphStats::of(model);
+                let before = stats.clone();
                 let t0 = Instant::now();
                 let out = p.run(model)?;
                 let millis = t0.elapsed().as_secs_f64() * 1e3;
-                crate::validate::validate(model).map_err(|e| {
-                    IrError::Other(format!(
-                        "internal error: pass '{}' produced an invalid graph: {e}",
-                        p.name()
-                    ))
-                })?;
-                let after = GraphStats::of(model);
+                if out.changes > 0 {
+                    crate::validate::validate(model)
+                        .map_err(|e| invalid(&format!("pass '{}'", p.name()), e))?;
+                    stats = GraphStats::of(model);
+                }
+                let after = stats.clone();
                 any |= out.changes > 0;
                 if let Some((name, f)) = &mut self.dump_after {
                     if name == p.name() || name == "all" {
@@ -126,6 +133,7 @@ impl PassManager {
                 break;
             }
         }
+        crate::validate::validate(model).map_err(|e| invalid("the pipeline", e))?;
         Ok(records)
     }
 }
