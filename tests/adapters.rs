@@ -90,35 +90,19 @@ fn neg_matmul_model(dir: &std::path::Path) -> std::path::PathBuf {
     use onnx_protobuf::*;
     use protobuf::Message;
     let vi = |name: &str, dims: &[i64]| vi(name, 1, dims);
-    let node = |op: &str, i: &[&str], o: &str| NodeProto {
-        op_type: op.into(),
-        name: o.into(),
-        input: i.iter().map(|s| s.to_string()).collect(),
-        output: vec![o.into()],
-        ..Default::default()
-    };
-    let m = ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            version: 17,
+    let node = simple_node;
+    let m = model17(
+        vec![node("Neg", &["x"], "n1"), node("MatMul", &["n1", "w"], "y")],
+        vec![TensorProto {
+            name: "w".into(),
+            data_type: 1,
+            dims: vec![4, 2],
+            float_data: (0..8).map(|v| v as f32).collect(),
             ..Default::default()
         }],
-        graph: protobuf::MessageField::some(GraphProto {
-            name: "g".into(),
-            node: vec![node("Neg", &["x"], "n1"), node("MatMul", &["n1", "w"], "y")],
-            initializer: vec![TensorProto {
-                name: "w".into(),
-                data_type: 1,
-                dims: vec![4, 2],
-                float_data: (0..8).map(|v| v as f32).collect(),
-                ..Default::default()
-            }],
-            input: vec![vi("x", &[3, 4])],
-            output: vec![vi("y", &[3, 2])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+        vec![vi("x", &[3, 4])],
+        vec![vi("y", &[3, 2])],
+    );
     let p = dir.join("neg_matmul.onnx");
     std::fs::write(&p, m.write_to_bytes().unwrap()).unwrap();
     p

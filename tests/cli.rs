@@ -8,8 +8,8 @@ use std::process::Output;
 
 use common::*;
 use onnx_protobuf::{
-    tensor_proto::DataLocation, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, ValueInfoProto,
+    tensor_proto::DataLocation, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, ValueInfoProto,
 };
 use protobuf::Message;
 
@@ -39,23 +39,12 @@ fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
 
 /// A one-input model: y = Relu(x + w) with w an initializer the caller can spoil.
 fn small_model(nodes: Vec<NodeProto>, w: TensorProto) -> ModelProto {
-    ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-            ..Default::default()
-        }],
-        graph: protobuf::MessageField::some(GraphProto {
-            name: "g".into(),
-            node: nodes,
-            initializer: vec![w],
-            input: vec![tensor_vi("x", &[4])],
-            output: vec![tensor_vi("y", &[4])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    model17(
+        nodes,
+        vec![w],
+        vec![tensor_vi("x", &[4])],
+        vec![tensor_vi("y", &[4])],
+    )
 }
 
 fn good_w() -> TensorProto {

@@ -144,15 +144,9 @@ fn o1_regions_on_real_exports_match_and_read_no_weight_they_do_not_change() {
 /// which reads no weight.
 #[test]
 fn a_node_whose_output_was_renamed_is_matched_and_its_weight_not_loaded() {
-    use onnx_protobuf::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+    use onnx_protobuf::{NodeProto, TensorProto};
     use protobuf::Message;
-    let node = |op: &str, i: &[&str], o: &str| NodeProto {
-        op_type: op.into(),
-        name: o.into(),
-        input: i.iter().map(|s| s.to_string()).collect(),
-        output: vec![o.into()],
-        ..Default::default()
-    };
+    let node = simple_node;
     let model = |nodes: Vec<NodeProto>| {
         let w = TensorProto {
             name: "w".into(),
@@ -161,22 +155,12 @@ fn a_node_whose_output_was_renamed_is_matched_and_its_weight_not_loaded() {
             float_data: (0..64 * 32).map(|i| (i % 7) as f32 - 3.0).collect(),
             ..Default::default()
         };
-        let m = ModelProto {
-            ir_version: 8,
-            opset_import: vec![OperatorSetIdProto {
-                version: 17,
-                ..Default::default()
-            }],
-            graph: protobuf::MessageField::some(GraphProto {
-                name: "g".into(),
-                node: nodes,
-                initializer: vec![w],
-                input: vec![vi("x", 1, &[2, 64])],
-                output: vec![vi("y", 1, &[2, 32])],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let m = model17(
+            nodes,
+            vec![w],
+            vec![vi("x", 1, &[2, 64])],
+            vec![vi("y", 1, &[2, 32])],
+        );
         wcc_ir::import::load_bytes(&m.write_to_bytes().unwrap()).unwrap()
     };
     let a = model(vec![

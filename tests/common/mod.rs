@@ -122,3 +122,39 @@ pub fn vi(name: &str, elem: i32, dims: &[i64]) -> onnx_protobuf::ValueInfoProto 
         ..Default::default()
     }
 }
+
+/// A one-output node of the default domain, named after its output.
+pub fn simple_node(op: &str, inputs: &[&str], output: &str) -> onnx_protobuf::NodeProto {
+    onnx_protobuf::NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+/// A model of one graph "g" at IR 8, opset 17 (for small hand-built cases).
+pub fn model17(
+    nodes: Vec<onnx_protobuf::NodeProto>,
+    initializer: Vec<onnx_protobuf::TensorProto>,
+    input: Vec<onnx_protobuf::ValueInfoProto>,
+    output: Vec<onnx_protobuf::ValueInfoProto>,
+) -> onnx_protobuf::ModelProto {
+    onnx_protobuf::ModelProto {
+        ir_version: 8,
+        opset_import: vec![onnx_protobuf::OperatorSetIdProto {
+            version: 17,
+            ..Default::default()
+        }],
+        graph: protobuf::MessageField::some(onnx_protobuf::GraphProto {
+            name: "g".into(),
+            node: nodes,
+            initializer,
+            input,
+            output,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

@@ -299,15 +299,7 @@ pub fn plan<'a>(
     // Types at the verification's dims, to make the boundary's random values.
     let given: Vec<(String, TensorType)> = inputs
         .iter()
-        .map(|(n, a)| {
-            (
-                n.clone(),
-                TensorType {
-                    dtype: Some(a.dtype()),
-                    shape: Some(a.shape().iter().map(|d| Dim::Known(*d as i64)).collect()),
-                },
-            )
-        })
+        .map(|(n, a)| (n.clone(), type_of_array(a)))
         .collect();
     let types = wcc_ir::infer::infer_graph_with_inputs(og, original.default_opset(), None, &given)
         .types

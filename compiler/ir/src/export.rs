@@ -95,16 +95,8 @@ fn write_embedded(
         holes: &holes,
     };
     let inits = &model.graph.initializers;
-    sk.write(out, &mut |k, w| match (file, inits[k].file_range()) {
-        (Some(dst), Some((src, at, len))) => {
-            w.flush()?;
-            copy_range(src, at, dst, len)
-        }
-        _ => inits[k]
-            .for_each_chunk(&mut |c| w.write_all(c))
-            .map_err(|e| std::io::Error::other(e.to_string())),
-    })
-    .map_err(|e| IrError::Other(format!("writing the model: {e}")))
+    sk.write(out, &mut |k, w| write_data(&inits[k], w, file).map(|_| ()))
+        .map_err(|e| IrError::Other(format!("writing the model: {e}")))
 }
 
 /// The model serialized in memory, for backends and tests. String fields that were not UTF-8 in
@@ -211,11 +203,13 @@ pub fn stage(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Staged> {
             .permissions(output_mode())
             .tempfile_in(&dir)
             .map_err(|e| werr(format!("temporary file: {e}")))?;
-        let w = BufWriter::with_capacity(1 << 20, f.reopen().map_err(|e| werr(e.to_string()))?);
+        let file = f.reopen().map_err(|e| werr(e.to_string()))?;
+        let shared = file.try_clone().map_err(|e| werr(e.to_string()))?;
         tmp_data = Some(f);
         let mut sink = ExternalSink {
             location: data_name.clone(),
-            out: w,
+            out: BufWriter::with_capacity(1 << 20, file),
+            file: shared,
             offset: 0,
         };
         let proto = model_proto(model, &mut Sink::External(&mut sink))?;
@@ -253,6 +247,8 @@ pub fn stage(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Staged> {
 struct ExternalSink {
     location: String,
     out: BufWriter<File>,
+    /// `out`'s file, sharing its position (for `copy_range`).
+    file: File,
     offset: u64,
 }
 
@@ -262,23 +258,7 @@ impl ExternalSink {
         let pad = (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
         self.out.write_all(&vec![0u8; pad as usize]).map_err(werr)?;
         self.offset += pad;
-        let len = match t.file_range() {
-            // Bytes already in a file are copied by the kernel, page cache to page cache.
-            Some((file, at, len)) => {
-                self.out.flush().map_err(werr)?;
-                copy_range(file, at, self.out.get_ref(), len).map_err(werr)?;
-                len
-            }
-            None => {
-                let out = &mut self.out;
-                let mut len = 0usize;
-                t.for_each_chunk(&mut |c| {
-                    len += c.len();
-                    out.write_all(c)
-                })?;
-                len
-            }
-        };
+        let len = write_data(t, &mut self.out, Some(&self.file)).map_err(werr)?;
         let mut p = t.header_proto();
         let entry = |k: &str, v: String| StringStringEntryProto {
             key: k.into(),
@@ -293,6 +273,28 @@ impl ExternalSink {
         p.data_location = DataLocation::EXTERNAL.into();
         self.offset += len as u64;
         Ok(p)
+    }
+}
+
+/// Writes `t`'s data to `w` and returns its length. When `w` writes to `file` (at its position)
+/// and the data is already in a file, `w` is flushed and the kernel copies the bytes
+/// (`copy_range`), page cache to page cache; otherwise they are streamed in chunks.
+fn write_data(t: &Tensor, w: &mut dyn Write, file: Option<&File>) -> std::io::Result<usize> {
+    match (file, t.file_range()) {
+        (Some(dst), Some((src, at, len))) => {
+            w.flush()?;
+            copy_range(src, at, dst, len)?;
+            Ok(len)
+        }
+        _ => {
+            let mut len = 0usize;
+            t.for_each_chunk(&mut |c| {
+                len += c.len();
+                w.write_all(c)
+            })
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok(len)
+        }
     }
 }
 

@@ -372,24 +372,9 @@ impl Tensor {
 
     /// Up to `len` bytes at `at` (clamped), read without touching the mmap for external data.
     fn sample(&self, at: usize, len: usize) -> Vec<u8> {
-        match &self.external {
-            Some(ext) => {
-                use std::os::unix::fs::FileExt;
-                let at = at.min(ext.len);
-                let mut buf = vec![0u8; len.min(ext.len - at)];
-                match ext.file.read_exact_at(&mut buf, (ext.offset + at) as u64) {
-                    Ok(()) => buf,
-                    Err(_) => vec![],
-                }
-            }
-            None => match self.raw_bytes() {
-                Ok(b) => {
-                    let at = at.min(b.len());
-                    b[at..(at + len).min(b.len())].to_vec()
-                }
-                Err(_) => vec![],
-            },
-        }
+        let total = usize::try_from(self.byte_size()).unwrap_or(usize::MAX);
+        let at = at.min(total);
+        self.read_range(at, len.min(total - at)).unwrap_or_default()
     }
 
     /// A cheap fingerprint: dtype, dims and three 4 KiB samples of the data (start, middle, end).
