@@ -104,6 +104,34 @@ fn tract_and_onnx_runtime_agree() {
     }
 }
 
+/// Verification hands tract the large tensors through its external-data resolver
+/// (`Backend::run_model`): the outputs are bit for bit those of tract parsing the whole message.
+#[test]
+fn tract_reads_handed_over_tensors_as_it_parses_them() {
+    let mut handed = 0;
+    for stem in tract_fixtures() {
+        let m = load(&stem);
+        let inputs = inputs(&stem, "inputs");
+        let (_, refs) =
+            wcc_ir::export::to_bytes_with_refs(&m, wcc_runtime::backend::REF_MIN_BYTES).unwrap();
+        handed += refs.len();
+        let parsed = run(&Backend::Tract, &m, &inputs).unwrap();
+        let resolved = Backend::Tract.run_model(&m, &inputs).unwrap();
+        assert_eq!(parsed.len(), resolved.len(), "{stem}");
+        for ((na, a), (nb, b)) in parsed.iter().zip(&resolved) {
+            assert_eq!(na, nb, "{stem}");
+            assert!(
+                a == b,
+                "{stem}: output {na} differs when tract resolves the weights"
+            );
+        }
+    }
+    assert!(
+        handed > 10,
+        "the fixtures' large weights are handed over ({handed})"
+    );
+}
+
 #[test]
 fn o1_never_has_more_nodes_and_is_deterministic() {
     for stem in fixture_stems() {

@@ -96,7 +96,7 @@ impl Held {
 }
 
 /// Bytes of the large input read per piece by `fold_streamed`.
-const STREAM_PIECE_BYTES: usize = 4 << 20;
+const STREAM_PIECE_BYTES: usize = 256 << 10;
 
 /// Folds an elementwise node (`ops::broadcasts`: Mul, Add, Relu, Cast…) whose one large input is
 /// held as a tensor and whose other inputs are small arrays that broadcast into it: piece by

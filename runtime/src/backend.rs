@@ -27,6 +27,9 @@ impl std::str::FromStr for Provider {
     }
 }
 
+/// Tensors this large or larger reach tract through its resolver (`Backend::run_model`).
+pub const REF_MIN_BYTES: u64 = 4 << 10;
+
 #[derive(Debug, Clone)]
 pub enum Backend {
     /// tract, embedded: needs nothing installed.
@@ -62,11 +65,33 @@ impl Backend {
         self.prepare(model, inputs)?.run(inputs)
     }
 
+    /// Runs `m` once on `inputs`. tract gets the model without its large tensors and reads those
+    /// from where wcc holds them (one copy fewer of every weight, and no message holding them);
+    /// ONNX Runtime gets the whole serialized model.
+    pub fn run_model(
+        &self,
+        m: &wcc_ir::Model,
+        inputs: &NamedArrays,
+    ) -> Result<NamedArrays, RunError> {
+        let setup = |e: wcc_ir::IrError| RunError::Setup(e.to_string());
+        match self {
+            Backend::Tract => {
+                let (bytes, refs) =
+                    wcc_ir::export::to_bytes_with_refs(m, REF_MIN_BYTES).map_err(setup)?;
+                self.prepare_with(Cow::Owned(bytes), refs, inputs, false)?
+                    .run(inputs)
+            }
+            Backend::Ort { .. } => {
+                self.run_owned(wcc_ir::export::to_bytes(m).map_err(setup)?, inputs)
+            }
+        }
+    }
+
     /// As `run`, taking the serialized model: the backend frees it as soon as it holds the
     /// model its own way, so the bytes and the backend's copy of the weights are not both held
     /// for the whole load.
     pub fn run_owned(&self, model: Vec<u8>, inputs: &NamedArrays) -> Result<NamedArrays, RunError> {
-        self.prepare_with(Cow::Owned(model), inputs, false)?
+        self.prepare_with(Cow::Owned(model), vec![], inputs, false)?
             .run(inputs)
     }
 
@@ -85,7 +110,7 @@ impl Backend {
         model: &[u8],
         inputs: &NamedArrays,
     ) -> Result<Box<dyn Prepared>, RunError> {
-        self.prepare_with(Cow::Borrowed(model), inputs, false)
+        self.prepare_with(Cow::Borrowed(model), vec![], inputs, false)
     }
 
     /// As `prepare`, compiled for speed (benchmarks): tract's codegen is run.
@@ -94,12 +119,14 @@ impl Backend {
         model: &[u8],
         inputs: &NamedArrays,
     ) -> Result<Box<dyn Prepared>, RunError> {
-        self.prepare_with(Cow::Borrowed(model), inputs, true)
+        self.prepare_with(Cow::Borrowed(model), vec![], inputs, true)
     }
 
+    /// `refs`: the tensors `model` refers to by index (`export::to_bytes_with_refs`), tract only.
     fn prepare_with(
         &self,
         model: Cow<'_, [u8]>,
+        refs: Vec<wcc_ir::Tensor>,
         inputs: &NamedArrays,
         optimize: bool,
     ) -> Result<Box<dyn Prepared>, RunError> {
@@ -107,7 +134,7 @@ impl Backend {
         let inner = guarded(backend, || -> Result<Box<dyn Prepared>, RunError> {
             Ok(match self {
                 Backend::Tract => Box::new(crate::tract_backend::TractModel::load(
-                    model, inputs, optimize,
+                    model, refs, inputs, optimize,
                 )?),
                 Backend::Ort { lib, provider } => Box::new(crate::ort_backend::OrtModel::load(
                     &model,

@@ -69,13 +69,14 @@ impl TractModel {
     /// benchmarks), else the model is only decluttered (for checks, see below).
     pub fn load(
         bytes: std::borrow::Cow<'_, [u8]>,
+        refs: Vec<wcc_ir::Tensor>,
         inputs: &NamedArrays,
         optimize: bool,
     ) -> Result<Self, RunError> {
         // tract unifies declared shapes with the concrete input facts; symbolic dims in value_info
         // and output types (as the dynamo exporter writes them) would clash, so drop them: tract
         // infers every intermediate shape itself.
-        let onnx = tract_onnx::onnx();
+        let mut onnx = tract_onnx::onnx();
         // Decoded straight from the caller's bytes (tract's `proto_model_for_read` would copy
         // them into a buffer of its own first).
         let mut proto =
@@ -88,9 +89,33 @@ impl TractModel {
                 o.r#type = None;
             }
         }
-        let mut model = onnx.model_for_proto_model(&proto).map_err(err)?;
+        let mut model = if refs.is_empty() {
+            onnx.model_for_proto_model(&proto).map_err(err)?
+        } else {
+            // Tensors left out of the message (`export::to_bytes_with_refs`) are read by tract's
+            // external-data resolver, straight from where wcc holds them into the buffer tract
+            // makes its tensor from. tract resolves an external location to a file inside the
+            // model's folder before it asks the resolver: a folder with an empty file of that
+            // name stands for it (the resolver finds each tensor by its index, the offset).
+            let dir = tempfile::tempdir().map_err(err)?;
+            std::fs::File::create(dir.path().join(wcc_ir::export::REFS_LOCATION)).map_err(err)?;
+            let dir_str = dir
+                .path()
+                .to_str()
+                .ok_or_else(|| err("temporary folder name"))?;
+            onnx.provider = Arc::new(Refs(refs));
+            let parsed = onnx.parse(&proto, Some(dir_str)).map_err(err)?;
+            if !parsed.unresolved_inputs.is_empty() {
+                return Err(err(format!(
+                    "could not resolve inputs at top level: {:?}",
+                    parsed.unresolved_inputs
+                )));
+            }
+            parsed.model
+        };
         // The model holds its own copies of the weights now.
         drop(proto);
+        drop(onnx);
         for (i, (_, a)) in inputs.iter().enumerate() {
             let fact = InferenceFact::dt_shape_from_tensor(&to_tract(a));
             model = model.with_input_fact(i, fact).map_err(err)?;
@@ -117,6 +142,42 @@ impl TractModel {
         };
         let plan = typed.map_err(err)?.into_runnable().map_err(err)?;
         Ok(TractModel { plan, output_names })
+    }
+}
+
+/// Serves the tensors of `export::to_bytes_with_refs` to tract: offset = index in the list.
+struct Refs(Vec<wcc_ir::Tensor>);
+
+impl tract_onnx::data_resolver::ModelDataResolver for Refs {
+    fn read_bytes_from_path(
+        &self,
+        buf: &mut Vec<u8>,
+        _p: &std::path::Path,
+        offset: usize,
+        length: Option<usize>,
+    ) -> TractResult<()> {
+        let t = self
+            .0
+            .get(offset)
+            .ok_or_else(|| TractError::msg(format!("no tensor #{offset} was handed to tract")))?;
+        let len = usize::try_from(t.byte_size())?;
+        if length.is_some_and(|l| l != len) {
+            return Err(TractError::msg(format!(
+                "tensor {} holds {len} bytes, not {length:?}",
+                t.name()
+            )));
+        }
+        buf.try_reserve_exact(len)?;
+        match t.file_range() {
+            // Read from the file (page cache to this buffer), not through wcc's mmap.
+            Some((file, at, _)) => {
+                use std::os::unix::fs::FileExt;
+                buf.resize(len, 0);
+                file.read_exact_at(buf, at)?;
+            }
+            None => buf.extend_from_slice(&t.raw_bytes()?),
+        }
+        Ok(())
     }
 }
 

@@ -139,6 +139,5 @@ pub fn check_budget(m: &Model, inputs: &NamedArrays) -> Result<(), RunError> {
 pub fn run_on(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<NamedArrays, RunError> {
     let own = own_inputs(m, inputs);
     check_budget(m, &own)?;
-    let bytes = wcc_ir::export::to_bytes(m).map_err(|e| RunError::Setup(e.to_string()))?;
-    backend.run_owned(bytes, &own)
+    backend.run_model(m, &own)
 }

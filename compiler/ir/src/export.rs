@@ -99,6 +99,23 @@ fn write_embedded(
         .map_err(|e| IrError::Other(format!("writing the model: {e}")))
 }
 
+/// The external-data location of the tensors `to_bytes_with_refs` leaves out.
+pub const REFS_LOCATION: &str = "wcc-tensors";
+
+/// The model serialized in memory without its large tensors, for a backend that takes their
+/// bytes from wcc instead of parsing them out of the message (tract, through its external-data
+/// resolver): every main-graph tensor of `min_bytes` or more held packed is an external-data
+/// reference to location `REFS_LOCATION`, with offset = its index in the returned list (which
+/// shares the tensors' storage: nothing is copied) and length = its size in bytes.
+pub fn to_bytes_with_refs(model: &Model, min_bytes: u64) -> Result<(Vec<u8>, Vec<Tensor>)> {
+    let mut refs = vec![];
+    let proto = model_proto(model, &mut Sink::Refs(min_bytes, &mut refs))?;
+    let bytes = proto
+        .write_to_bytes()
+        .map_err(|e| IrError::Other(format!("serializing: {e}")))?;
+    Ok((bytes, refs))
+}
+
 /// The model serialized in memory, for backends and tests. String fields that were not UTF-8 in
 /// the file stay escaped here (every protobuf parser accepts the result, and names still match
 /// between models); `save` writes their original bytes.
@@ -259,21 +276,27 @@ impl ExternalSink {
         self.out.write_all(&vec![0u8; pad as usize]).map_err(werr)?;
         self.offset += pad;
         let len = write_data(t, &mut self.out, Some(&self.file)).map_err(werr)?;
-        let mut p = t.header_proto();
-        let entry = |k: &str, v: String| StringStringEntryProto {
-            key: k.into(),
-            value: v,
-            ..Default::default()
-        };
-        p.external_data = vec![
-            entry("location", self.location.clone()),
-            entry("offset", self.offset.to_string()),
-            entry("length", len.to_string()),
-        ];
-        p.data_location = DataLocation::EXTERNAL.into();
+        let p = external_header(t, &self.location, self.offset, len as u64);
         self.offset += len as u64;
         Ok(p)
     }
+}
+
+/// `t`'s metadata pointing at `length` bytes at `offset` of the external file `location`.
+fn external_header(t: &Tensor, location: &str, offset: u64, length: u64) -> TensorProto {
+    let mut p = t.header_proto();
+    let entry = |k: &str, v: String| StringStringEntryProto {
+        key: k.into(),
+        value: v,
+        ..Default::default()
+    };
+    p.external_data = vec![
+        entry("location", location.to_string()),
+        entry("offset", offset.to_string()),
+        entry("length", length.to_string()),
+    ];
+    p.data_location = DataLocation::EXTERNAL.into();
+    p
 }
 
 /// Writes `t`'s data to `w` and returns its length. When `w` writes to `file` (at its position)
@@ -359,6 +382,8 @@ enum Sink<'a> {
     Holes(&'a mut Vec<(usize, u64)>),
     /// Tensors of `EXTERNAL_MIN_BYTES` or more go to the external data file.
     External(&'a mut ExternalSink),
+    /// Large main-graph tensors are listed instead of written (see `to_bytes_with_refs`).
+    Refs(u64, &'a mut Vec<Tensor>),
 }
 
 fn model_proto(model: &Model, sink: &mut Sink) -> Result<ModelProto> {
@@ -384,7 +409,7 @@ fn graph_proto(g: &Graph, sink: &mut Sink) -> Result<GraphProto> {
     // Subgraphs embed their tensors (or send them to the external file): only the main graph's
     // initializers are streamed into place.
     let mut inner = match sink {
-        Sink::Holes(_) | Sink::Embed => Sink::Embed,
+        Sink::Holes(_) | Sink::Embed | Sink::Refs(..) => Sink::Embed,
         Sink::External(s) => Sink::External(s),
     };
     p.node = g
@@ -405,6 +430,11 @@ fn graph_proto(g: &Graph, sink: &mut Sink) -> Result<GraphProto> {
                 let mut h = t.header_proto();
                 h.raw_data = vec![0];
                 holes.push((i, t.byte_size()));
+                Ok(h)
+            }
+            Sink::Refs(min, refs) if t.byte_size() >= *min && packed(t) && t.has_raw_storage() => {
+                let h = external_header(t, REFS_LOCATION, refs.len() as u64, t.byte_size());
+                refs.push(t.clone());
                 Ok(h)
             }
             _ => t.to_embedded_proto(),
