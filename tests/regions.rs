@@ -107,6 +107,19 @@ fn regions_are_checked_in_groups_within_the_budget() {
     let (fid, s) = p.check(&Backend::Tract, &ins, one, 0).unwrap();
     assert_eq!(s.runs, 3, "one region per run");
     assert!(fid.iter().all(|f| !f.bitwise_equal));
+    // Twice the budget: the same one-region groups, two at a time; the same report, in order.
+    let (fid2, s2) = p.check(&Backend::Tract, &ins, 2 * one, 0).unwrap();
+    assert_eq!(s2.runs, 3);
+    let key = |f: &[wcc_runtime::OutputFidelity]| -> Vec<(String, u64)> {
+        f.iter()
+            .map(|f| (f.name.clone(), f.max_abs_error.to_bits()))
+            .collect()
+    };
+    assert_eq!(
+        key(&fid),
+        key(&fid2),
+        "concurrent groups report as sequential ones"
+    );
     let (_, s) = p.check(&Backend::Tract, &ins, u64::MAX, 0).unwrap();
     assert_eq!(s.runs, 1);
 }

@@ -429,7 +429,10 @@ impl Plan<'_> {
     }
 
     /// Runs every region beside its counterpart on `backend`, in groups whose initializers take
-    /// at most `budget` bytes, and compares each anchor; `seed` makes the boundary's values.
+    /// at most `budget` bytes all together, and compares each anchor; `seed` makes the boundary's
+    /// values. Groups are formed under half the budget and run `CHECK_THREADS` at a time while
+    /// the bytes they hold together stay within it (a region over half the budget runs alone); the
+    /// results are put back in group order, so the report does not depend on the schedule.
     pub fn check(
         &self,
         backend: &Backend,
@@ -437,30 +440,33 @@ impl Plan<'_> {
         budget: u64,
         seed: u64,
     ) -> Result<(Vec<OutputFidelity>, RegionSummary), RegionError> {
-        let mut groups: Vec<Vec<usize>> = vec![];
-        let mut held = 0u64;
+        let mut groups: Vec<(Vec<usize>, u64)> = vec![];
+        let half = budget / 2;
         for (k, s) in self.slices.iter().enumerate() {
             if s.bytes > budget {
                 let anchor = self.regions[k].anchors[0].clone();
                 return Err(RegionError::OverBudget(s.bytes, anchor));
             }
             match groups.last_mut() {
-                Some(g) if held + s.bytes <= budget => {
+                Some((g, held)) if *held + s.bytes <= half => {
                     g.push(k);
-                    held += s.bytes;
+                    *held += s.bytes;
                 }
-                _ => {
-                    groups.push(vec![k]);
-                    held = s.bytes;
-                }
+                _ => groups.push((vec![k], s.bytes)),
             }
         }
+        // The boundary's random values, drawn in group order.
         let mut rng = wcc_runtime::rng::Rng::new(seed);
-        let mut fidelity = vec![];
-        for g in &groups {
-            let (model, feeds) = self.group_model(g, inputs, &mut rng);
+        let work: Vec<(Model, NamedArrays, u64)> = groups
+            .iter()
+            .map(|(g, held)| {
+                let (m, f) = self.group_model(g, inputs, &mut rng);
+                (m, f, *held)
+            })
+            .collect();
+        let results = run_limited(&work, budget, |(model, feeds, _)| {
             let outs =
-                run_on(backend, &model, &feeds).map_err(|e| RegionError::Run(e.to_string()))?;
+                run_on(backend, model, feeds).map_err(|e| RegionError::Run(e.to_string()))?;
             let (mut reference, mut got) = (vec![], vec![]);
             for (name, a) in outs {
                 match name.strip_prefix(RESULT_PREFIX) {
@@ -468,8 +474,13 @@ impl Plan<'_> {
                     None => reference.push((name, a)),
                 }
             }
-            fidelity.extend(compare(&reference, &got, &[]).map_err(RegionError::Mismatch)?);
-            release_freed_memory(budget.saturating_mul(3));
+            let f = compare(&reference, &got, &[]).map_err(RegionError::Mismatch);
+            release_freed_memory(budget);
+            f
+        });
+        let mut fidelity = vec![];
+        for r in results {
+            fidelity.extend(r?);
         }
         let summary = RegionSummary {
             regions: self.regions.len(),
@@ -595,6 +606,78 @@ impl Plan<'_> {
         };
         (model, feeds)
     }
+}
+
+/// How many groups of regions run at once.
+const CHECK_THREADS: usize = 2;
+
+/// `f` on every item (each holding `.2` bytes), up to `CHECK_THREADS` at a time while the bytes
+/// of the items in flight stay within `budget` (an item over it alone runs alone); results in
+/// the items' order. Once one fails, items not started are skipped (their result is that error's
+/// turn to be reported by the first failure in order).
+fn run_limited<T: Sync, R: Send>(
+    items: &[(T, NamedArrays, u64)],
+    budget: u64,
+    f: impl Fn(&(T, NamedArrays, u64)) -> Result<R, RegionError> + Sync,
+) -> Vec<Result<R, RegionError>>
+where
+    (T, NamedArrays, u64): Sync,
+{
+    use std::sync::{Condvar, Mutex};
+    struct State {
+        next: usize,
+        in_flight: u64,
+        running: usize,
+        failed: bool,
+    }
+    let state = Mutex::new(State {
+        next: 0,
+        in_flight: 0,
+        running: 0,
+        failed: false,
+    });
+    let turn = Condvar::new();
+    let slots: Vec<Mutex<Option<Result<R, RegionError>>>> =
+        items.iter().map(|_| Mutex::new(None)).collect();
+    fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    let worker = || loop {
+        let k = {
+            let mut st = lock(&state);
+            loop {
+                if st.next >= items.len() || st.failed {
+                    return;
+                }
+                let bytes = items[st.next].2;
+                if st.running == 0 || st.in_flight + bytes <= budget {
+                    st.in_flight += bytes;
+                    st.running += 1;
+                    st.next += 1;
+                    break st.next - 1;
+                }
+                st = turn.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let r = f(&items[k]);
+        let failed = r.is_err();
+        *slots[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        let mut st = lock(&state);
+        st.in_flight -= items[k].2;
+        st.running -= 1;
+        st.failed |= failed;
+        turn.notify_all();
+    };
+    std::thread::scope(|s| {
+        for _ in 1..CHECK_THREADS.min(items.len()) {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    slots
+        .into_iter()
+        .map_while(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect()
 }
 
 /// Hands memory that runs freed back to the kernel once the allocator holds more than `keep`
