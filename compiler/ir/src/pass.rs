@@ -89,6 +89,10 @@ impl PassManager {
     /// Runs the pipeline to a fixed point (bounded by `max_rounds`), validating after each pass
     /// that reports changes, and once more at the end (a pass that changed the graph without
     /// saying so is caught there).
+    ///
+    /// The fixed point is reached as soon as every pass that may still run has run, without
+    /// changes, on the graph as it is now: a round stops there instead of running the passes
+    /// that already found nothing to do once more.
     pub fn run(&mut self, model: &mut Model) -> Result<Vec<PassRecord>> {
         let mut records = vec![];
         let invalid = |who: &str, e: IrError| {
@@ -97,11 +101,19 @@ impl PassManager {
             ))
         };
         let mut stats = GraphStats::of(model);
-        for round in 0..self.max_rounds.max(1) {
+        // clean[i]: pass i ran on the current graph and changed nothing.
+        let mut clean = vec![false; self.passes.len()];
+        let converged = |clean: &[bool], passes: &[Box<dyn Pass>]| {
+            passes.iter().zip(clean).all(|(p, &c)| c || p.run_once())
+        };
+        'rounds: for round in 0..self.max_rounds.max(1) {
             let mut any = false;
-            for p in &self.passes {
+            for (i, p) in self.passes.iter().enumerate() {
                 if round > 0 && p.run_once() {
                     continue;
+                }
+                if round > 0 && converged(&clean, &self.passes) {
+                    break 'rounds;
                 }
                 let before = stats.clone();
                 let t0 = Instant::now();
@@ -114,6 +126,10 @@ impl PassManager {
                 }
                 let after = stats.clone();
                 any |= out.changes > 0;
+                if out.changes > 0 {
+                    clean.iter_mut().for_each(|c| *c = false);
+                }
+                clean[i] = out.changes == 0;
                 if let Some((name, f)) = &mut self.dump_after {
                     if name == p.name() || name == "all" {
                         f(p.name(), model);
@@ -135,5 +151,75 @@ impl PassManager {
         }
         crate::validate::validate(model).map_err(|e| invalid("the pipeline", e))?;
         Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// Reports `changes` on its first `times` runs, then nothing; counts its runs.
+    struct Counting {
+        name: &'static str,
+        times: usize,
+        runs: Cell<usize>,
+    }
+
+    impl Pass for Counting {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn description(&self) -> &'static str {
+            "test pass"
+        }
+        fn run(&self, _: &mut Model) -> Result<PassOutcome> {
+            let n = self.runs.get();
+            self.runs.set(n + 1);
+            Ok(PassOutcome::changed(usize::from(n < self.times)))
+        }
+    }
+
+    fn pass(name: &'static str, times: usize) -> Box<dyn Pass> {
+        Box::new(Counting {
+            name,
+            times,
+            runs: Cell::new(0),
+        })
+    }
+
+    fn order(passes: Vec<Box<dyn Pass>>) -> Vec<(String, usize)> {
+        let mut pm = PassManager::new(passes);
+        let mut proto = onnx_protobuf::ModelProto::new();
+        proto.ir_version = 8;
+        let mut opset = onnx_protobuf::OperatorSetIdProto::new();
+        opset.version = 17;
+        proto.opset_import.push(opset);
+        proto.graph = Some(onnx_protobuf::GraphProto::new()).into();
+        let mut model = crate::import::from_proto(proto, None, std::path::Path::new("m")).unwrap();
+        let records = pm.run(&mut model).unwrap();
+        records.into_iter().map(|r| (r.pass, r.changes)).collect()
+    }
+
+    #[test]
+    fn the_fixed_point_stops_once_every_pass_saw_the_current_graph() {
+        // a changes once; b, c never: after a's second run everything saw the graph unchanged.
+        let got = order(vec![pass("a", 1), pass("b", 0), pass("c", 0)]);
+        let want = [("a", 1), ("b", 0), ("c", 0), ("a", 0)];
+        assert_eq!(got, want.map(|(p, n)| (p.to_string(), n)));
+        // c changes twice: a and b must run after c's last change, c once more after that.
+        let got = order(vec![pass("a", 0), pass("b", 0), pass("c", 2)]);
+        let want = [
+            ("a", 0),
+            ("b", 0),
+            ("c", 1),
+            ("a", 0),
+            ("b", 0),
+            ("c", 1),
+            ("a", 0),
+            ("b", 0),
+            ("c", 0),
+        ];
+        assert_eq!(got, want.map(|(p, n)| (p.to_string(), n)));
     }
 }
