@@ -68,6 +68,7 @@ fn external_data_round_trip_is_exact() {
         &out,
         &SaveOptions {
             external_data: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -107,6 +108,7 @@ fn external_data_round_trip_is_exact() {
         &out2,
         &SaveOptions {
             external_data: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -126,6 +128,7 @@ fn saving_over_an_input_file_is_refused() {
         &out,
         &SaveOptions {
             external_data: true,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -451,6 +451,9 @@ pub fn optimize(
     };
     let save_opts = export::SaveOptions {
         external_data: opts.external_data,
+        // What the passes wrote to the scratch file stays there: it becomes the output's data
+        // file (when the output has one); later spills go to a fresh one.
+        scratch: wcc_ir::spill::retire(),
     };
     let (staged, checked) = std::thread::scope(|s| {
         let writer = s.spawn(|| export::stage(&model, &out_path, &save_opts));
@@ -477,6 +480,7 @@ pub fn optimize(
         layer_drop,
         output_bytes: summary.model_bytes,
         external_data_bytes: summary.external_bytes,
+        external_data_in_place_bytes: summary.in_place_bytes,
         external_data_file: summary.external_file,
     };
     Ok(Optimized { report, model })

@@ -203,9 +203,13 @@ pub fn optimize(r: &OptimizeReport) -> String {
         r.output_bytes,
         match &r.external_data_file {
             Some(f) => format!(
-                ", external data {} bytes in {}",
+                ", external data {} bytes in {}{}",
                 r.external_data_bytes,
-                f.display()
+                f.display(),
+                match r.external_data_in_place_bytes {
+                    0 => String::new(),
+                    n => format!(", {n} of them written by the passes, not copied"),
+                }
             ),
             None => String::new(),
         }

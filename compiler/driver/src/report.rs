@@ -34,8 +34,16 @@ pub struct OptimizeReport {
     pub layer_drop: Option<LayerDropReport>,
     pub output_bytes: u64,
     pub external_data_bytes: u64,
+    /// Of `external_data_bytes`, those the passes had written already and that stayed where
+    /// they were (wcc's scratch file became the data file): not copied.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub external_data_in_place_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_data_file: Option<PathBuf>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `wcc inspect`: a model's interface, opsets, and statistics.

@@ -32,6 +32,9 @@ fn output_mode() -> std::fs::Permissions {
 pub struct SaveOptions {
     /// Force tensors ≥ `EXTERNAL_MIN_BYTES` into `<output>.data`.
     pub external_data: bool,
+    /// A retired scratch file (`spill::retire`) to adopt as the external data file, so that the
+    /// tensors passes wrote into it are not copied (see `adopt`).
+    pub scratch: Option<crate::spill::Scratch>,
 }
 
 /// What was written.
@@ -40,6 +43,9 @@ pub struct SaveSummary {
     pub model_bytes: u64,
     pub external_file: Option<PathBuf>,
     pub external_bytes: u64,
+    /// Bytes of the external data that passes had already written, left in place (the scratch
+    /// file became the data file).
+    pub in_place_bytes: u64,
 }
 
 /// Total bytes of tensor data in the model (all graphs).
@@ -147,6 +153,7 @@ pub struct Staged {
     data: Option<(tempfile::NamedTempFile, PathBuf)>,
     model_bytes: u64,
     external_bytes: u64,
+    in_place_bytes: u64,
 }
 
 impl Staged {
@@ -172,6 +179,7 @@ impl Staged {
             model_bytes: self.model_bytes,
             external_file,
             external_bytes: self.external_bytes,
+            in_place_bytes: self.in_place_bytes,
         })
     }
 }
@@ -214,25 +222,51 @@ pub fn stage(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Staged> {
         .map_err(|e| werr(format!("temporary file: {e}")))?;
     let mut tmp_data = None;
     let mut external_bytes = 0;
+    let mut in_place_bytes = 0;
     if external {
-        let f = tempfile::Builder::new()
-            .prefix(".wcc-")
-            .permissions(output_mode())
-            .tempfile_in(&dir)
-            .map_err(|e| werr(format!("temporary file: {e}")))?;
-        let file = f.reopen().map_err(|e| werr(e.to_string()))?;
+        let adopted = opts
+            .scratch
+            .as_ref()
+            .and_then(|sc| adopt(sc, model, &dir, tmp.as_file()));
+        let (f, scratch) = match adopted {
+            Some((f, sc)) => (f, Some(sc)),
+            None => (
+                tempfile::Builder::new()
+                    .prefix(".wcc-")
+                    .permissions(output_mode())
+                    .tempfile_in(&dir)
+                    .map_err(|e| werr(format!("temporary file: {e}")))?,
+                None,
+            ),
+        };
+        let mut file = f.reopen().map_err(|e| werr(e.to_string()))?;
+        let start = scratch.as_ref().map_or(0, |s| s.end);
+        {
+            use std::io::{Seek, SeekFrom};
+            file.seek(SeekFrom::Start(start))
+                .map_err(|e| werr(e.to_string()))?;
+        }
         let shared = file.try_clone().map_err(|e| werr(e.to_string()))?;
         tmp_data = Some(f);
         let mut sink = ExternalSink {
             location: data_name.clone(),
             out: BufWriter::with_capacity(1 << 20, file),
             file: shared,
-            offset: 0,
+            offset: start,
+            scratch,
         };
         let proto = model_proto(model, &mut Sink::External(&mut sink))?;
         sink.out
             .flush()
             .map_err(|e| werr(format!("writing {}: {e}", data_path.display())))?;
+        if let Some(sc) = &mut sink.scratch {
+            in_place_bytes = sc.clear_dead(&sink.file).map_err(|e| {
+                werr(format!(
+                    "clearing unused scratch data in {}: {e}",
+                    data_path.display()
+                ))
+            })?;
+        }
         external_bytes = sink.offset;
         let mut bytes = proto
             .write_to_bytes()
@@ -258,7 +292,133 @@ pub fn stage(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Staged> {
         data: tmp_data.map(|d| (d, data_path)),
         model_bytes,
         external_bytes,
+        in_place_bytes,
     })
+}
+
+/// A scratch file taken over as the output's data file: the tensors in it stay where they are.
+struct Adopted {
+    /// The scratch file's descriptor (tensors in it are recognized by it).
+    fd: std::os::fd::RawFd,
+    /// Bytes of the scratch file before the appended tensors.
+    end: u64,
+    /// (offset, length) of the scratch tensors the output refers to.
+    live: Vec<(u64, u64)>,
+}
+
+impl Adopted {
+    /// Zeroes (punches out) what no tensor of the output refers to: intermediates and folded
+    /// weights that were replaced, so no stale data reaches the output. Returns the live bytes.
+    fn clear_dead(&mut self, file: &File) -> std::io::Result<u64> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        self.live.sort_unstable();
+        let mut at = 0u64;
+        let mut live = 0u64;
+        let mut gaps = vec![];
+        for &(off, len) in &self.live {
+            if off > at {
+                gaps.push((at, off - at));
+            }
+            live += (off + len).saturating_sub(at.max(off));
+            at = at.max(off + len);
+        }
+        if self.end > at {
+            gaps.push((at, self.end - at));
+        }
+        for (off, len) in gaps {
+            // SAFETY: a plain syscall on an open descriptor; offsets are within the file.
+            let r = unsafe {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r != 0 {
+                // A filesystem without holes: write the zeros.
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(zeros.len() as u64);
+                    file.write_all_at(&zeros[..n as usize], off + done)?;
+                    done += n;
+                }
+            }
+        }
+        Ok(live)
+    }
+}
+
+/// Takes `scratch` over as the output's data file when the output refers to at least three
+/// quarters of what it holds (so the file is at most a third larger than its data; the rest are
+/// holes): links it into `dir` under a temporary name (the file was created unlinked, with
+/// O_TMPFILE) with the mode of `like`, a new output file. None (copy everything, as without a scratch file) when it holds less, or the
+/// filesystem cannot link it there (another filesystem, no O_TMPFILE, no /proc).
+fn adopt(
+    scratch: &crate::spill::Scratch,
+    model: &Model,
+    dir: &Path,
+    like: &File,
+) -> Option<(tempfile::NamedTempFile, Adopted)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let fd = scratch.file.as_raw_fd();
+    let mut referenced = 0u64;
+    model.graph.for_each_graph(&mut |g: &Graph| {
+        for t in &g.initializers {
+            if let Some((f, _, len)) = t.file_range() {
+                if f.as_raw_fd() == fd {
+                    referenced += len as u64;
+                }
+            }
+        }
+    });
+    if referenced == 0 || referenced < scratch.end / 4 * 3 {
+        return None;
+    }
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).ok()?;
+    let name = format!(
+        ".wcc-{}-{}.data",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos()
+    );
+    let path = dir.join(name);
+    let to = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: two NUL-terminated paths; linkat does not keep them.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    // From here the link is deleted with `temp` (on every early return too).
+    let Ok(temp) = tempfile::TempPath::try_from_path(&path) else {
+        let _ = std::fs::remove_file(&path);
+        return None;
+    };
+    // The mode of a new output file (`like`, created with `output_mode` under the umask).
+    let mode = like.metadata().ok()?.permissions();
+    scratch.file.set_permissions(mode).ok()?;
+    let file = scratch.file.try_clone().ok()?;
+    Some((
+        tempfile::NamedTempFile::from_parts(file, temp),
+        Adopted {
+            fd,
+            end: scratch.end,
+            live: vec![],
+        },
+    ))
 }
 
 struct ExternalSink {
@@ -267,11 +427,20 @@ struct ExternalSink {
     /// `out`'s file, sharing its position (for `copy_range`).
     file: File,
     offset: u64,
+    /// The scratch file `out` writes after, when it was adopted.
+    scratch: Option<Adopted>,
 }
 
 impl ExternalSink {
     fn put(&mut self, t: &Tensor) -> Result<TensorProto> {
+        use std::os::fd::AsRawFd;
         let werr = |e: std::io::Error| IrError::Other(format!("writing external data: {e}"));
+        if let (Some(sc), Some((f, at, len))) = (&mut self.scratch, t.file_range()) {
+            if f.as_raw_fd() == sc.fd {
+                sc.live.push((at, len as u64));
+                return Ok(external_header(t, &self.location, at, len as u64));
+            }
+        }
         let pad = (EXTERNAL_ALIGN - self.offset % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
         self.out.write_all(&vec![0u8; pad as usize]).map_err(werr)?;
         self.offset += pad;
@@ -518,4 +687,78 @@ pub fn value_info_proto(v: &ValueInfo) -> ValueInfoProto {
         }
     };
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{DataType, Tensor};
+
+    /// A model with one 4 MiB u8 initializer `w` feeding an Identity.
+    fn model(w: Tensor) -> crate::Model {
+        use onnx_protobuf::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+        let proto = ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                version: 17,
+                ..Default::default()
+            }],
+            graph: protobuf::MessageField::some(GraphProto {
+                name: "g".into(),
+                node: vec![NodeProto {
+                    op_type: "Identity".into(),
+                    input: vec!["w".into()],
+                    output: vec!["y".into()],
+                    ..Default::default()
+                }],
+                output: vec![crate::export::value_info_proto(&crate::ValueInfo::tensor(
+                    "y",
+                    crate::TensorType::known(DataType::U8, &[4 << 20]),
+                ))],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut m = crate::import::from_proto(proto, None, std::path::Path::new("m")).unwrap();
+        m.graph.initializers.push(w);
+        m
+    }
+
+    #[test]
+    fn an_adopted_scratch_file_keeps_live_tensors_in_place_and_zeroes_the_rest() {
+        let _turn = crate::spill::tests::TURN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        crate::spill::enable(dir.path()).unwrap();
+        // 4 MiB live, 1 MiB dead: at least three quarters live, so the file is adopted.
+        let n = 4usize << 20;
+        let dead = Tensor::from_raw("d", DataType::U8, &[1 << 20], vec![250; 1 << 20]).unwrap();
+        let live: Vec<u8> = (0..n).map(|i| (i % 249) as u8).collect();
+        let w = Tensor::from_raw("w", DataType::U8, &[n as i64], live.clone()).unwrap();
+        let scratch = crate::spill::retire().unwrap();
+        crate::spill::disable();
+        assert!(dead.is_mapped() && w.is_mapped());
+        let m = model(w);
+        let out = dir.path().join("o.onnx");
+        let opts = super::SaveOptions {
+            external_data: true,
+            scratch: Some(scratch),
+        };
+        let s = super::save(&m, &out, &opts).unwrap();
+        assert_eq!(s.in_place_bytes, n as u64, "the live tensor is not copied");
+        let data = std::fs::read(dir.path().join("o.onnx.data")).unwrap();
+        assert!(
+            !data.contains(&250),
+            "the dead tensor's bytes are cleared out"
+        );
+        let back = crate::import::load(&out).unwrap();
+        assert_eq!(&*back.graph.initializers[0].raw_bytes().unwrap(), &live[..]);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(
+            left.len(),
+            2,
+            "the model and its data, nothing else: {left:?}"
+        );
+        drop(dead);
+    }
 }

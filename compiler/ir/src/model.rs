@@ -258,6 +258,17 @@ impl Graph {
         }
         s
     }
+    /// Visits this graph and every subgraph below it, depth first.
+    pub fn for_each_graph(&self, f: &mut dyn FnMut(&Graph)) {
+        f(self);
+        for n in &self.nodes {
+            for a in &n.attributes {
+                for g in &a.graphs {
+                    g.for_each_graph(f);
+                }
+            }
+        }
+    }
     /// Visits this graph and every subgraph below it, depth first, mutably.
     pub fn for_each_graph_mut(&mut self, f: &mut dyn FnMut(&mut Graph)) {
         f(self);

@@ -12,8 +12,12 @@
 //!   here. An original that nothing reads any more is dropped with the graph's last reference to
 //!   it (its bytes were never loaded).
 //! - Writing: the output is streamed, tensor by tensor, from wherever each tensor lives (see
-//!   `export`): bytes already in a file (the input's, or this one) are copied by the kernel into
-//!   the output's external data, never through memory.
+//!   `export`): bytes already in a file (the input's) are copied by the kernel into the output's
+//!   external data, never through memory. The tensors passes wrote here are not copied at all
+//!   when the output has external data: the driver `retire`s this file after the passes, and
+//!   `export` links it into the output's folder as the output's data file, leaves those tensors
+//!   where they are and appends the others (ranges nothing refers to any more are punched out;
+//!   when those are more than a quarter of the file, it is copied from as before).
 //!
 //! The driver turns the store on (`enable`) for the folder it will write into, so the scratch
 //! file is on the output's filesystem; it is unlinked at once and vanishes with the process.
@@ -37,6 +41,34 @@ const ALIGN: u64 = 4096;
 struct Store {
     file: Arc<File>,
     end: u64,
+    dir: std::path::PathBuf,
+}
+
+/// A scratch file no new tensor goes to any more (see `retire`), for `export` to adopt.
+#[derive(Debug, Clone)]
+pub struct Scratch {
+    pub(crate) file: Arc<File>,
+    /// Bytes written or reserved so far.
+    pub(crate) end: u64,
+}
+
+/// Takes the scratch file as it stands, for the output to adopt (see the module doc); new
+/// tensors go to a fresh scratch file in the same folder from now on (or memory, if none can be
+/// made there). None when no store is on.
+pub fn retire() -> Option<Scratch> {
+    let mut guard = STORE.lock().ok()?;
+    let old = guard.take()?;
+    if let Ok(file) = tempfile::tempfile_in(&old.dir) {
+        *guard = Some(Store {
+            file: Arc::new(file),
+            end: 0,
+            dir: old.dir,
+        });
+    }
+    Some(Scratch {
+        file: old.file,
+        end: old.end,
+    })
 }
 
 static STORE: Mutex<Option<Store>> = Mutex::new(None);
@@ -48,6 +80,7 @@ pub fn enable(dir: &Path) -> std::io::Result<()> {
     *s = Some(Store {
         file: Arc::new(file),
         end: 0,
+        dir: dir.to_path_buf(),
     });
     Ok(())
 }
@@ -182,11 +215,11 @@ impl Writer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::{DataType, Tensor};
 
     /// The store is global: tests that turn it on take turns.
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    pub(crate) static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
     fn large_new_tensors_go_to_the_scratch_file_and_read_back_the_same() {
