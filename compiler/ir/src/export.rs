@@ -354,8 +354,12 @@ impl Adopted {
 /// Takes `scratch` over as the output's data file when the output refers to at least three
 /// quarters of what it holds (so the file is at most a third larger than its data; the rest are
 /// holes): links it into `dir` under a temporary name (the file was created unlinked, with
-/// O_TMPFILE) with the mode of `like`, a new output file. None (copy everything, as without a scratch file) when it holds less, or the
-/// filesystem cannot link it there (another filesystem, no O_TMPFILE, no /proc).
+/// O_TMPFILE) with the mode of `like`, a new output file. None (copy everything, as without a
+/// scratch file) when it holds less, or the filesystem cannot link it there (another
+/// filesystem, no O_TMPFILE, no /proc).
+///
+/// Only ranges no output tensor refers to are punched out later (`Adopted::clear_dead`): what
+/// the rewritten model still reads (verification runs while the output is written) is untouched.
 fn adopt(
     scratch: &crate::spill::Scratch,
     model: &Model,
