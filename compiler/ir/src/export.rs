@@ -383,40 +383,34 @@ fn adopt(
         return None;
     }
     let from = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).ok()?;
-    let name = format!(
-        ".wcc-{}-{}.data",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?
-            .as_nanos()
-    );
-    let path = dir.join(name);
-    let to = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: two NUL-terminated paths; linkat does not keep them.
-    let r = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if r != 0 {
-        return None;
-    }
-    // From here the link is deleted with `temp` (on every early return too).
-    let Ok(temp) = tempfile::TempPath::try_from_path(&path) else {
-        let _ = std::fs::remove_file(&path);
-        return None;
-    };
     // The mode of a new output file (`like`, created with `output_mode` under the umask).
     let mode = like.metadata().ok()?.permissions();
     scratch.file.set_permissions(mode).ok()?;
-    let file = scratch.file.try_clone().ok()?;
+    let mut file = Some(scratch.file.try_clone().ok()?);
+    // A fresh temporary name in `dir` (tempfile retries taken ones), deleted with the handle.
+    let linked = tempfile::Builder::new()
+        .prefix(".wcc-")
+        .make_in(dir, |path| {
+            let to = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+            // SAFETY: two NUL-terminated paths; linkat does not keep them.
+            let r = unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            file.take()
+                .ok_or_else(|| std::io::Error::other("linked twice"))
+        })
+        .ok()?;
     Some((
-        tempfile::NamedTempFile::from_parts(file, temp),
+        linked,
         Adopted {
             fd,
             end: scratch.end,

@@ -107,7 +107,6 @@ impl PassManager {
             passes.iter().zip(clean).all(|(p, &c)| c || p.run_once())
         };
         'rounds: for round in 0..self.max_rounds.max(1) {
-            let mut any = false;
             for (i, p) in self.passes.iter().enumerate() {
                 if round > 0 && p.run_once() {
                     continue;
@@ -123,13 +122,10 @@ impl PassManager {
                     crate::validate::validate(model)
                         .map_err(|e| invalid(&format!("pass '{}'", p.name()), e))?;
                     stats = GraphStats::of(model);
-                }
-                let after = stats.clone();
-                any |= out.changes > 0;
-                if out.changes > 0 {
                     clean.iter_mut().for_each(|c| *c = false);
                 }
                 clean[i] = out.changes == 0;
+                let after = stats.clone();
                 if let Some((name, f)) = &mut self.dump_after {
                     if name == p.name() || name == "all" {
                         f(p.name(), model);
@@ -144,9 +140,6 @@ impl PassManager {
                     before,
                     after,
                 });
-            }
-            if !any {
-                break;
             }
         }
         crate::validate::validate(model).map_err(|e| invalid("the pipeline", e))?;
