@@ -76,7 +76,7 @@ impl TractModel {
         // tract unifies declared shapes with the concrete input facts; symbolic dims in value_info
         // and output types (as the dynamo exporter writes them) would clash, so drop them: tract
         // infers every intermediate shape itself.
-        let mut onnx = tract_onnx::onnx();
+        let onnx = tract_onnx::onnx();
         // Decoded straight from the caller's bytes (tract's `proto_model_for_read` would copy
         // them into a buffer of its own first).
         let mut proto =
@@ -89,33 +89,19 @@ impl TractModel {
                 o.r#type = None;
             }
         }
-        let mut model = if refs.is_empty() {
-            onnx.model_for_proto_model(&proto).map_err(err)?
-        } else {
-            // Tensors left out of the message (`export::to_bytes_with_refs`) are read by tract's
-            // external-data resolver, straight from where wcc holds them into the buffer tract
-            // makes its tensor from. tract resolves an external location to a file inside the
-            // model's folder before it asks the resolver: a folder with an empty file of that
-            // name stands for it (the resolver finds each tensor by its index, the offset).
-            let dir = tempfile::tempdir().map_err(err)?;
-            std::fs::File::create(dir.path().join(wcc_ir::export::REFS_LOCATION)).map_err(err)?;
-            let dir_str = dir
-                .path()
-                .to_str()
-                .ok_or_else(|| err("temporary folder name"))?;
-            onnx.provider = Arc::new(Refs(refs));
-            let parsed = onnx.parse(&proto, Some(dir_str)).map_err(err)?;
-            if !parsed.unresolved_inputs.is_empty() {
-                return Err(err(format!(
-                    "could not resolve inputs at top level: {:?}",
-                    parsed.unresolved_inputs
-                )));
-            }
-            parsed.model
-        };
-        // The model holds its own copies of the weights now.
+        // Tensors left out of the message (`export::to_bytes_with_refs`) are parsed as graph
+        // inputs of their type, then made constants from tensors read straight from where wcc
+        // holds them: one copy, into the buffer tract keeps (tract's external-data resolver
+        // would read each into a zeroed buffer of its own, then copy that into the tensor).
+        let held = hold_out(&mut proto, &refs)?;
+        let mut model = onnx.model_for_proto_model(&proto).map_err(err)?;
+        // The model holds what it needs of the message now.
         drop(proto);
         drop(onnx);
+        if !held.is_empty() {
+            model = with_constants(model, &refs, &held)?;
+        }
+        drop(refs);
         for (i, (_, a)) in inputs.iter().enumerate() {
             let fact = InferenceFact::dt_shape_from_tensor(&to_tract(a));
             model = model.with_input_fact(i, fact).map_err(err)?;
@@ -145,40 +131,151 @@ impl TractModel {
     }
 }
 
-/// Serves the tensors of `export::to_bytes_with_refs` to tract: offset = index in the list.
-struct Refs(Vec<wcc_ir::Tensor>);
-
-impl tract_onnx::data_resolver::ModelDataResolver for Refs {
-    fn read_bytes_from_path(
-        &self,
-        buf: &mut Vec<u8>,
-        _p: &std::path::Path,
-        offset: usize,
-        length: Option<usize>,
-    ) -> TractResult<()> {
-        let t = self
-            .0
-            .get(offset)
-            .ok_or_else(|| TractError::msg(format!("no tensor #{offset} was handed to tract")))?;
-        let len = usize::try_from(t.byte_size())?;
-        if length.is_some_and(|l| l != len) {
-            return Err(TractError::msg(format!(
-                "tensor {} holds {len} bytes, not {length:?}",
-                t.name()
-            )));
-        }
-        buf.try_reserve_exact(len)?;
-        match t.file_range() {
-            // Read from the file (page cache to this buffer), not through wcc's mmap.
-            Some((file, at, _)) => {
-                use std::os::unix::fs::FileExt;
-                buf.resize(len, 0);
-                file.read_exact_at(buf, at)?;
-            }
-            None => buf.extend_from_slice(&t.raw_bytes()?),
-        }
-        Ok(())
+/// Moves the initializers that stand for `refs` (by name) out of the graph's initializers into
+/// its inputs, typed as the tensors are; returns the tensor index of each such input, by name.
+fn hold_out(
+    proto: &mut tract_onnx::pb::ModelProto,
+    refs: &[wcc_ir::Tensor],
+) -> Result<std::collections::HashMap<String, usize>, RunError> {
+    use tract_onnx::pb;
+    let mut held = std::collections::HashMap::new();
+    if refs.is_empty() {
+        return Ok(held);
     }
+    let index: std::collections::HashMap<&str, usize> = refs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name(), i))
+        .collect();
+    let Some(g) = proto.graph.as_mut() else {
+        return Ok(held);
+    };
+    let mut moved = vec![];
+    g.initializer.retain(|t| match index.get(t.name.as_str()) {
+        Some(&i) => {
+            moved.push((t.name.clone(), t.data_type, t.dims.clone()));
+            held.insert(t.name.clone(), i);
+            false
+        }
+        None => true,
+    });
+    let listed: std::collections::HashSet<String> =
+        g.input.iter().map(|v| v.name.clone()).collect();
+    for (name, elem_type, dims) in moved.into_iter().filter(|m| !listed.contains(&m.0)) {
+        let shape = pb::TensorShapeProto {
+            dim: dims
+                .iter()
+                .map(|&d| pb::tensor_shape_proto::Dimension {
+                    denotation: String::new(),
+                    value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                })
+                .collect(),
+        };
+        g.input.push(pb::ValueInfoProto {
+            name,
+            r#type: Some(pb::TypeProto {
+                denotation: String::new(),
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type,
+                    shape: Some(shape),
+                })),
+            }),
+            doc_string: String::new(),
+        });
+    }
+    Ok(held)
+}
+
+/// Turns the inputs `hold_out` made back into constants, each read from its tensor in `refs`;
+/// the model's inputs are then the graph inputs the caller feeds, in their order.
+fn with_constants(
+    mut model: InferenceModel,
+    refs: &[wcc_ir::Tensor],
+    held: &std::collections::HashMap<String, usize>,
+) -> Result<InferenceModel, RunError> {
+    let mut fed = vec![];
+    for outlet in model.input_outlets().map_err(err)?.to_vec() {
+        let node = model.node(outlet.node);
+        let Some(&i) = held.get(&node.name) else {
+            fed.push(outlet);
+            continue;
+        };
+        let tensor = Arc::new(read_tensor(&refs[i])?);
+        let fact = InferenceFact::from(TypedFact::try_from(tensor.clone()).map_err(err)?);
+        let op = tract_onnx::tract_hir::ops::konst::Const::new(tensor).map_err(err)?;
+        model.node_mut(outlet.node).op = Box::new(op);
+        model.set_outlet_fact(outlet, fact).map_err(err)?;
+    }
+    model.set_input_outlets(&fed).map_err(err)?;
+    Ok(model)
+}
+
+/// `t` as a tract tensor, its bytes read once into the tensor's own buffer: from the file where
+/// wcc maps it (page cache to the buffer, not through wcc's mapping), else from memory.
+fn read_tensor(t: &wcc_ir::Tensor) -> Result<Tensor, RunError> {
+    let code = tract_onnx::pb::tensor_proto::DataType::try_from(t.proto.data_type)
+        .map_err(|e| err(format!("tensor {}: element type: {e}", t.name())))?;
+    let dt: DatumType = code.try_into().map_err(err)?;
+    if !dt.is_copy() {
+        return Err(err(format!(
+            "tensor {}: {dt:?} cannot be read as bytes",
+            t.name()
+        )));
+    }
+    let shape = t
+        .dims()
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(err)?;
+    // SAFETY: a tensor of a plain (copy) type; every byte is written below before it is read.
+    let mut tensor = unsafe { Tensor::uninitialized_dt(dt, &shape) }.map_err(err)?;
+    let len = usize::try_from(t.byte_size()).map_err(err)?;
+    if tensor.len() * dt.size_of() != len {
+        return Err(err(format!(
+            "tensor {} holds {len} bytes, not the {} its shape says",
+            t.name(),
+            tensor.len() * dt.size_of()
+        )));
+    }
+    // SAFETY: the tensor's buffer holds `len` bytes (checked above); it is written through a
+    // raw pointer only, never read, until it is full.
+    let dst = unsafe { tensor.as_ptr_mut_unchecked::<u8>() };
+    match t.file_range() {
+        Some((file, at, _)) => read_at(file, dst, len, at)
+            .map_err(|e| err(format!("reading tensor {}: {e}", t.name())))?,
+        None => {
+            let bytes = t.raw_bytes().map_err(err)?;
+            // SAFETY: `bytes` holds `len` bytes (its size is the tensor's byte size); the
+            // buffers do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, len) };
+        }
+    }
+    Ok(tensor)
+}
+
+/// Reads `len` bytes of `file` at `at` into `dst`, which may be uninitialized (pread writes it
+/// without a slice over it ever being made).
+fn read_at(file: &std::fs::File, dst: *mut u8, len: usize, at: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0;
+    while done < len {
+        let offset = libc::off_t::try_from(at + done as u64)
+            .map_err(|_| std::io::Error::other("offset out of range"))?;
+        // SAFETY: `dst + done .. dst + len` is inside the caller's buffer.
+        let n = unsafe { libc::pread(file.as_raw_fd(), dst.add(done).cast(), len - done, offset) };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
 
 impl Prepared for TractModel {

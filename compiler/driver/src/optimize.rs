@@ -118,10 +118,11 @@ const VERIFY_COPIES: u64 = 5;
 
 /// How many times its weights a group of regions holds on `backend` at its peak, freed memory
 /// the allocator keeps for the next group included. tract is handed the weights (no serialized
-/// copy): its tensor, the packed copy a matrix product makes, and the buffer tract reads a
-/// tensor into while it makes it. Measured on the 2.27 GB scale benchmark (two regions of
-/// 128 MB of weights in flight, the default 1 GiB budget): 0.55-0.6 GB peak RSS. ONNX Runtime
-/// is handed the serialized model: `VERIFY_COPIES`.
+/// copy, each read straight into the tensor tract keeps): that tensor, the packed copy a matrix
+/// product makes, and what the allocator keeps of the last group's for the next. Measured on
+/// the 2.27 GB scale benchmark (two regions of 128 MB of weights in flight, the default 1 GiB
+/// budget): 0.54-0.75 GB peak RSS. ONNX Runtime is handed the serialized model:
+/// `VERIFY_COPIES`.
 fn region_copies(backend: &wcc_runtime::Backend) -> u64 {
     match backend {
         wcc_runtime::Backend::Tract => 3,
