@@ -2,6 +2,8 @@
 //! 2 bad input or usage. No command ends in a panic: backends run behind the driver's guard, and
 //! anything else that panics is reported here as an internal error (exit 2).
 
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod alloc;
 mod cli;
 mod commands;
 
@@ -9,6 +11,10 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use clap::Parser;
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 
 /// The message of a panic on the main thread, recorded by the hook instead of printed.
 static PANIC: Mutex<Option<String>> = Mutex::new(None);
