@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use rayon::prelude::*;
 use wcc_ir::eval::{eval_node, Array};
 use wcc_ir::infer::{infer_graph, TypeMap};
 use wcc_ir::pass::{Pass, PassOutcome};
@@ -103,7 +104,9 @@ const STREAM_PIECE_BYTES: usize = 256 << 10;
 /// piece along its first axis longer than 1, each piece of the large input is read, evaluated by
 /// the node's own evaluator and written to the result (to the scratch file when it is on), so
 /// neither the whole input nor the whole result is in memory at once, and no wider copy of either
-/// is made. None (the caller evaluates the node whole) when the node does not have that form.
+/// is made. Pieces are evaluated in parallel (rayon), each written at its place, so what is
+/// resident is a piece per thread. None (the caller evaluates the node whole) when the node does
+/// not have that form.
 fn fold_streamed(
     n: &wcc_ir::Node,
     values: &HashMap<String, Held>,
@@ -150,10 +153,8 @@ fn fold_streamed(
         usize::try_from(dtype.storage_bytes(shape[ax + 1..].iter().product::<usize>() as u64)?)
             .ok()?;
     let rows = (STREAM_PIECE_BYTES / row_bytes.max(1)).max(1);
-    let numel = big.numel();
-    let mut out: Option<(wcc_ir::spill::Writer, wcc_ir::DataType)> = None;
-    let mut r0 = 0;
-    while r0 < shape[ax] {
+    let row_elems = shape[ax + 1..].iter().product::<usize>() as u64;
+    let eval_piece = |r0: usize| -> Option<Array> {
         let r1 = (r0 + rows).min(shape[ax]);
         let mut piece_shape = shape.clone();
         piece_shape[ax] = r1 - r0;
@@ -182,18 +183,23 @@ fn fold_streamed(
             })
             .collect();
         let res = eval_node(n, &inputs, opset)?.pop()?;
-        if res.shape() != piece_shape.as_slice() {
-            return None;
-        }
-        if out.is_none() {
-            let len = usize::try_from(res.dtype().storage_bytes(numel)?).ok()?;
-            out = Some((wcc_ir::spill::Writer::new(len)?, res.dtype()));
-        }
-        let (w, _) = out.as_mut()?;
-        w.write(&res.to_le_bytes()).ok()?;
-        r0 = r1;
-    }
-    let (w, out_dtype) = out?;
+        (res.shape() == piece_shape.as_slice()).then_some(res)
+    };
+    // The first piece says what the result's element type is, hence its size and row bytes.
+    let first = eval_piece(0)?;
+    let out_dtype = first.dtype();
+    let out_row_bytes = usize::try_from(out_dtype.storage_bytes(row_elems)?).ok()?;
+    let w =
+        wcc_ir::spill::Writer::new(usize::try_from(out_dtype.storage_bytes(big.numel())?).ok()?)?;
+    w.write_at(0, &first.as_le_bytes()).ok()?;
+    drop(first);
+    (rows..shape[ax])
+        .into_par_iter()
+        .step_by(rows)
+        .try_for_each(|r0| {
+            let res = eval_piece(r0).filter(|r| r.dtype() == out_dtype)?;
+            w.write_at(r0 * out_row_bytes, &res.as_le_bytes()).ok()
+        })?;
     w.finish(&n.outputs[0], out_dtype, big.dims()).ok()
 }
 

@@ -3,6 +3,8 @@
 //! (`crate::ops`). An op or a dtype it does not cover returns `None` (the node is left alone),
 //! never a wrong value.
 
+use std::borrow::Cow;
+
 use ndarray::{ArrayD, IxDyn, Zip};
 
 use crate::dtype::DataType;
@@ -157,15 +159,40 @@ impl Array {
 
     /// The values as little-endian bytes, in row-major order (a tensor's `raw_data`).
     pub fn to_le_bytes(&self) -> Vec<u8> {
+        self.as_le_bytes().into_owned()
+    }
+
+    /// As `to_le_bytes`, borrowed where the array's memory already holds exactly those bytes (a
+    /// contiguous array on a little-endian machine), so writing it out copies nothing.
+    pub fn as_le_bytes(&self) -> Cow<'_, [u8]> {
+        /// The bytes of a contiguous array of `T`, one of the element types below: plain values
+        /// without padding, whose in-memory bytes are their little-endian encoding on a
+        /// little-endian machine (a bool is the byte 0 or 1).
+        fn view<T: Copy>(a: &ArrayD<T>) -> Option<&[u8]> {
+            let s = a.as_slice().filter(|_| cfg!(target_endian = "little"))?;
+            // SAFETY: `s` is initialized memory of `size_of_val(s)` bytes, borrowed for as
+            // long as `a`; every `T` here has no padding bytes.
+            Some(unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), std::mem::size_of_val(s)) })
+        }
         fn bytes<T: Copy, const N: usize>(a: &ArrayD<T>, f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
             let mut out = Vec::with_capacity(a.len() * N);
-            match a.as_slice() {
-                Some(s) => s.iter().for_each(|v| out.extend_from_slice(&f(*v))),
-                None => a.iter().for_each(|v| out.extend_from_slice(&f(*v))),
-            }
+            a.iter().for_each(|v| out.extend_from_slice(&f(*v)));
             out
         }
-        match self {
+        let borrowed = match self {
+            Array::F32(a) => view(a),
+            Array::F64(a) => view(a),
+            Array::F16(a) => view(a),
+            Array::I64(a) => view(a),
+            Array::I32(a) => view(a),
+            Array::I8(a) => view(a),
+            Array::U8(a) => view(a),
+            Array::Bool(a) => view(a),
+        };
+        if let Some(b) = borrowed {
+            return Cow::Borrowed(b);
+        }
+        Cow::Owned(match self {
             Array::F32(a) => bytes(a, f32::to_le_bytes),
             Array::F64(a) => bytes(a, f64::to_le_bytes),
             Array::F16(a) => bytes(a, half::f16::to_le_bytes),
@@ -174,7 +201,7 @@ impl Array {
             Array::I8(a) => bytes(a, |v: i8| [v as u8]),
             Array::U8(a) => bytes(a, |v: u8| [v]),
             Array::Bool(a) => bytes(a, |v: bool| [v as u8]),
-        }
+        })
     }
 
     /// Writes the array as a tensor named `name`.

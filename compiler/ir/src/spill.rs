@@ -8,8 +8,8 @@
 //!   dtype) while it computes it; a new tensor of `SPILL_MIN_BYTES` or more is then written here
 //!   and read back through an mmap, like external data. So a pass that rewrites every weight holds
 //!   about one weight at a time, not all of them. An elementwise fold of a large weight (a scale,
-//!   a bias, a Cast) holds less: it is computed piece by piece straight into a `Writer`'s range
-//!   here. An original that nothing reads any more is dropped with the graph's last reference to
+//!   a bias, a Cast) holds less: it is computed piece by piece (a piece per thread at a time)
+//!   straight into a `Writer`'s range here. An original that nothing reads any more is dropped with the graph's last reference to
 //!   it (its bytes were never loaded).
 //! - Writing: the output is streamed, tensor by tensor, from wherever each tensor lives (see
 //!   `export`): bytes already in a file (the input's) are copied by the kernel into the output's
@@ -120,16 +120,18 @@ pub(crate) fn spill(bytes: &[u8]) -> Option<ExternalSlice> {
 
 /// A new tensor written piece by piece (a folded weight computed chunk by chunk): its bytes go
 /// straight to a reserved range of the scratch file when a store is on and the tensor is large,
-/// else to memory. Nothing of it is resident but the piece being written.
+/// else to memory. Nothing of it is resident but the pieces being written. Pieces are written at
+/// their place, in any order and from several threads at once.
 pub struct Writer {
     dest: Dest,
     len: usize,
-    done: usize,
+    /// Bytes written so far (pieces never overlap: the caller's pieces tile the tensor).
+    done: std::sync::atomic::AtomicUsize,
 }
 
 enum Dest {
     File { file: Arc<File>, offset: u64 },
-    Memory(Vec<u8>),
+    Memory(std::sync::Mutex<Vec<u8>>),
 }
 
 impl Writer {
@@ -152,22 +154,32 @@ impl Writer {
             None => {
                 let mut v = Vec::new();
                 v.try_reserve_exact(len).ok()?;
-                Dest::Memory(v)
+                v.resize(len, 0);
+                Dest::Memory(std::sync::Mutex::new(v))
             }
         };
-        Some(Writer { dest, len, done: 0 })
+        Some(Writer {
+            dest,
+            len,
+            done: 0.into(),
+        })
     }
 
-    /// Appends `bytes`; refuses more than the length the writer was made for.
-    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        if bytes.len() > self.len - self.done {
-            return Err(std::io::Error::other("more bytes than reserved"));
+    /// Writes `bytes` at byte `at` of the tensor; refuses bytes past the length the writer was
+    /// made for.
+    pub fn write_at(&self, at: usize, bytes: &[u8]) -> std::io::Result<()> {
+        if at.checked_add(bytes.len()).is_none_or(|end| end > self.len) {
+            return Err(std::io::Error::other("bytes past the reserved length"));
         }
-        match &mut self.dest {
-            Dest::File { file, offset } => file.write_all_at(bytes, *offset + self.done as u64)?,
-            Dest::Memory(v) => v.extend_from_slice(bytes),
+        match &self.dest {
+            Dest::File { file, offset } => file.write_all_at(bytes, *offset + at as u64)?,
+            Dest::Memory(v) => {
+                let mut v = v.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+                v[at..at + bytes.len()].copy_from_slice(bytes);
+            }
         }
-        self.done += bytes.len();
+        self.done
+            .fetch_add(bytes.len(), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -179,10 +191,11 @@ impl Writer {
         dims: &[i64],
     ) -> crate::Result<crate::Tensor> {
         use crate::error::IrError;
-        if self.done != self.len {
+        let done = self.done.into_inner();
+        if done != self.len {
             return Err(IrError::tensor(
                 name,
-                format!("{} of {} bytes written", self.done, self.len),
+                format!("{done} of {} bytes written", self.len),
             ));
         }
         let proto = onnx_protobuf::TensorProto {
@@ -193,7 +206,9 @@ impl Writer {
         };
         match self.dest {
             Dest::Memory(raw) => crate::Tensor::from_proto(onnx_protobuf::TensorProto {
-                raw_data: raw,
+                raw_data: raw
+                    .into_inner()
+                    .map_err(|_| IrError::tensor(name, "poisoned"))?,
                 ..proto
             }),
             Dest::File { file, offset } => {
@@ -242,28 +257,41 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_writer_streams_pieces_into_a_reserved_range() {
+    fn a_writer_takes_pieces_in_any_order_from_several_threads() {
         let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let big: Vec<u8> = (0..(3 << 20)).map(|i| (i % 253) as u8).collect();
-        let write = |w: &mut super::Writer| {
-            for piece in big.chunks(1 << 19) {
-                w.write(piece).unwrap();
-            }
+        // Pieces written backwards, odd and even ones by two threads.
+        let write = |w: &super::Writer| {
+            let pieces: Vec<(usize, &[u8])> = big.chunks(1 << 19).enumerate().rev().collect();
+            std::thread::scope(|s| {
+                for parity in 0..2 {
+                    let pieces = &pieces;
+                    s.spawn(move || {
+                        for (k, p) in pieces.iter().filter(|(k, _)| k % 2 == parity) {
+                            w.write_at(k << 19, p).unwrap();
+                        }
+                    });
+                }
+            });
         };
         super::enable(dir.path()).unwrap();
-        let mut w = super::Writer::new(big.len()).unwrap();
+        let w = super::Writer::new(big.len()).unwrap();
         // Another spill between the reservation and the writes must not land in the range.
         let other = Tensor::from_raw("o", DataType::U8, &[2 << 20], vec![7; 2 << 20]).unwrap();
-        write(&mut w);
-        assert!(w.write(&[1]).is_err(), "no more than reserved");
+        write(&w);
+        assert!(
+            w.write_at(big.len(), &[1]).is_err(),
+            "no more than reserved"
+        );
+        assert!(w.write_at(usize::MAX, &[1]).is_err(), "no overflow");
         let t = w.finish("w", DataType::U8, &[big.len() as i64]).unwrap();
         super::disable();
         assert!(t.is_mapped());
         assert_eq!(&*t.raw_bytes().unwrap(), &big[..]);
         assert!(other.raw_bytes().unwrap().iter().all(|b| *b == 7));
-        let mut m = super::Writer::new(big.len()).unwrap();
-        write(&mut m);
+        let m = super::Writer::new(big.len()).unwrap();
+        write(&m);
         let t = m.finish("m", DataType::U8, &[big.len() as i64]).unwrap();
         assert!(!t.is_mapped(), "without a store, memory");
         assert_eq!(&*t.raw_bytes().unwrap(), &big[..]);
