@@ -149,11 +149,9 @@ fn fold_streamed(
         }
     }
     let ax = shape.iter().position(|d| *d > 1)?;
-    let row_bytes =
-        usize::try_from(dtype.storage_bytes(shape[ax + 1..].iter().product::<usize>() as u64)?)
-            .ok()?;
-    let rows = (STREAM_PIECE_BYTES / row_bytes.max(1)).max(1);
     let row_elems = shape[ax + 1..].iter().product::<usize>() as u64;
+    let row_bytes = usize::try_from(dtype.storage_bytes(row_elems)?).ok()?;
+    let rows = (STREAM_PIECE_BYTES / row_bytes.max(1)).max(1);
     let eval_piece = |r0: usize| -> Option<Array> {
         let r1 = (r0 + rows).min(shape[ax]);
         let mut piece_shape = shape.clone();

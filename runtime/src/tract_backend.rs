@@ -1,6 +1,7 @@
 //! tract backend: embedded, pure Rust, needs nothing installed. Input facts come from the concrete
 //! inputs, so symbolic dims are resolved before optimization.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
@@ -93,7 +94,12 @@ impl TractModel {
         // inputs of their type, then made constants from tensors read straight from where wcc
         // holds them: one copy, into the buffer tract keeps (tract's external-data resolver
         // would read each into a zeroed buffer of its own, then copy that into the tensor).
-        let held = hold_out(&mut proto, &refs)?;
+        let held: HashMap<&str, usize> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name(), i))
+            .collect();
+        hold_out(&mut proto, &held);
         let mut model = onnx.model_for_proto_model(&proto).map_err(err)?;
         // The model holds what it needs of the message now.
         drop(proto);
@@ -101,6 +107,7 @@ impl TractModel {
         if !held.is_empty() {
             model = with_constants(model, &refs, &held)?;
         }
+        drop(held);
         drop(refs);
         for (i, (_, a)) in inputs.iter().enumerate() {
             let fact = InferenceFact::dt_shape_from_tensor(&to_tract(a));
@@ -131,33 +138,20 @@ impl TractModel {
     }
 }
 
-/// Moves the initializers that stand for `refs` (by name) out of the graph's initializers into
-/// its inputs, typed as the tensors are; returns the tensor index of each such input, by name.
-fn hold_out(
-    proto: &mut tract_onnx::pb::ModelProto,
-    refs: &[wcc_ir::Tensor],
-) -> Result<std::collections::HashMap<String, usize>, RunError> {
+/// Moves the initializers named in `held` (the tensors handed over) out of the graph's
+/// initializers into its inputs, typed as the tensors are.
+fn hold_out(proto: &mut tract_onnx::pb::ModelProto, held: &HashMap<&str, usize>) {
     use tract_onnx::pb;
-    let mut held = std::collections::HashMap::new();
-    if refs.is_empty() {
-        return Ok(held);
-    }
-    let index: std::collections::HashMap<&str, usize> = refs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name(), i))
-        .collect();
-    let Some(g) = proto.graph.as_mut() else {
-        return Ok(held);
+    let Some(g) = proto.graph.as_mut().filter(|_| !held.is_empty()) else {
+        return;
     };
     let mut moved = vec![];
-    g.initializer.retain(|t| match index.get(t.name.as_str()) {
-        Some(&i) => {
+    g.initializer.retain(|t| {
+        let keep = !held.contains_key(t.name.as_str());
+        if !keep {
             moved.push((t.name.clone(), t.data_type, t.dims.clone()));
-            held.insert(t.name.clone(), i);
-            false
         }
-        None => true,
+        keep
     });
     let listed: std::collections::HashSet<String> =
         g.input.iter().map(|v| v.name.clone()).collect();
@@ -183,20 +177,20 @@ fn hold_out(
             doc_string: String::new(),
         });
     }
-    Ok(held)
 }
 
-/// Turns the inputs `hold_out` made back into constants, each read from its tensor in `refs`;
-/// the model's inputs are then the graph inputs the caller feeds, in their order.
+/// Turns the inputs `hold_out` made back into constants, each read from its tensor in `refs`
+/// (`held`: index by name); the model's inputs are then the graph inputs the caller feeds, in
+/// their order.
 fn with_constants(
     mut model: InferenceModel,
     refs: &[wcc_ir::Tensor],
-    held: &std::collections::HashMap<String, usize>,
+    held: &HashMap<&str, usize>,
 ) -> Result<InferenceModel, RunError> {
     let mut fed = vec![];
     for outlet in model.input_outlets().map_err(err)?.to_vec() {
         let node = model.node(outlet.node);
-        let Some(&i) = held.get(&node.name) else {
+        let Some(&i) = held.get(node.name.as_str()) else {
             fed.push(outlet);
             continue;
         };
