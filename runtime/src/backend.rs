@@ -27,7 +27,8 @@ impl std::str::FromStr for Provider {
     }
 }
 
-/// Tensors this large or larger are handed to tract as tensors, not serialized (`Backend::run_model`).
+/// Tensors this large or larger are handed to tract as tensors, not serialized
+/// (`Backend::run_model`).
 pub const REF_MIN_BYTES: u64 = 4 << 10;
 
 #[derive(Debug, Clone)]

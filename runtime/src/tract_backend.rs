@@ -204,8 +204,7 @@ fn with_constants(
     Ok(model)
 }
 
-/// `t` as a tract tensor, its bytes read once into the tensor's own buffer: from the file where
-/// wcc maps it (page cache to the buffer, not through wcc's mapping), else from memory.
+/// `t` as a tract tensor, its bytes read once into the tensor's own buffer (`Tensor::read_into`).
 fn read_tensor(t: &wcc_ir::Tensor) -> Result<Tensor, RunError> {
     let code = tract_onnx::pb::tensor_proto::DataType::try_from(t.proto.data_type)
         .map_err(|e| err(format!("tensor {}: element type: {e}", t.name())))?;
@@ -222,54 +221,22 @@ fn read_tensor(t: &wcc_ir::Tensor) -> Result<Tensor, RunError> {
         .map(|&d| usize::try_from(d))
         .collect::<Result<Vec<usize>, _>>()
         .map_err(err)?;
-    // SAFETY: a tensor of a plain (copy) type; every byte is written below before it is read.
+    // SAFETY: a tensor of a plain (copy) type, seen below only as possibly uninitialized bytes
+    // until `read_into` has written every one of them (it fails otherwise, and the tensor is
+    // dropped unread).
     let mut tensor = unsafe { Tensor::uninitialized_dt(dt, &shape) }.map_err(err)?;
-    let len = usize::try_from(t.byte_size()).map_err(err)?;
-    if tensor.len() * dt.size_of() != len {
-        return Err(err(format!(
-            "tensor {} holds {len} bytes, not the {} its shape says",
-            t.name(),
-            tensor.len() * dt.size_of()
-        )));
-    }
-    // SAFETY: the tensor's buffer holds `len` bytes (checked above); it is written through a
-    // raw pointer only, never read, until it is full.
-    let dst = unsafe { tensor.as_ptr_mut_unchecked::<u8>() };
-    match t.file_range() {
-        Some((file, at, _)) => read_at(file, dst, len, at)
-            .map_err(|e| err(format!("reading tensor {}: {e}", t.name())))?,
-        None => {
-            let bytes = t.raw_bytes().map_err(err)?;
-            // SAFETY: `bytes` holds `len` bytes (its size is the tensor's byte size); the
-            // buffers do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, len) };
-        }
-    }
+    let len = tensor.len() * dt.size_of();
+    // SAFETY: the tensor's buffer holds `len` bytes, borrowed with the tensor.
+    let dst = unsafe {
+        std::slice::from_raw_parts_mut(
+            tensor
+                .as_ptr_mut_unchecked::<u8>()
+                .cast::<std::mem::MaybeUninit<u8>>(),
+            len,
+        )
+    };
+    t.read_into(dst).map_err(err)?;
     Ok(tensor)
-}
-
-/// Reads `len` bytes of `file` at `at` into `dst`, which may be uninitialized (pread writes it
-/// without a slice over it ever being made).
-fn read_at(file: &std::fs::File, dst: *mut u8, len: usize, at: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut done = 0;
-    while done < len {
-        let offset = libc::off_t::try_from(at + done as u64)
-            .map_err(|_| std::io::Error::other("offset out of range"))?;
-        // SAFETY: `dst + done .. dst + len` is inside the caller's buffer.
-        let n = unsafe { libc::pread(file.as_raw_fd(), dst.add(done).cast(), len - done, offset) };
-        match n {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            n if n < 0 => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            n => done += n as usize,
-        }
-    }
-    Ok(())
 }
 
 impl Prepared for TractModel {

@@ -110,9 +110,10 @@ pub const REFS_LOCATION: &str = "wcc-tensors";
 
 /// The model serialized in memory without its large tensors, for a backend that takes their
 /// bytes from wcc instead of parsing them out of the message (tract: `wcc_runtime` parses them
-/// as typed graph inputs, then reads each into the tensor tract keeps): every main-graph tensor of `min_bytes` or more held packed is an external-data
-/// reference to location `REFS_LOCATION`, with offset = its index in the returned list (which
-/// shares the tensors' storage: nothing is copied) and length = its size in bytes.
+/// as typed graph inputs, then reads each into the tensor tract keeps, finding it by name): every
+/// main-graph tensor of `min_bytes` or more held packed is an external-data reference to location
+/// `REFS_LOCATION`, with offset = its index in the returned list (which shares the tensors'
+/// storage: nothing is copied) and length = its size in bytes.
 pub fn to_bytes_with_refs(model: &Model, min_bytes: u64) -> Result<(Vec<u8>, Vec<Tensor>)> {
     let mut refs = vec![];
     let proto = model_proto(model, &mut Sink::Refs(min_bytes, &mut refs))?;

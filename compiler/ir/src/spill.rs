@@ -9,8 +9,8 @@
 //!   and read back through an mmap, like external data. So a pass that rewrites every weight holds
 //!   about one weight at a time, not all of them. An elementwise fold of a large weight (a scale,
 //!   a bias, a Cast) holds less: it is computed piece by piece (a piece per thread at a time)
-//!   straight into a `Writer`'s range here. An original that nothing reads any more is dropped with the graph's last reference to
-//!   it (its bytes were never loaded).
+//!   straight into a `Writer`'s range here. An original that nothing reads any more is dropped
+//!   with the graph's last reference to it (its bytes were never loaded).
 //! - Writing: the output is streamed, tensor by tensor, from wherever each tensor lives (see
 //!   `export`): bytes already in a file (the input's) are copied by the kernel into the output's
 //!   external data, never through memory. The tensors passes wrote here are not copied at all

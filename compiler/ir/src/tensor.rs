@@ -362,6 +362,57 @@ impl Tensor {
         }
     }
 
+    /// Reads the whole data into `dst` (exactly `byte_size` bytes, possibly uninitialized: a
+    /// backend's own tensor buffer), once: from the file with positioned reads when it lives in
+    /// one (page cache to `dst`, not through the mmap), else copied from memory.
+    pub fn read_into(&self, dst: &mut [std::mem::MaybeUninit<u8>]) -> Result<()> {
+        let werr = |e: std::io::Error| IrError::tensor(self.name(), format!("reading data: {e}"));
+        if dst.len() as u64 != self.byte_size() {
+            return Err(IrError::tensor(
+                self.name(),
+                format!("{} bytes, read into {}", self.byte_size(), dst.len()),
+            ));
+        }
+        match &self.external {
+            Some(ext) => {
+                use std::os::fd::AsRawFd;
+                let mut done = 0;
+                while done < dst.len() {
+                    let at = libc::off_t::try_from(ext.offset + done)
+                        .map_err(|_| werr(std::io::Error::other("offset out of range")))?;
+                    let left = &mut dst[done..];
+                    // SAFETY: pread writes at most `left.len()` bytes into `left`, which it
+                    // borrows for the call; MaybeUninit bytes may be written freely.
+                    let n = unsafe {
+                        libc::pread(
+                            ext.file.as_raw_fd(),
+                            left.as_mut_ptr().cast(),
+                            left.len(),
+                            at,
+                        )
+                    };
+                    match n {
+                        0 => return Err(werr(std::io::ErrorKind::UnexpectedEof.into())),
+                        n if n < 0 => {
+                            let e = std::io::Error::last_os_error();
+                            if e.kind() != std::io::ErrorKind::Interrupted {
+                                return Err(werr(e));
+                            }
+                        }
+                        n => done += n as usize,
+                    }
+                }
+            }
+            None => {
+                let bytes = self.raw_bytes()?;
+                for (d, b) in dst.iter_mut().zip(bytes.iter()) {
+                    d.write(*b);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The file and byte range holding the data, when it lives in a file (external data, data
     /// left in the model file, or the scratch file).
     pub fn file_range(&self) -> Option<(&std::fs::File, u64, usize)> {
@@ -546,6 +597,29 @@ impl Fnv64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_into_gives_the_bytes_from_a_file_or_memory_and_checks_the_length() {
+        let _turn = crate::spill::tests::TURN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(2 << 20)).map(|i| (i % 241) as u8).collect();
+        crate::spill::enable(dir.path()).unwrap();
+        let mapped = Tensor::from_raw("f", DataType::U8, &[big.len() as i64], big.clone()).unwrap();
+        crate::spill::disable();
+        let memory = Tensor::from_raw("m", DataType::U8, &[big.len() as i64], big.clone()).unwrap();
+        assert!(mapped.file_range().is_some() && memory.file_range().is_none());
+        for t in [&mapped, &memory] {
+            let mut dst = vec![std::mem::MaybeUninit::<u8>::uninit(); big.len()];
+            t.read_into(&mut dst).unwrap();
+            // SAFETY: read_into wrote every byte.
+            let got: Vec<u8> = dst.iter().map(|b| unsafe { b.assume_init() }).collect();
+            assert_eq!(got, big, "{}", t.name());
+            let mut short = vec![std::mem::MaybeUninit::<u8>::uninit(); big.len() - 1];
+            assert!(t.read_into(&mut short).is_err(), "{}", t.name());
+        }
+    }
 
     #[test]
     fn typed_and_raw_fields_give_the_same_bytes() {
