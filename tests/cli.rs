@@ -654,3 +654,121 @@ fn a_model_that_asks_for_too_much_memory_is_refused_before_it_runs() {
     assert!(err.contains("value 'b'") && err.contains("budget"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// x[1,320] → MatMul w0 → Relu → MatMul w1 → Mul 0.5 → Relu → MatMul w2 → y, with three 400 KB
+/// weights (large enough for wcc to start writing them into the output while its passes run;
+/// -O1 folds the scale into w1, so what was written ahead from w1 on must be replaced).
+fn three_weight_model() -> ModelProto {
+    let n = 320usize;
+    let w = |name: &str, seed: usize| TensorProto {
+        name: name.into(),
+        data_type: 1,
+        dims: vec![n as i64, n as i64],
+        raw_data: (0..n * n)
+            .flat_map(|i| ((((i * 7 + seed * 13) % 23) as f32 - 11.0) / 64.0).to_le_bytes())
+            .collect(),
+        ..Default::default()
+    };
+    let half = TensorProto {
+        name: "half".into(),
+        data_type: 1,
+        float_data: vec![0.5],
+        ..Default::default()
+    };
+    model17(
+        vec![
+            node("MatMul", "m0", &["x", "w0"], &["a0"]),
+            node("Relu", "r0", &["a0"], &["b0"]),
+            node("MatMul", "m1", &["b0", "w1"], &["a1"]),
+            node("Mul", "s1", &["a1", "half"], &["c1"]),
+            node("Relu", "r1", &["c1"], &["b1"]),
+            node("MatMul", "m2", &["b1", "w2"], &["y"]),
+        ],
+        vec![w("w0", 0), w("w1", 1), half, w("w2", 2)],
+        vec![tensor_vi("x", &[1, n as i64])],
+        vec![tensor_vi("y", &[1, n as i64])],
+    )
+}
+
+#[test]
+fn an_output_written_ahead_holds_the_rewritten_weights_and_nothing_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_model(dir.path(), "in.onnx", &three_weight_model());
+    let out = dir.path().join("out.onnx");
+    let report = dir.path().join("report.json");
+    ok(&wcc()
+        .args(["optimize"])
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap());
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r["verification"].is_object(), "{r}");
+    std::fs::remove_file(&report).unwrap();
+    let (a, b) = (
+        wcc_ir::import::load(&input).unwrap(),
+        wcc_ir::import::load(&out).unwrap(),
+    );
+    // The scale went into w1 (so the pass changed a weight written ahead), and the result
+    // computes what the original does on ONNX Runtime.
+    assert!(b.graph.nodes.iter().all(|n| n.op_type != "Mul"));
+    let x: Vec<f32> = (0..320).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+    let inputs = vec![(
+        "x".to_string(),
+        wcc_ir::eval::Array::F32(ndarray::ArrayD::from_shape_vec(vec![1, 320], x).unwrap()),
+    )];
+    let ort = ort();
+    let (ra, rb) = (
+        run(&ort, &a, &inputs).unwrap(),
+        run(&ort, &b, &inputs).unwrap(),
+    );
+    for f in wcc_runtime::compare_outputs(&ra, &rb).unwrap() {
+        assert!(f.rel_l2_error <= 1e-6, "{f:?}");
+    }
+    // ONNX Runtime also loads the file as written (initializers first, padded graph length).
+    let ort_file = ort.run(&std::fs::read(&out).unwrap(), &inputs).unwrap();
+    for f in wcc_runtime::compare_outputs(&rb, &ort_file).unwrap() {
+        assert!(f.bitwise_equal, "{f:?}");
+    }
+    // No stale bytes: the file is the canonical serialization of what it holds but for the
+    // graph length's padding (a varint of 5 bytes instead of 3, there because the output was
+    // written ahead).
+    let canonical = wcc_ir::export::to_bytes(&b).unwrap().len();
+    let len = std::fs::metadata(&out).unwrap().len() as usize;
+    assert!(
+        (canonical + 1..=canonical + 4).contains(&len),
+        "{len} bytes written, {canonical} canonical"
+    );
+    // Same input and flags: the same bytes.
+    let out2 = dir.path().join("out2.onnx");
+    ok(&wcc()
+        .args(["optimize"])
+        .arg(&input)
+        .arg("-o")
+        .arg(&out2)
+        .output()
+        .unwrap());
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
+
+    // A failed gate leaves nothing behind, what was written ahead included.
+    let out3 = dir.path().join("out3.onnx");
+    let o = wcc()
+        .args(["optimize"])
+        .arg(&input)
+        .arg("-o")
+        .arg(&out3)
+        .args(["--min-cosine", "1.5"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["in.onnx", "out.onnx", "out2.onnx"]);
+}

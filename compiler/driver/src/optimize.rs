@@ -271,6 +271,9 @@ pub fn optimize(
     if wcc_ir::spill::enable(&out_dir).is_err() {
         let _ = wcc_ir::spill::enable(&std::env::temp_dir());
     }
+    // The output's large weights start going into its temporary file now, while the passes
+    // run; what a pass changes is written again at the end (see `export::WriteAhead`).
+    let ahead = export::WriteAhead::start(&original, &out_path, opts.external_data);
     let passes = pipeline::build(opts.level, opts.passes.as_deref(), &opts.pipeline)?;
     let pass_list = passes
         .iter()
@@ -457,7 +460,7 @@ pub fn optimize(
         scratch: wcc_ir::spill::retire(),
     };
     let (staged, checked) = std::thread::scope(|s| {
-        let writer = s.spawn(|| export::stage(&model, &out_path, &save_opts));
+        let writer = s.spawn(|| export::stage_with(&model, &out_path, &save_opts, ahead));
         let checked = verify();
         (writer.join(), checked)
     });

@@ -1,6 +1,8 @@
 //! IR → ONNX. Writes through a temporary file in the target folder and renames it, never over an
 //! input. Tensors go into an external data file with `external_data` set, or automatically when the
 //! model would pass protobuf's 2 GB limit; bytes are streamed from their source (mmap or memory).
+//! A one-file output is started while the passes run (`WriteAhead`), so its graph lists the
+//! input's large initializers first, under a fixed-width length (`wire::Skeleton::lead`).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -76,17 +78,50 @@ pub fn to_proto(model: &Model) -> Result<ModelProto> {
 /// live (the input's mmap, or memory) instead of being copied into the protobuf message first.
 const STREAM_MIN_BYTES: u64 = 4096;
 
-/// Writes the whole model, all data embedded, to `out`: the message is serialized with a
+/// Initializers at least this large with bytes in the input's files are written first in the
+/// output, and a `WriteAhead` starts copying them before the passes run.
+const LEAD_MIN_BYTES: u64 = 64 << 10;
+
+/// One piece of an output to write (`wire::Piece`, owning its bytes and its tensor).
+enum Out {
+    Bytes(Vec<u8>),
+    /// The graph's field header with a fixed-width length (`wire::graph_head`).
+    GraphHead(u64),
+    /// A tensor's raw bytes.
+    Data(Box<Tensor>),
+}
+
+impl Out {
+    fn len(&self) -> u64 {
+        match self {
+            Out::Bytes(b) => b.len() as u64,
+            Out::GraphHead(_) => 1 + crate::wire::GRAPH_LEN_WIDTH as u64,
+            Out::Data(t) => t.byte_size(),
+        }
+    }
+
+    /// Whether `self` and `other` write the same bytes, a graph head aside: it is written in
+    /// place once the graph's length is known (`stage_with`). Data is the same when it is the
+    /// same range of the same open file.
+    fn same(&self, other: &Out) -> bool {
+        match (self, other) {
+            (Out::Bytes(a), Out::Bytes(b)) => a == b,
+            (Out::GraphHead(_), Out::GraphHead(_)) => true,
+            (Out::Data(a), Out::Data(b)) => match (a.file_range(), b.file_range()) {
+                (Some((f, x, n)), Some((g, y, m))) => std::ptr::eq(f, g) && x == y && n == m,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// The whole model, all data embedded, as pieces to write: the message is serialized with a
 /// placeholder for each large tensor of the main graph, whose bytes are then streamed in place
-/// (`wire::Skeleton`), so no second copy of the weights is ever made: when `out` writes to
-/// `file` (at its position), bytes already in a file are copied by the kernel (`copy_range`).
+/// (`wire::Skeleton`), so no second copy of the weights is ever made. Initializers `lead` (indices)
+/// come first in the graph; also returns the index of the first piece after theirs.
 /// `restore_strings` gives escaped non-UTF-8 string fields their bytes back (see `rawstr`).
-fn write_embedded(
-    model: &Model,
-    out: &mut dyn Write,
-    file: Option<&File>,
-    restore_strings: bool,
-) -> Result<()> {
+fn plan(model: &Model, lead: &[usize], restore_strings: bool) -> Result<(Vec<Out>, usize)> {
     let mut holes = vec![];
     let proto = model_proto(model, &mut Sink::Holes(&mut holes))?;
     let mut skeleton = proto
@@ -99,10 +134,211 @@ fn write_embedded(
     let sk = crate::wire::Skeleton {
         bytes: &skeleton,
         holes: &holes,
+        lead,
     };
+    let (pieces, lead_end) = sk.pieces().ok_or_else(|| {
+        IrError::Other("internal: the serialized model does not match its placeholders".into())
+    })?;
     let inits = &model.graph.initializers;
-    sk.write(out, &mut |k, w| write_data(&inits[k], w, file).map(|_| ()))
+    let out = pieces
+        .into_iter()
+        .map(|p| match p {
+            crate::wire::Piece::Bytes(b) => Out::Bytes(b.to_vec()),
+            crate::wire::Piece::Owned(b) => Out::Bytes(b),
+            crate::wire::Piece::Data(k) => Out::Data(Box::new(inits[k].clone())),
+            crate::wire::Piece::GraphHead(n) => Out::GraphHead(n),
+        })
+        .collect();
+    Ok((out, lead_end))
+}
+
+/// Writes `pieces` in order to `out`, starting each only while `go(its index)`; returns how many
+/// it wrote. When `out` writes to `file` (at its position), bytes already in a file are copied by
+/// the kernel (`write_data`).
+fn write_pieces(
+    pieces: &[Out],
+    out: &mut dyn Write,
+    file: Option<&File>,
+    go: &dyn Fn(usize) -> bool,
+) -> std::io::Result<usize> {
+    for (i, p) in pieces.iter().enumerate() {
+        if !go(i) {
+            out.flush()?;
+            return Ok(i);
+        }
+        match p {
+            Out::Bytes(b) => out.write_all(b)?,
+            Out::GraphHead(n) => out.write_all(&crate::wire::graph_head(*n))?,
+            Out::Data(t) => {
+                write_data(t, out, file)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(pieces.len())
+}
+
+/// Writes the whole model, all data embedded, to `out` (see `plan` and `write_pieces`).
+fn write_embedded(
+    model: &Model,
+    out: &mut dyn Write,
+    file: Option<&File>,
+    restore_strings: bool,
+) -> Result<()> {
+    let (pieces, _) = plan(model, &[], restore_strings)?;
+    write_pieces(&pieces, out, file, &|_| true)
+        .map(|_| ())
         .map_err(|e| IrError::Other(format!("writing the model: {e}")))
+}
+
+/// Whether a tensor is held packed (bits per element known), so its raw bytes are its data.
+fn packed(t: &Tensor) -> bool {
+    t.dtype().is_ok_and(|d| d.bits().is_some())
+}
+
+/// The address of the open file `t`'s bytes are in (tensors of one file share it).
+fn file_id(t: &Tensor) -> Option<usize> {
+    t.file_range().map(|(f, ..)| f as *const File as usize)
+}
+
+/// The main-graph initializers that lead the output (`WriteAhead`): of `LEAD_MIN_BYTES` or more,
+/// held packed, with bytes in one of `files` (addresses, see `file_id`); by file (in that order),
+/// then offset. A function of the model and `files` alone, so the output's layout does not
+/// depend on how far a `WriteAhead` got.
+fn lead(model: &Model, files: &[usize]) -> Vec<usize> {
+    let mut v: Vec<(usize, u64, usize)> = model
+        .graph
+        .initializers
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.byte_size() >= LEAD_MIN_BYTES && packed(t))
+        .filter_map(|(k, t)| {
+            let (_, at, _) = t.file_range()?;
+            let fi = files.iter().position(|&a| Some(a) == file_id(t))?;
+            Some((fi, at, k))
+        })
+        .collect();
+    v.sort_unstable();
+    v.into_iter().map(|x| x.2).collect()
+}
+
+/// The start of a model's output, written while the passes run. Most of a model's bytes are
+/// weights the passes leave as they are, and copying them into the output is most of a run that
+/// changes little (the kernel's copy of MiniLM's 90 MB takes longer than all -O1's passes): so,
+/// once the input is read, a thread starts the output in its temporary file, the input's large
+/// initializers first (`lead`, with the graph's length left to fill in: `wire::Skeleton`).
+///
+/// `stage_with` then serializes the result the same way, keeps what was written ahead up to the
+/// first piece that differs (a tensor a pass replaced or removed, a renamed one), and writes the
+/// rest. Only speed depends on the guess: the output's bytes are the same whether the thread
+/// finished, stopped early or never ran.
+pub struct WriteAhead {
+    path: PathBuf,
+    tmp: Option<tempfile::NamedTempFile>,
+    /// The input's files whose tensors lead (`lead`).
+    files: Vec<usize>,
+    planned: std::sync::Arc<Vec<Out>>,
+    /// How many of `planned` the thread may start (lowered to stop it).
+    limit: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<usize>>>,
+}
+
+impl WriteAhead {
+    /// Starts writing `model`'s output for `path`; None when there is nothing worth writing
+    /// ahead (no large initializer in a file) or the output will not be one file
+    /// (`external_data`, or over protobuf's limit).
+    pub fn start(model: &Model, path: &Path, external_data: bool) -> Option<WriteAhead> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        if external_data || model.escaped_strings || tensor_bytes(model) > AUTO_EXTERNAL_BYTES {
+            return None;
+        }
+        let mut files = vec![];
+        for t in &model.graph.initializers {
+            if let Some(a) = file_id(t) {
+                if !files.contains(&a) {
+                    files.push(a);
+                }
+            }
+        }
+        let lead = lead(model, &files);
+        if lead.is_empty() {
+            return None;
+        }
+        let (mut pieces, lead_end) = plan(model, &lead, false).ok()?;
+        pieces.truncate(lead_end);
+        let tmp = new_temp(path).ok()?;
+        let file = tmp.as_file().try_clone().ok()?;
+        let planned = Arc::new(pieces);
+        let limit = Arc::new(AtomicUsize::new(usize::MAX));
+        let (p, l) = (planned.clone(), limit.clone());
+        let writer = std::thread::Builder::new()
+            .name("wcc-write-ahead".into())
+            .spawn(move || {
+                let mut w = BufWriter::with_capacity(1 << 20, &file);
+                write_pieces(&p, &mut w, Some(&file), &|i| i < l.load(Ordering::Acquire))
+            })
+            .ok()?;
+        Some(WriteAhead {
+            path: path.to_path_buf(),
+            tmp: Some(tmp),
+            files,
+            planned,
+            limit,
+            writer: Some(writer),
+        })
+    }
+
+    /// Stops the thread after the pieces it wrote that `pieces` (the output) begins with, and
+    /// returns the temporary file cut after them, positioned there, and how many they are.
+    fn finish(mut self, pieces: &[Out]) -> std::io::Result<(tempfile::NamedTempFile, usize)> {
+        use std::io::{Seek, SeekFrom};
+        use std::sync::atomic::Ordering;
+        let keep = self
+            .planned
+            .iter()
+            .zip(pieces)
+            .take_while(|(a, b)| a.same(b))
+            .count();
+        self.limit.store(keep, Ordering::Release);
+        // A thread that failed (a full disk, say) leaves nothing to keep: the rest of the
+        // output is written from the start, and fails the same way if it must.
+        let written = match self.writer.take().map(|h| h.join()) {
+            Some(Ok(Ok(n))) => n.min(keep),
+            _ => 0,
+        };
+        let tmp = self
+            .tmp
+            .take()
+            .ok_or_else(|| std::io::Error::other("write-ahead finished twice"))?;
+        let at: u64 = pieces[..written].iter().map(Out::len).sum();
+        let mut f = tmp.as_file();
+        f.set_len(at)?;
+        f.seek(SeekFrom::Start(at))?;
+        Ok((tmp, written))
+    }
+}
+
+impl Drop for WriteAhead {
+    /// Stops and waits for the thread; the temporary file is deleted.
+    fn drop(&mut self) {
+        self.limit.store(0, std::sync::atomic::Ordering::Release);
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A new temporary file in `path`'s folder, with the mode of a new output file.
+fn new_temp(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    tempfile::Builder::new()
+        .prefix(".wcc-")
+        .permissions(output_mode())
+        .tempfile_in(dir)
 }
 
 /// The external-data location of the tensors `to_bytes_with_refs` leaves out.
@@ -143,7 +379,7 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
 
 /// Writes the model to `path` atomically. Refuses to write over any file the model was read from.
 pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveSummary> {
-    stage(model, path, opts)?.commit()
+    stage_with(model, path, opts, None)?.commit()
 }
 
 /// A model written to temporary files in its destination's folder, not yet in place: `commit`
@@ -188,6 +424,16 @@ impl Staged {
 /// Writes the model beside `path` (see `Staged`), checking first that `path` and its data file
 /// are none of the files the model was read from.
 pub fn stage(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Staged> {
+    stage_with(model, path, opts, None)
+}
+
+/// `stage`, going on from what `ahead` wrote when the output is one file (see `WriteAhead`).
+pub fn stage_with(
+    model: &Model,
+    path: &Path,
+    opts: &SaveOptions,
+    ahead: Option<WriteAhead>,
+) -> Result<Staged> {
     let werr = |detail: String| IrError::Write {
         path: path.into(),
         detail,
@@ -215,16 +461,13 @@ pub fn stage(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Staged> {
         }
     }
     let external = opts.external_data || tensor_bytes(model) > AUTO_EXTERNAL_BYTES;
-
-    let tmp = tempfile::Builder::new()
-        .prefix(".wcc-")
-        .permissions(output_mode())
-        .tempfile_in(&dir)
-        .map_err(|e| werr(format!("temporary file: {e}")))?;
+    let ahead = ahead.filter(|a| !external && !model.escaped_strings && a.path == path);
     let mut tmp_data = None;
     let mut external_bytes = 0;
     let mut in_place_bytes = 0;
+    let tmp;
     if external {
+        tmp = new_temp(path).map_err(|e| werr(format!("temporary file: {e}")))?;
         let adopted = opts
             .scratch
             .as_ref()
@@ -281,10 +524,31 @@ pub fn stage(model: &Model, path: &Path, opts: &SaveOptions) -> Result<Staged> {
         w.write_all(&bytes).map_err(|e| werr(e.to_string()))?;
         w.flush().map_err(|e| werr(e.to_string()))?;
     } else {
+        let files = ahead.as_ref().map_or(&[][..], |a| &a.files[..]);
+        let (pieces, _) = plan(model, &lead(model, files), model.escaped_strings)?;
+        let from;
+        (tmp, from) = match ahead {
+            Some(a) => a.finish(&pieces),
+            None => new_temp(path).map(|t| (t, 0)),
+        }
+        .map_err(|e| werr(format!("temporary file: {e}")))?;
         let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
-        write_embedded(model, &mut w, Some(tmp.as_file()), model.escaped_strings)
+        write_pieces(&pieces[from..], &mut w, Some(tmp.as_file()), &|_| true)
             .map_err(|e| werr(e.to_string()))?;
-        w.flush().map_err(|e| werr(e.to_string()))?;
+        drop(w);
+        // A graph head written ahead holds the input's graph length: the output's goes there.
+        if let Some(g) = pieces[..from]
+            .iter()
+            .position(|p| matches!(p, Out::GraphHead(_)))
+        {
+            use std::os::unix::fs::FileExt;
+            let at: u64 = pieces[..g].iter().map(Out::len).sum();
+            if let Out::GraphHead(n) = pieces[g] {
+                tmp.as_file()
+                    .write_all_at(&crate::wire::graph_head(n), at)
+                    .map_err(|e| werr(e.to_string()))?;
+            }
+        }
     }
     let model_bytes = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(0);
     Ok(Staged {
@@ -585,7 +849,6 @@ fn graph_proto(g: &Graph, sink: &mut Sink) -> Result<GraphProto> {
         .iter()
         .map(|n| node_proto(n, &mut inner))
         .collect::<Result<_>>()?;
-    let packed = |t: &Tensor| t.dtype().is_ok_and(|d| d.bits().is_some());
     p.initializer = g
         .initializers
         .iter()
@@ -759,5 +1022,169 @@ mod tests {
             "the model and its data, nothing else: {left:?}"
         );
         drop(dead);
+    }
+
+    /// A model file `in.onnx` in `dir` with u8 initializers w0..w3 of 320 KiB each (distinct
+    /// contents), each through an Identity to an output, loaded (the tensors are views of it: the
+    /// file is over `import`'s 1 MiB for mapping).
+    fn weights_file(dir: &std::path::Path) -> crate::Model {
+        use onnx_protobuf::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+        use protobuf::Message;
+        let n = 320usize << 10;
+        let proto = ModelProto {
+            ir_version: 8,
+            producer_name: "test".into(),
+            opset_import: vec![OperatorSetIdProto {
+                version: 17,
+                ..Default::default()
+            }],
+            graph: protobuf::MessageField::some(GraphProto {
+                name: "g".into(),
+                node: (0..4)
+                    .map(|i| NodeProto {
+                        op_type: "Identity".into(),
+                        input: vec![format!("w{i}")],
+                        output: vec![format!("y{i}")],
+                        ..Default::default()
+                    })
+                    .collect(),
+                initializer: (0..4)
+                    .map(|i| TensorProto {
+                        name: format!("w{i}"),
+                        data_type: DataType::U8.code(),
+                        dims: vec![n as i64],
+                        raw_data: (0..n).map(|k| ((k * (i + 3)) % 251) as u8).collect(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                output: (0..4)
+                    .map(|i| {
+                        crate::export::value_info_proto(&crate::ValueInfo::tensor(
+                            &format!("y{i}"),
+                            crate::TensorType::known(DataType::U8, &[n as i64]),
+                        ))
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let path = dir.join("in.onnx");
+        std::fs::write(&path, proto.write_to_bytes().unwrap()).unwrap();
+        let m = crate::import::load(&path).unwrap();
+        assert!(m
+            .graph
+            .initializers
+            .iter()
+            .all(|t| t.file_range().is_some()));
+        m
+    }
+
+    type Change = fn(&mut crate::Model);
+
+    #[test]
+    fn an_output_written_ahead_is_the_planned_bytes_whatever_the_passes_changed() {
+        use super::*;
+        use protobuf::Message;
+        let dir = tempfile::tempdir().unwrap();
+        let input = weights_file(dir.path());
+        let n = 320usize << 10;
+        let changes: [(&str, Change); 5] = [
+            ("nothing", |_| {}),
+            ("w1 replaced", |m| {
+                m.graph.initializers[1] =
+                    Tensor::from_raw("w1", DataType::U8, &[320 << 10], vec![7; 320 << 10]).unwrap()
+            }),
+            ("w0 removed", |m| {
+                m.graph.initializers.remove(0);
+            }),
+            ("w2 renamed", |m| {
+                m.graph.initializers[2].proto.name = "z".into()
+            }),
+            ("one added in front", |m| {
+                let t = Tensor::from_raw("v", DataType::U8, &[320 << 10], vec![9; 320 << 10]);
+                m.graph.initializers.insert(0, t.unwrap())
+            }),
+        ];
+        for (what, change) in changes {
+            // The thread stopped wherever it is, and finished: the same bytes either way.
+            let mut outputs = vec![];
+            for wait in [false, true] {
+                let out = dir.path().join("out.onnx");
+                let ahead = WriteAhead::start(&input, &out, false).expect("tensors to lead");
+                while wait && !ahead.writer.as_ref().is_some_and(|h| h.is_finished()) {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                let files = ahead.files.clone();
+                let mut m = input.clone();
+                change(&mut m);
+                stage_with(&m, &out, &SaveOptions::default(), Some(ahead))
+                    .unwrap()
+                    .commit()
+                    .unwrap();
+                let got = std::fs::read(&out).unwrap();
+                // The file is the model's plan, whatever the thread had written.
+                let lead = lead(&m, &files);
+                let (pieces, _) = plan(&m, &lead, false).unwrap();
+                let mut want = vec![];
+                write_pieces(&pieces, &mut want, None, &|_| true).unwrap();
+                assert!(got == want, "{what}: the output is not its plan");
+                // Parsed, it is the model with the lead initializers first.
+                let mut reordered = m.clone();
+                let mut rest: Vec<Tensor> = vec![];
+                let mut first: Vec<Option<Tensor>> = vec![None; lead.len()];
+                for (k, t) in m.graph.initializers.iter().enumerate() {
+                    match lead.iter().position(|&l| l == k) {
+                        Some(i) => first[i] = Some(t.clone()),
+                        None => rest.push(t.clone()),
+                    }
+                }
+                reordered.graph.initializers = first.into_iter().flatten().chain(rest).collect();
+                let parsed = onnx_protobuf::ModelProto::parse_from_bytes(&got).unwrap();
+                assert!(parsed == to_proto(&reordered).unwrap(), "{what}");
+                // The input's tensors lead, in the input's order; w3 is in every case.
+                let inits = &m.graph.initializers;
+                let at: Vec<u64> = lead
+                    .iter()
+                    .map(|&k| inits[k].file_range().unwrap().1)
+                    .collect();
+                assert!(at.windows(2).all(|p| p[0] < p[1]), "{what}: {at:?}");
+                assert!(lead.iter().any(|&k| inits[k].name() == "w3"), "{what}");
+                assert!(got.len() > 3 * n, "{what}");
+                outputs.push(got);
+            }
+            assert!(
+                outputs[0] == outputs[1],
+                "{what}: depends on the thread's progress"
+            );
+        }
+        // Forced to external data: what was written ahead is dropped, nothing is left behind.
+        let out = dir.path().join("ext.onnx");
+        let ahead = WriteAhead::start(&input, &out, false).unwrap();
+        let opts = SaveOptions {
+            external_data: true,
+            ..Default::default()
+        };
+        stage_with(&input, &out, &opts, Some(ahead))
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert!(std::fs::metadata(&out).unwrap().len() < 4096);
+        // Started and dropped (a pass failed): its temporary file goes with it.
+        drop(WriteAhead::start(&input, &dir.path().join("never.onnx"), false).unwrap());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["ext.onnx", "ext.onnx.data", "in.onnx", "out.onnx"]);
+        // Nothing large in a file, or external output asked for: no thread.
+        assert!(WriteAhead::start(&input, &out, true).is_none());
+        assert!(WriteAhead::start(
+            &model(Tensor::from_raw("w", DataType::U8, &[4 << 20], vec![1; 4 << 20]).unwrap()),
+            &out,
+            false
+        )
+        .is_none());
     }
 }

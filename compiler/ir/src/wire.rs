@@ -173,16 +173,42 @@ pub struct Skeleton<'a> {
     pub bytes: &'a [u8],
     /// (initializer index, real raw_data length), sorted by index.
     pub holes: &'a [(usize, u64)],
+    /// Initializers (indices) to write first in the graph, in this order, before its other
+    /// fields (protobuf parsers take a message's fields in any order and append a repeated
+    /// field's entries in the order they come). When there are any, the graph's length is a
+    /// varint of `GRAPH_LEN_WIDTH` bytes (padded with continuation bits, as protobuf allows), so
+    /// that a writer can start on them before the rest of the graph, and its length, are known
+    /// (`export::WriteAhead`). Empty: the message as the protobuf crate serialized it.
+    pub lead: &'a [usize],
 }
 
-enum Piece<'a> {
+/// Bytes of the fixed-width graph length written when a skeleton has lead initializers: a
+/// 5-byte varint holds up to 2^35 - 1, past protobuf's 2 GiB limit.
+pub const GRAPH_LEN_WIDTH: usize = 5;
+
+/// The field header of a graph of `len` bytes with a fixed-width length (`Skeleton::lead`).
+pub fn graph_head(len: u64) -> [u8; 1 + GRAPH_LEN_WIDTH] {
+    let mut h = [0u8; 1 + GRAPH_LEN_WIDTH];
+    h[0] = ((MODEL_GRAPH << 3) as u8) | LEN as u8;
+    for (i, b) in h[1..].iter_mut().enumerate() {
+        *b = ((len >> (7 * i)) & 0x7f) as u8 | if i + 1 < GRAPH_LEN_WIDTH { 0x80 } else { 0 };
+    }
+    h
+}
+
+/// One piece of a serialized model (`Skeleton::pieces`).
+#[derive(Debug)]
+pub enum Piece<'a> {
     Bytes(&'a [u8]),
     Owned(Vec<u8>),
+    /// The raw bytes of initializer `k` (a hole).
     Data(usize),
+    /// The graph's field header with a fixed-width length (`graph_head`) of this many bytes.
+    GraphHead(u64),
 }
 
 impl Piece<'_> {
-    fn len(&self, holes: &[(usize, u64)]) -> u64 {
+    pub fn len(&self, holes: &[(usize, u64)]) -> u64 {
         match self {
             Piece::Bytes(b) => b.len() as u64,
             Piece::Owned(b) => b.len() as u64,
@@ -190,63 +216,70 @@ impl Piece<'_> {
                 .binary_search_by_key(k, |h| h.0)
                 .map(|i| holes[i].1)
                 .unwrap_or(0),
+            Piece::GraphHead(_) => 1 + GRAPH_LEN_WIDTH as u64,
         }
     }
 }
 
 impl Skeleton<'_> {
     /// The model as pieces to write in order: bytes of the skeleton, fixed-up headers, and the
-    /// holes' data. None when the skeleton is not what `holes` says.
-    fn pieces(&self) -> Option<Vec<Piece<'_>>> {
+    /// holes' data; and the index of the first piece after the lead initializers' (0 without
+    /// lead). None when the skeleton is not what `holes` and `lead` say.
+    pub fn pieces(&self) -> Option<(Vec<Piece<'_>>, usize)> {
         let b = self.bytes;
         let holes = self.holes;
         let mut out: Vec<Piece> = vec![];
+        let mut lead_end = 0;
         for f in fields(b)? {
             if !(f.number == MODEL_GRAPH && f.wire == LEN) {
                 out.push(Piece::Bytes(&b[f.start..f.end]));
                 continue;
             }
             let g = &b[f.body..f.end];
-            let mut graph: Vec<Piece> = vec![];
+            let gfields = fields(g)?;
+            // The graph's fields, each with its initializer index (None for other fields).
             let mut index = 0usize;
-            for gf in fields(g)? {
-                let is_init = gf.number == GRAPH_INITIALIZER && gf.wire == LEN;
-                let hole = is_init && holes.binary_search_by_key(&index, |h| h.0).is_ok();
-                if is_init {
-                    index += 1;
+            let numbered: Vec<(Field, Option<usize>)> = gfields
+                .into_iter()
+                .map(|gf| {
+                    let is_init = gf.number == GRAPH_INITIALIZER && gf.wire == LEN;
+                    index += usize::from(is_init);
+                    (gf, is_init.then(|| index - 1))
+                })
+                .collect();
+            let inits: Vec<Field> = numbered
+                .iter()
+                .filter(|(_, i)| i.is_some())
+                .map(|x| x.0)
+                .collect();
+            let mut is_lead = vec![false; inits.len()];
+            let mut graph: Vec<Piece> = vec![];
+            for &k in self.lead {
+                if std::mem::replace(is_lead.get_mut(k)?, true) {
+                    return None;
                 }
-                if !hole {
-                    graph.push(Piece::Bytes(&g[gf.start..gf.end]));
-                    continue;
+                initializer_pieces(g, &inits[k], k, holes, &mut graph)?;
+            }
+            let lead_pieces = graph.len();
+            for (gf, i) in &numbered {
+                match i {
+                    Some(k) if is_lead[*k] => {}
+                    Some(k) => initializer_pieces(g, gf, *k, holes, &mut graph)?,
+                    None => graph.push(Piece::Bytes(&g[gf.start..gf.end])),
                 }
-                let t = &g[gf.body..gf.end];
-                let tf = fields(t)?;
-                let raw = tf
-                    .iter()
-                    .find(|x| x.number == TENSOR_RAW_DATA && x.wire == LEN)?;
-                let mut tensor = vec![Piece::Bytes(&t[..raw.start])];
-                let mut head = vec![];
-                put_len_field(
-                    &mut head,
-                    TENSOR_RAW_DATA,
-                    Piece::Data(index - 1).len(holes),
-                );
-                tensor.push(Piece::Owned(head));
-                tensor.push(Piece::Data(index - 1));
-                tensor.push(Piece::Bytes(&t[raw.end..]));
-                let tlen: u64 = tensor.iter().map(|p| p.len(holes)).sum();
-                let mut head = vec![];
-                put_len_field(&mut head, GRAPH_INITIALIZER, tlen);
-                graph.push(Piece::Owned(head));
-                graph.extend(tensor);
             }
             let glen: u64 = graph.iter().map(|p| p.len(holes)).sum();
-            let mut head = vec![];
-            put_len_field(&mut head, MODEL_GRAPH, glen);
-            out.push(Piece::Owned(head));
+            if self.lead.is_empty() {
+                let mut head = vec![];
+                put_len_field(&mut head, MODEL_GRAPH, glen);
+                out.push(Piece::Owned(head));
+            } else {
+                out.push(Piece::GraphHead(glen));
+                lead_end = out.len() + lead_pieces;
+            }
             out.extend(graph);
         }
-        Some(out)
+        Some((out, lead_end))
     }
 
     /// Writes the model; `data(index, out)` writes hole `index`'s bytes (exactly its length).
@@ -255,7 +288,7 @@ impl Skeleton<'_> {
         out: &mut dyn Write,
         data: &mut dyn FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
-        let pieces = self.pieces().ok_or_else(|| {
+        let (pieces, _) = self.pieces().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "internal: the serialized model does not match its placeholders",
@@ -266,10 +299,43 @@ impl Skeleton<'_> {
                 Piece::Bytes(b) => out.write_all(b)?,
                 Piece::Owned(b) => out.write_all(&b)?,
                 Piece::Data(k) => data(k, out)?,
+                Piece::GraphHead(len) => out.write_all(&graph_head(len))?,
             }
         }
         Ok(())
     }
+}
+
+/// The pieces of initializer field `gf` (the `k`-th) of graph `g`: as it is, or, for a hole, with
+/// its `raw_data` placeholder replaced by the data and the lengths fixed up.
+fn initializer_pieces<'a>(
+    g: &'a [u8],
+    gf: &Field,
+    k: usize,
+    holes: &[(usize, u64)],
+    graph: &mut Vec<Piece<'a>>,
+) -> Option<()> {
+    if holes.binary_search_by_key(&k, |h| h.0).is_err() {
+        graph.push(Piece::Bytes(&g[gf.start..gf.end]));
+        return Some(());
+    }
+    let t = &g[gf.body..gf.end];
+    let tf = fields(t)?;
+    let raw = tf
+        .iter()
+        .find(|x| x.number == TENSOR_RAW_DATA && x.wire == LEN)?;
+    let mut tensor = vec![Piece::Bytes(&t[..raw.start])];
+    let mut head = vec![];
+    put_len_field(&mut head, TENSOR_RAW_DATA, Piece::Data(k).len(holes));
+    tensor.push(Piece::Owned(head));
+    tensor.push(Piece::Data(k));
+    tensor.push(Piece::Bytes(&t[raw.end..]));
+    let tlen: u64 = tensor.iter().map(|p| p.len(holes)).sum();
+    let mut head = vec![];
+    put_len_field(&mut head, GRAPH_INITIALIZER, tlen);
+    graph.push(Piece::Owned(head));
+    graph.extend(tensor);
+    Some(())
 }
 
 #[cfg(test)]
@@ -333,6 +399,7 @@ mod tests {
         let sk = Skeleton {
             bytes: &placeholder,
             holes: &holes,
+            lead: &[],
         };
         let mut out = vec![];
         sk.write(&mut out, &mut |k, w| w.write_all(&raws[k]))
@@ -350,5 +417,51 @@ mod tests {
         let mut twice = whole.clone();
         twice.extend_from_slice(&whole);
         assert!(split_raw_data(&twice, 16).is_none());
+    }
+
+    #[test]
+    fn lead_initializers_come_first_under_a_fixed_width_graph_length() {
+        let raws: Vec<Vec<u8>> = [300usize, 5, 20_000, 70_000]
+            .iter()
+            .map(|n| (0..*n).map(|i| (i * 3 % 251) as u8).collect())
+            .collect();
+        let mut m = model(&raws);
+        let holes = vec![(0, 300), (2, 20_000), (3, 70_000)];
+        for &(k, _) in &holes {
+            m.graph.as_mut().unwrap().initializer[k].raw_data = vec![0];
+        }
+        let placeholder = m.write_to_bytes().unwrap();
+        let lead = [3usize, 0];
+        let sk = Skeleton {
+            bytes: &placeholder,
+            holes: &holes,
+            lead: &lead,
+        };
+        let (pieces, lead_end) = sk.pieces().unwrap();
+        assert!(matches!(pieces[lead_end - 1], Piece::Bytes(_)));
+        assert!(matches!(pieces[lead_end - 2], Piece::Data(0)));
+        let mut out = vec![];
+        sk.write(&mut out, &mut |k, w| w.write_all(&raws[k]))
+            .unwrap();
+        // The same message, initializers reordered: 3, 0, then 1, 2.
+        let parsed = ModelProto::parse_from_bytes(&out).unwrap();
+        let mut want = model(&raws);
+        let g = want.graph.as_mut().unwrap();
+        let (a, b) = (g.initializer[3].clone(), g.initializer[0].clone());
+        g.initializer = vec![a, b, g.initializer[1].clone(), g.initializer[2].clone()];
+        assert_eq!(parsed, want);
+        // The graph's length is 5 bytes, and reads back as the graph's size.
+        let f = fields(&out).unwrap();
+        let graph = f.iter().find(|f| f.number == MODEL_GRAPH).unwrap();
+        assert_eq!(graph.body - graph.start, 1 + GRAPH_LEN_WIDTH);
+        // A lead index that is not an initializer, or twice: refused.
+        for bad in [&[4usize][..], &[3, 3]] {
+            let sk = Skeleton {
+                bytes: &placeholder,
+                holes: &holes,
+                lead: bad,
+            };
+            assert!(sk.pieces().is_none(), "{bad:?}");
+        }
     }
 }
