@@ -475,11 +475,7 @@ pub fn stage_with(
         let (f, scratch) = match adopted {
             Some((f, sc)) => (f, Some(sc)),
             None => (
-                tempfile::Builder::new()
-                    .prefix(".wcc-")
-                    .permissions(output_mode())
-                    .tempfile_in(&dir)
-                    .map_err(|e| werr(format!("temporary file: {e}")))?,
+                new_temp(path).map_err(|e| werr(format!("temporary file: {e}")))?,
                 None,
             ),
         };
@@ -1086,6 +1082,10 @@ mod tests {
     fn an_output_written_ahead_is_the_planned_bytes_whatever_the_passes_changed() {
         use super::*;
         use protobuf::Message;
+        // Not while another test has the scratch file on (new tensors would go there).
+        let _turn = crate::spill::tests::TURN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let input = weights_file(dir.path());
         let n = 320usize << 10;
