@@ -329,16 +329,20 @@ impl Drop for WriteAhead {
     }
 }
 
-/// A new temporary file in `path`'s folder, with the mode of a new output file.
-fn new_temp(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
-    let dir = match path.parent() {
+/// The folder `path` is in (`.` for a bare file name).
+fn folder(path: &Path) -> PathBuf {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
-    };
+    }
+}
+
+/// A new temporary file in `path`'s folder, with the mode of a new output file.
+fn new_temp(path: &Path) -> std::io::Result<tempfile::NamedTempFile> {
     tempfile::Builder::new()
         .prefix(".wcc-")
         .permissions(output_mode())
-        .tempfile_in(dir)
+        .tempfile_in(folder(path))
 }
 
 /// The external-data location of the tensors `to_bytes_with_refs` leaves out.
@@ -438,10 +442,7 @@ pub fn stage_with(
         path: path.into(),
         detail,
     };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = folder(path);
     let file_name = path
         .file_name()
         .ok_or_else(|| werr("not a file path".into()))?

@@ -5,14 +5,13 @@
 //! - on import, `split_raw_data` copies the model's bytes *without* the `raw_data` of the main
 //!   graph's large initializers (a few hundred KB for a 90 MB model) and says where each of those
 //!   lies in the file; the tensors then borrow their bytes from the file's mmap;
-//! - on export, `Skeleton` writes a message serialized with a one-byte placeholder in place of
-//!   each such `raw_data`, streaming the real bytes into place (lengths of the enclosing messages
-//!   fixed up), so the output is byte-identical to serializing the whole message at once.
+//! - on export, `Skeleton` cuts a message serialized with a one-byte placeholder in place of
+//!   each such `raw_data` into pieces, between which the real bytes are streamed (lengths of the
+//!   enclosing messages fixed up), so the output is byte-identical to serializing the whole
+//!   message at once (or, with `Skeleton::lead`, the same message with some initializers first).
 //!
 //! Every read is bounds-checked; anything unexpected (a group, a repeated singular field) makes
 //! the caller fall back to the protobuf crate's own path.
-
-use std::io::Write;
 
 /// Fields of the messages this module looks into (from onnx.proto).
 const MODEL_GRAPH: u32 = 7;
@@ -167,8 +166,8 @@ pub fn split_raw_data(model: &[u8], min_len: usize) -> Option<(Vec<u8>, Vec<RawS
 }
 
 /// A serialized ModelProto whose main-graph initializers listed in `holes` carry a one-byte
-/// placeholder `raw_data`, and the true length of each; `write` streams the model with the real
-/// bytes in place.
+/// placeholder `raw_data`, and the true length of each; `pieces` lists what to write to stream
+/// the model with the real bytes in place.
 pub struct Skeleton<'a> {
     pub bytes: &'a [u8],
     /// (initializer index, real raw_data length), sorted by index.
@@ -281,29 +280,6 @@ impl Skeleton<'_> {
         }
         Some((out, lead_end))
     }
-
-    /// Writes the model; `data(index, out)` writes hole `index`'s bytes (exactly its length).
-    pub fn write(
-        &self,
-        out: &mut dyn Write,
-        data: &mut dyn FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        let (pieces, _) = self.pieces().ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "internal: the serialized model does not match its placeholders",
-            )
-        })?;
-        for p in pieces {
-            match p {
-                Piece::Bytes(b) => out.write_all(b)?,
-                Piece::Owned(b) => out.write_all(&b)?,
-                Piece::Data(k) => data(k, out)?,
-                Piece::GraphHead(len) => out.write_all(&graph_head(len))?,
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The pieces of initializer field `gf` (the `k`-th) of graph `g`: as it is, or, for a hole, with
@@ -342,6 +318,19 @@ fn initializer_pieces<'a>(
 mod tests {
     use super::*;
     use onnx_protobuf::{GraphProto, Message, ModelProto, TensorProto};
+
+    /// Writes `sk`'s pieces to `out`, each hole's bytes from `raws` (export writes them through
+    /// `export::write_pieces`).
+    fn write(sk: &Skeleton, out: &mut Vec<u8>, raws: &[Vec<u8>]) {
+        for p in sk.pieces().unwrap().0 {
+            match p {
+                Piece::Bytes(b) => out.extend_from_slice(b),
+                Piece::Owned(b) => out.extend_from_slice(&b),
+                Piece::Data(k) => out.extend_from_slice(&raws[k]),
+                Piece::GraphHead(len) => out.extend_from_slice(&graph_head(len)),
+            }
+        }
+    }
 
     fn model(raws: &[Vec<u8>]) -> ModelProto {
         ModelProto {
@@ -402,8 +391,7 @@ mod tests {
             lead: &[],
         };
         let mut out = vec![];
-        sk.write(&mut out, &mut |k, w| w.write_all(&raws[k]))
-            .unwrap();
+        write(&sk, &mut out, &raws);
         assert_eq!(out, whole);
     }
 
@@ -441,8 +429,7 @@ mod tests {
         assert!(matches!(pieces[lead_end - 1], Piece::Bytes(_)));
         assert!(matches!(pieces[lead_end - 2], Piece::Data(0)));
         let mut out = vec![];
-        sk.write(&mut out, &mut |k, w| w.write_all(&raws[k]))
-            .unwrap();
+        write(&sk, &mut out, &raws);
         // The same message, initializers reordered: 3, 0, then 1, 2.
         let parsed = ModelProto::parse_from_bytes(&out).unwrap();
         let mut want = model(&raws);
