@@ -13,6 +13,7 @@ pub mod miss_branch;
 pub mod noop;
 pub mod qk_fuse;
 pub mod structure;
+pub mod weight_int4;
 
 use wcc_ir::pass::{Pass, PassManager, PassRecord};
 use wcc_ir::{Model, Result};

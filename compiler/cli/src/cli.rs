@@ -135,6 +135,20 @@ pub struct OptimizeArgs {
     /// Re-score after each dropped sublayer instead of scoring once.
     #[arg(long)]
     pub drop_iterative: bool,
+    /// Weight-only 4-bit quantization of MatMul/Gemm weights and gathered tables (block-wise
+    /// round-to-nearest, symmetric, emitted as ONNX Runtime's MatMulNBits and
+    /// GatherBlockQuantized), after the level's passes; gated (default --min-cosine 0.99).
+    #[arg(long)]
+    pub int4: bool,
+    /// --int4's block size along the reduction axis (a power of two, 16 or more).
+    #[arg(long, value_name = "N", default_value_t = 32, requires = "int4", value_parser = block_size)]
+    pub int4_block: usize,
+    /// --int4 leaves weights with fewer elements than this in float.
+    #[arg(long, value_name = "N", default_value_t = 4096, requires = "int4")]
+    pub int4_min_elements: u64,
+    /// --int4 leaves the tables Gathers read (embeddings) in float: MatMul/Gemm weights only.
+    #[arg(long, requires = "int4")]
+    pub int4_no_tables: bool,
     /// Calibration inputs (.npz, one array per graph input); else --inputs, else seeded random.
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
@@ -190,6 +204,14 @@ pub struct OptimizeArgs {
     pub exec: ExecArgs,
     #[command(flatten)]
     pub gate: GateArgs,
+}
+
+/// A power of two of 16 or more (what ONNX Runtime's MatMulNBits takes).
+fn block_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(b) if b >= 16 && b.is_power_of_two() => Ok(b),
+        _ => Err(format!("'{s}' is not a power of two of 16 or more")),
+    }
 }
 
 /// A non-negative number of seconds.
@@ -249,6 +271,11 @@ impl OptimizeArgs {
             },
             drop: self.drop,
             drop_iterative: self.drop_iterative,
+            int4: self.int4.then_some(wcc_driver::Int4Options {
+                block_size: self.int4_block,
+                min_elements: self.int4_min_elements,
+                tables: !self.int4_no_tables,
+            }),
             calib: self.calib.clone(),
             exec: self.exec.options(),
             gate: self.gate.gate(),

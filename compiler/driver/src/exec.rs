@@ -76,6 +76,27 @@ impl ExecOptions {
         }
     }
 
+    /// The backend that checks `result` against `original`: `backend_for(original)`, except that
+    /// with `--backend auto` on CPU, a result that gained ONNX Runtime's contrib ops (`--int4`'s
+    /// MatMulNBits) is checked on ONNX Runtime when its library can be found. tract runs
+    /// MatMulNBits too, but tract 0.23.9 fails on one whose K comes from merging attention heads
+    /// of a width that is not a multiple of 32 ("EinSum: Invalid reshape"), and ONNX Runtime is
+    /// where such a model will run.
+    pub fn backend_for_result(&self, original: &Model, result: &Model) -> Backend {
+        let gained = self.backend == BackendChoice::Auto
+            && self.provider.unwrap_or(Provider::Cpu) == Provider::Cpu
+            && !uses_contrib_ops(original)
+            && uses_contrib_ops(result);
+        if gained && wcc_runtime::ort_backend::find_library(self.ort_lib.as_deref()).is_ok() {
+            Backend::Ort {
+                lib: self.ort_lib.clone(),
+                provider: Provider::Cpu,
+            }
+        } else {
+            self.backend_for(original)
+        }
+    }
+
     /// Why `backend_for` chose ONNX Runtime on its own, if it did (for messages).
     pub fn auto_reason(&self, model: &Model) -> Option<&'static str> {
         (self.backend == BackendChoice::Auto

@@ -28,7 +28,13 @@ impl Gate {
     /// The gate a level works under: the user's, else the level's default (`-O compress`:
     /// `--min-cosine 0.99`; the lossless levels: none).
     pub fn for_level(self, level: Level) -> Gate {
-        if self.is_set() || !level.lossy() {
+        self.for_lossy(level.lossy())
+    }
+
+    /// The gate of a run that does (`lossy`) or does not run lossy passes: the user's, else
+    /// `--min-cosine 0.99` for a lossy one (`-O compress`, `--int4`), none for a lossless one.
+    pub fn for_lossy(self, lossy: bool) -> Gate {
+        if self.is_set() || !lossy {
             self
         } else {
             Gate {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use wcc_ir::pass::PassManager;
+use wcc_ir::pass::{Pass, PassManager};
 use wcc_ir::stats::GraphStats;
 use wcc_ir::{export, print, Model};
 
@@ -59,6 +59,9 @@ pub struct OptimizeOptions {
     pub drop: Option<DropSpec>,
     /// Re-score after each dropped sublayer.
     pub drop_iterative: bool,
+    /// `--int4`: weight-only 4-bit block-wise round-to-nearest of MatMul/Gemm weights, after the
+    /// level's passes (and any sublayer dropping).
+    pub int4: Option<wcc_passes::weight_int4::Int4Options>,
     /// Calibration inputs (`--calib`); else `exec.inputs`, else seeded random batches.
     pub calib: Option<PathBuf>,
     pub exec: ExecOptions,
@@ -88,6 +91,7 @@ impl OptimizeOptions {
             pipeline: PipelineConfig::default(),
             drop: None,
             drop_iterative: false,
+            int4: None,
             calib: None,
             exec: ExecOptions::default(),
             gate: Gate::default(),
@@ -275,11 +279,7 @@ pub fn optimize(
     // run; what a pass changes is written again at the end (see `export::WriteAhead`).
     let ahead = export::WriteAhead::start(&original, &out_path, opts.external_data);
     let passes = pipeline::build(opts.level, opts.passes.as_deref(), &opts.pipeline)?;
-    let pass_list = passes
-        .iter()
-        .map(|p| p.name())
-        .collect::<Vec<_>>()
-        .join(",");
+    let mut pass_names: Vec<&'static str> = passes.iter().map(|p| p.name()).collect();
     let mut model = original.clone();
     let before = GraphStats::of(&model);
     let mut pm = PassManager::new(passes);
@@ -291,9 +291,12 @@ pub fn optimize(
     }
     progress(Stage::Optimizing);
     let t0 = Instant::now();
-    let records = wcc_passes::optimize_with(&mut model, pm)?;
-    // The gate the level works under: the user's, else the level's default.
-    let gate = opts.gate.for_level(opts.level);
+    let mut records = wcc_passes::optimize_with(&mut model, pm)?;
+    // The gate the run works under: the user's, else the default of `-O compress` and `--int4`
+    // (an explicit `--drop` at -O1 is measured, not gated, unless the user gives a gate).
+    let gate = opts
+        .gate
+        .for_lossy(opts.level.lossy() || opts.int4.is_some());
     let backend = opts.exec.backend_for(&original);
     // Lossy: sublayer dropping (`--drop`, `-O compress`), on the -O1 result.
     let mut layer_drop = None;
@@ -311,6 +314,22 @@ pub fn optimize(
         };
         layer_drop = Some(compress::run(&mut model, &plan)?);
     }
+    // Lossy: weight-only int4 (`--int4`), last, on what the passes and dropping left; the
+    // result is checked where it will run (see `backend_for_result`).
+    let mut backend = backend;
+    if let Some(int4) = &opts.int4 {
+        let quantize = wcc_passes::weight_int4::WeightInt4 { opts: int4.clone() };
+        pass_names.push(quantize.name());
+        let pm = PassManager::new(vec![
+            Box::new(quantize),
+            Box::new(wcc_passes::dce::DeadCodeElimination),
+        ]);
+        records.extend(wcc_passes::optimize_with(&mut model, pm)?);
+        backend = opts.exec.backend_for_result(&original, &model);
+    }
+    let pass_list = pass_names.join(",");
+    // A lossy result is checked whole, end to end (regions check only exact rewrites).
+    let lossy = layer_drop.is_some() || opts.int4.is_some();
     let optimize_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !pass_list.is_empty() {
         model.set_metadata("wcc.version", crate::VERSION);
@@ -331,8 +350,7 @@ pub fn optimize(
     let mut verify = || -> Result<(Option<Verification>, Option<String>), Error> {
         let mut verification = None;
         let mut not_verified = None;
-        let wants_verify =
-            opts.verify && (gate.is_set() || !pass_list.is_empty() || layer_drop.is_some());
+        let wants_verify = opts.verify && (gate.is_set() || !pass_list.is_empty() || lossy);
         // A lossless result is checked region by region (see `regions`) on random inputs; a
         // gate is about the model's outputs, and inputs the user gives (`--inputs`) are to be
         // run, so gated results, given inputs and whatever regions cannot check run whole.
@@ -340,7 +358,7 @@ pub fn optimize(
         let mut whole_because = None;
         if wants_verify
             && !gate.is_set()
-            && layer_drop.is_none()
+            && !lossy
             && !opts.verify_whole
             && opts.exec.inputs.is_none()
         {

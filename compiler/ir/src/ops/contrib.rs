@@ -1,12 +1,12 @@
 //! ONNX Runtime's com.microsoft ops that its transformer optimizer emits (Attention,
-//! SkipLayerNormalization, EmbedLayerNormalization, BiasGelu, FastGelu…): schemas loose enough
-//! for every version ONNX Runtime writes, and output types.
+//! SkipLayerNormalization, EmbedLayerNormalization, BiasGelu, FastGelu…) and its quantizer emits
+//! (MatMulNBits): schemas loose enough for every version ONNX Runtime writes, and output types.
 
 use super::util::known;
 use super::AttrKind::*;
-use super::{opt, InferCx, OpDef, MANY};
+use super::{opt, req, InferCx, OpDef, MANY};
 use crate::dtype::DataType;
-use crate::model::TensorType;
+use crate::model::{Dim, Node, TensorType};
 
 fn same(cx: &InferCx) -> Option<Vec<TensorType>> {
     Some(cx.same_as_input())
@@ -42,6 +42,60 @@ fn infer_embed_layer_norm(cx: &InferCx) -> Option<Vec<TensorType>> {
     let table = cx.ty(2)?.static_dims()?;
     shape.push(known(*table.get(1)?));
     Some(cx.out1(cx.dt(2), Some(shape)))
+}
+
+/// MatMulNBits: `Y = A · dequant(B)ᵀ (+ bias)`, A `[…, K]` → Y `[…, N]` of A's type. B is
+/// `uint8 [N, ⌈K/block_size⌉, block_size·bits/8]`: for each output column n, its K weights in
+/// blocks, `bits`-bit codes packed from the low bits of each byte up; `scales` (A's type) and the
+/// optional packed `zero_points` (default `2^(bits-1)`) are per (n, block): `w = (code − zero) ·
+/// scale`. Inputs: A, B, scales, zero_points, g_idx, bias.
+fn infer_matmul_nbits(cx: &InferCx) -> Option<Vec<TensorType>> {
+    let n = cx.node.attr_i("N")?;
+    let mut shape = cx.sh(0)?;
+    *shape.last_mut()? = known(n);
+    Some(cx.out1(cx.dt(0), Some(shape)))
+}
+
+/// GatherBlockQuantized: `Gather` on a block-quantized table, dequantized on the way out
+/// (`(code − zero) · scale`, zero 8 for 4-bit uint8 data). Inputs: data, indices, scales,
+/// zero_points. With `gather_axis` 0 the output is `indices.shape + data.shape[1..]`, the
+/// quantized axis unpacked (`8 / bits` values a uint8 byte), of the scales' type.
+fn infer_gather_block_quantized(cx: &InferCx) -> Option<Vec<TensorType>> {
+    if cx.node.attr_i("gather_axis").unwrap_or(0) != 0 {
+        return Some(cx.out1(cx.dt(2), None));
+    }
+    let data = cx.sh(0)?;
+    let mut shape = cx.sh(1)?;
+    let mut rest: Vec<_> = data.get(1..)?.to_vec();
+    if cx.dt(0) == Some(DataType::U8) {
+        let per_byte = 8 / cx.node.attr_i("bits").unwrap_or(4).clamp(1, 8);
+        let last = rest.last_mut()?;
+        *last = match last {
+            Dim::Known(v) => known(v.checked_mul(per_byte)?),
+            _ => Dim::Unknown,
+        };
+    }
+    shape.extend(rest);
+    Some(cx.out1(cx.dt(2), Some(shape)))
+}
+
+fn check_matmul_nbits(n: &Node) -> Result<(), String> {
+    for a in ["K", "N"] {
+        if n.attr_i(a).is_some_and(|v| v <= 0) {
+            return Err(format!("{a} must be positive"));
+        }
+    }
+    let bits = n.attr_i("bits").unwrap_or(4);
+    if !(2..=8).contains(&bits) {
+        return Err(format!("bits {bits} is not in 2..=8"));
+    }
+    match n.attr_i("block_size") {
+        Some(b) if b >= 16 && (b as u64).is_power_of_two() => Ok(()),
+        Some(b) => Err(format!(
+            "block_size {b} is not a power of two of 16 or more"
+        )),
+        None => Ok(()),
+    }
 }
 
 const fn ms(name: &'static str, inputs: (usize, usize), outputs: (usize, usize)) -> OpDef {
@@ -86,4 +140,32 @@ pub(super) const OPS: &[OpDef] = &[
     )
     .microsoft()
     .infer(infer_embed_layer_norm),
+    OpDef::new(
+        "MatMulNBits",
+        (3, 6),
+        (1, 1),
+        &[
+            req("K", Int),
+            req("N", Int),
+            opt("bits", Int),
+            req("block_size", Int),
+            opt("accuracy_level", Int),
+        ],
+    )
+    .microsoft()
+    .check(check_matmul_nbits)
+    .infer(infer_matmul_nbits),
+    OpDef::new(
+        "GatherBlockQuantized",
+        (3, 4),
+        (1, 1),
+        &[
+            opt("bits", Int),
+            opt("block_size", Int),
+            opt("gather_axis", Int),
+            opt("quantize_axis", Int),
+        ],
+    )
+    .microsoft()
+    .infer(infer_gather_block_quantized),
 ];

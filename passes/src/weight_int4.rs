@@ -1,0 +1,671 @@
+//! Weight-only 4-bit quantization, block-wise round-to-nearest (RTN): the baseline that VQ
+//! codebooks are compared against, in the form ONNX Runtime's own 4-bit quantizer writes
+//! (`MatMulNBits`, see "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+//! Transformers", Frantar et al., arXiv 2210.17323, §2 for RTN as the baseline).
+//!
+//! # Math
+//! A constant weight `W[K, N]` of `Y = X·W` is cut, column by column, into blocks of
+//! `b = block_size` consecutive rows (the reduction axis K; the last block may be short). For
+//! block `j` of column `n`, let `m` be its entry of largest magnitude, sign kept. Then
+//! `s = m / −8` (0 for an all-zero block) and every entry becomes
+//! `q = clamp(round(w / s), −8, 7)`, stored as the code `q + 8 ∈ [0, 15]`: `m` itself is `−8`
+//! exactly, the other entries are within `|s|/2` of their value except an entry of the opposite
+//! sign above `7.5·|s|`, clamped to 7 (error at most `|s| = |m|/8`). This is symmetric (zero point
+//! 8, not stored), which is what TensorRT's int4 accepts too. Scales have the weight's type; with
+//! an f16 weight the codes are chosen for the f16-rounded scale, so what runs is what was
+//! measured.
+//!
+//! # Emission
+//! `MatMul(X, W)` becomes `com.microsoft::MatMulNBits(X, B, scales)` with `K`, `N`, `bits = 4`,
+//! `block_size`: `B` is `uint8 [N, ⌈K/b⌉, b/2]` (two codes a byte, the first in the low nibble),
+//! `scales` `[N·⌈K/b⌉]`. `Gemm(X, B, C)` with `alpha = beta = 1`, `transA = 0` becomes the same,
+//! `C` as the bias input when it is a constant `[N]`, else an `Add` after. A table `E[V, D]` that
+//! `Gather(E, ids)` (axis 0) reads, such as a word embedding, is quantized the same way row by
+//! row (each row is a "column" of D values, D a multiple of b) and becomes
+//! `com.microsoft::GatherBlockQuantized(codes [V, D/2], ids, scales [V, D/b])`, which dequantizes
+//! only the rows it gathers, so the dense table never exists at run time. ONNX Runtime (CPU,
+//! CUDA) runs both with its 4-bit kernels and never constant-folds them (com.microsoft ops), so
+//! the saving holds in session memory as on disk; tract runs them too. Bits per weight:
+//! `4 + 8·sizeof(scale)/b` (5 for f32 at b = 32, 4.5 for f16).
+//!
+//! # What it touches
+//! Only `MatMul`/`Gemm` nodes of the top-level graph whose weight is a constant (not overridable
+//! by an input) 2-D f32/f16 initializer of at least `min_elements`, finite, whose `X` has a known
+//! rank of 2 or more; and (with `tables`) axis-0 `Gather`s of such a table. A weight several such
+//! nodes read the same way is quantized once and shared; one read two ways (a tied embedding
+//! gathered and multiplied) is left in float. The float original is left for DCE once nothing
+//! else reads it. Every node's output keeps its name.
+
+use rayon::prelude::*;
+use serde::Serialize;
+use wcc_ir::infer::infer_graph;
+use wcc_ir::model::Attribute;
+use wcc_ir::pass::{Pass, PassOutcome};
+use wcc_ir::{DataType, Graph, Model, Node, Result, Tensor};
+
+use crate::graph_util::fresh_name;
+
+/// The domain of ONNX Runtime's contrib ops.
+const MS_DOMAIN: &str = "com.microsoft";
+
+/// Bits of one code.
+const BITS: usize = 4;
+
+/// What `--int4` quantizes and how.
+#[derive(Debug, Clone)]
+pub struct Int4Options {
+    /// Rows of a block along K (a power of two, 16 or more; ONNX Runtime's default is 32).
+    pub block_size: usize,
+    /// Weights with fewer elements are left in float (biases, tiny projections).
+    pub min_elements: u64,
+    /// Also quantize the tables axis-0 Gathers read (embeddings).
+    pub tables: bool,
+}
+
+impl Default for Int4Options {
+    fn default() -> Self {
+        Int4Options {
+            block_size: 32,
+            min_elements: 4096,
+            tables: true,
+        }
+    }
+}
+
+pub struct WeightInt4 {
+    pub opts: Int4Options,
+}
+
+/// One quantized weight, for the report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Int4Layer {
+    pub weight: String,
+    /// The nodes that read it.
+    pub nodes: Vec<String>,
+    pub k: usize,
+    pub n: usize,
+    pub block_size: usize,
+    /// Bytes of the float weight.
+    pub bytes_before: u64,
+    /// Bytes of the codes and scales that replace it.
+    pub bytes_after: u64,
+    /// `8 · bytes_after / (K·N)`.
+    pub bits_per_weight: f64,
+    /// `‖W − Ŵ‖_F / ‖W‖_F`.
+    pub rel_error: f64,
+}
+
+/// The pass's report (`PassOutcome::details`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Int4Report {
+    pub method: &'static str,
+    pub form: &'static str,
+    pub layers: Vec<Int4Layer>,
+    pub weights: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub bits_per_weight: f64,
+    /// Weights looked at and left in float, with why.
+    pub skipped: Vec<String>,
+}
+
+/// A weight's codes and scales, in MatMulNBits' layout.
+pub struct Quantized {
+    /// `[N, n_blocks, block_size / 2]`.
+    pub codes: Vec<u8>,
+    /// `[N · n_blocks]`, rounded to the weight's type.
+    pub scales: Vec<f32>,
+    pub rel_error: f64,
+}
+
+/// How a node reads its weight.
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    /// `W[K, N]` (MatMul, Gemm with transB = 0).
+    KN,
+    /// `W[N, K]` (Gemm with transB = 1).
+    NK,
+    /// `E[V, D]` gathered by row (Gather on axis 0): quantized as `[N = V, K = D]`.
+    Rows,
+}
+
+struct Site {
+    node: usize,
+    layout: Layout,
+}
+
+impl Pass for WeightInt4 {
+    fn name(&self) -> &'static str {
+        "weight-int4"
+    }
+    fn description(&self) -> &'static str {
+        "weight-only 4-bit block-wise round-to-nearest of MatMul/Gemm weights (MatMulNBits) and \
+         gathered tables (GatherBlockQuantized)"
+    }
+    fn lossless(&self) -> bool {
+        false
+    }
+    fn run_once(&self) -> bool {
+        true
+    }
+    fn run(&self, model: &mut Model) -> Result<PassOutcome> {
+        let b = self.opts.block_size;
+        if b < 16 || !b.is_power_of_two() {
+            return Err(wcc_ir::IrError::Other(format!(
+                "int4 block size {b} is not a power of two of 16 or more"
+            )));
+        }
+        let opset = model.default_opset();
+        let g = &mut model.graph;
+        let (sites, mut skipped) = find_sites(g, opset, &self.opts);
+        // Quantize the weights a few at a time (in parallel, each read band by band) and hand
+        // each group's codes to new tensors (which go to the scratch file when large) before the
+        // next: what is resident is a group's codes, not the model's.
+        let weights: Vec<(String, Vec<Site>)> = sites.into_iter().collect();
+        let group = 2 * rayon::current_num_threads().max(1);
+        let mut layers = vec![];
+        let mut changes = 0;
+        for chunk in weights.chunks(group) {
+            let quantized: Vec<Result<Option<(Quantized, usize, usize)>>> = chunk
+                .par_iter()
+                .map(|(name, s)| {
+                    let t = g.initializer(name).expect("found as a constant");
+                    quantize_tensor(t, s[0].layout, b)
+                })
+                .collect();
+            for ((name, s), q) in chunk.iter().zip(quantized) {
+                match q? {
+                    Some((q, k, n)) => {
+                        changes += s.len();
+                        layers.push(emit(g, name, s, q, k, n, b)?);
+                    }
+                    None => skipped.push(format!("{name}: not finite")),
+                }
+            }
+        }
+        // Gemm's bias becomes an Add after; nodes were appended, so put the graph in order.
+        wcc_ir::validate::topo_sort(g);
+        if changes > 0 && !model.opset_imports.iter().any(|(d, _)| d == MS_DOMAIN) {
+            model.opset_imports.push((MS_DOMAIN.into(), 1));
+        }
+        let report = Int4Report::new(layers, skipped);
+        let mut out = PassOutcome::changed(changes);
+        if !report.layers.is_empty() {
+            // What a deployment needs to know, in the file: ONNX Runtime folds constant float
+            // subgraphs at session start, but never com.microsoft ops, so no option is needed.
+            model.set_metadata(
+                "wcc.int4",
+                &format!(
+                    "round-to-nearest, symmetric, block {b}: {} weights, {:.2} bits per weight, as \
+                     com.microsoft MatMulNBits/GatherBlockQuantized (ONNX Runtime keeps them 4-bit \
+                     in session memory with its default options)",
+                    report.layers.len(),
+                    report.bits_per_weight
+                ),
+            );
+            out.notes.push(format!(
+                "{} weight(s), {} values: {:.2} MB -> {:.2} MB, {:.2} bits per weight \
+                 (block {b}, round-to-nearest, symmetric)",
+                report.layers.len(),
+                report.weights,
+                report.bytes_before as f64 / 1e6,
+                report.bytes_after as f64 / 1e6,
+                report.bits_per_weight
+            ));
+        }
+        out.details = Some(serde_json::to_value(&report).expect("serializable"));
+        Ok(out)
+    }
+}
+
+impl Int4Report {
+    fn new(layers: Vec<Int4Layer>, skipped: Vec<String>) -> Self {
+        let weights: u64 = layers.iter().map(|l| (l.k * l.n) as u64).sum();
+        let bytes_before = layers.iter().map(|l| l.bytes_before).sum();
+        let bytes_after: u64 = layers.iter().map(|l| l.bytes_after).sum();
+        Int4Report {
+            method: "round-to-nearest",
+            form: "MatMulNBits, GatherBlockQuantized",
+            bits_per_weight: if weights == 0 {
+                0.0
+            } else {
+                8.0 * bytes_after as f64 / weights as f64
+            },
+            layers,
+            weights,
+            bytes_before,
+            bytes_after,
+            skipped,
+        }
+    }
+}
+
+/// Adds `name`'s codes and scales to `g` and rewrites the nodes at `sites` to read them.
+fn emit(
+    g: &mut Graph,
+    name: &str,
+    sites: &[Site],
+    q: Quantized,
+    k: usize,
+    n: usize,
+    b: usize,
+) -> Result<Int4Layer> {
+    let t = g.initializer(name).expect("found as a constant");
+    let dtype = t.dtype()?;
+    let bytes_before = t.byte_size();
+    let scale_bytes = scale_bytes(&q.scales, dtype);
+    let n_blocks = k.div_ceil(b);
+    let bytes_after = (q.codes.len() + scale_bytes.len()) as u64;
+    // MatMulNBits: [N, blocks, b/2] and [N·blocks]; GatherBlockQuantized: the table's shape
+    // with the last axis packed, [V, D/2] and [V, D/b].
+    let (codes_dims, scales_dims) = if sites[0].layout == Layout::Rows {
+        (
+            vec![n as i64, (k * BITS / 8) as i64],
+            vec![n as i64, n_blocks as i64],
+        )
+    } else {
+        (
+            vec![n as i64, n_blocks as i64, (b * BITS / 8) as i64],
+            vec![(n * n_blocks) as i64],
+        )
+    };
+    let codes_name = fresh_name(g, &format!("{name}_int4_codes"));
+    let codes = Tensor::from_raw(&codes_name, DataType::U8, &codes_dims, q.codes)?;
+    g.initializers.push(codes);
+    let scales_name = fresh_name(g, &format!("{name}_int4_scales"));
+    let scales = Tensor::from_raw(&scales_name, dtype, &scales_dims, scale_bytes)?;
+    g.initializers.push(scales);
+    let mut nodes = vec![];
+    for site in sites {
+        nodes.push(g.nodes[site.node].name.clone());
+        rewrite(g, site.node, &codes_name, &scales_name, k, n, b);
+    }
+    Ok(Int4Layer {
+        weight: name.to_string(),
+        nodes,
+        k,
+        n,
+        block_size: b,
+        bytes_before,
+        bytes_after,
+        bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
+        rel_error: q.rel_error,
+    })
+}
+
+/// The MatMul/Gemm nodes to rewrite, by weight name (sorted, so the order is the same every
+/// run), and the weights looked at and left alone.
+fn find_sites(
+    g: &Graph,
+    opset: i64,
+    opts: &Int4Options,
+) -> (std::collections::BTreeMap<String, Vec<Site>>, Vec<String>) {
+    let types = infer_graph(g, opset, None);
+    let consts = g.constants();
+    let mut sites: std::collections::BTreeMap<String, Vec<Site>> = Default::default();
+    let mut skipped = vec![];
+    let mut conflicting = std::collections::BTreeSet::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        let layout = if n.is("MatMul") {
+            Layout::KN
+        } else if n.is("Gather") && opts.tables && matches!(n.attr_i("axis").unwrap_or(0), 0 | -2) {
+            Layout::Rows
+        } else if n.is("Gemm")
+            && n.attr_f("alpha").unwrap_or(1.0) == 1.0
+            && n.attr_f("beta").unwrap_or(1.0) == 1.0
+            && n.attr_i("transA").unwrap_or(0) == 0
+        {
+            if n.attr_i("transB").unwrap_or(0) == 1 {
+                Layout::NK
+            } else {
+                Layout::KN
+            }
+        } else {
+            continue;
+        };
+        let (w, x) = match layout {
+            Layout::Rows => (&n.inputs[0], &n.inputs[1]),
+            _ => (&n.inputs[1], &n.inputs[0]),
+        };
+        if !consts.contains(w) {
+            continue;
+        }
+        let t = g.initializer(w).expect("a constant is an initializer");
+        let dtype = t.dtype().ok();
+        if !matches!(dtype, Some(DataType::F32 | DataType::F16)) || t.dims().len() != 2 {
+            continue;
+        }
+        if t.numel() == 0 || t.numel() < opts.min_elements {
+            continue;
+        }
+        if layout == Layout::Rows {
+            if t.dims()[1] % opts.block_size as i64 != 0 {
+                skipped.push(format!(
+                    "{w}: rows of {} values, not a multiple of the block {}",
+                    t.dims()[1],
+                    opts.block_size
+                ));
+                continue;
+            }
+        } else if types.shape(x).is_none_or(|s| s.len() < 2) || types.dtype(x) != dtype {
+            skipped.push(format!(
+                "{w}: the input of {} has no known rank of 2 or more",
+                n.name
+            ));
+            continue;
+        }
+        let at = sites.entry(w.clone()).or_default();
+        if at.first().is_some_and(|s| s.layout != layout) {
+            conflicting.insert(w.clone());
+        }
+        at.push(Site { node: i, layout });
+    }
+    for w in conflicting {
+        sites.remove(&w);
+        skipped.push(format!("{w}: read both as [K, N] and as [N, K]"));
+    }
+    (sites, skipped)
+}
+
+/// Replaces node `i` by MatMulNBits (and an Add for a Gemm's C that is not an `[N]` constant),
+/// or a Gather by GatherBlockQuantized.
+fn rewrite(g: &mut Graph, i: usize, codes: &str, scales: &str, k: usize, n: usize, b: usize) {
+    let old = g.nodes[i].clone();
+    if old.is("Gather") {
+        let inputs = vec![codes.into(), old.inputs[1].clone(), scales.into()];
+        let mut node = Node::new(
+            &old.name,
+            "GatherBlockQuantized",
+            inputs,
+            old.outputs.clone(),
+        );
+        node.domain = MS_DOMAIN.into();
+        node.attributes = vec![
+            Attribute::int("bits", BITS as i64),
+            Attribute::int("block_size", b as i64),
+            Attribute::int("gather_axis", 0),
+            Attribute::int("quantize_axis", 1),
+        ];
+        g.nodes[i] = node;
+        return;
+    }
+    let mut inputs = vec![old.inputs[0].clone(), codes.into(), scales.into()];
+    let mut add = None;
+    if old.is("Gemm") {
+        if let Some(c) = old.inputs.get(2).filter(|c| !c.is_empty()) {
+            let is_bias = g.constant(c).is_some_and(|t| {
+                t.dims() == [n as i64]
+                    && t.dtype().ok() == g.initializer(&old.inputs[1]).and_then(|w| w.dtype().ok())
+            });
+            if is_bias {
+                inputs.extend(["".into(), "".into(), c.clone()]);
+            } else {
+                add = Some(c.clone());
+            }
+        }
+    }
+    let y = old.outputs[0].clone();
+    let mm_out = match &add {
+        Some(_) => fresh_name(g, &format!("{y}_int4_mm")),
+        None => y.clone(),
+    };
+    let mut node = Node::new(&old.name, "MatMulNBits", inputs, vec![mm_out.clone()]);
+    node.domain = MS_DOMAIN.into();
+    node.attributes = vec![
+        Attribute::int("K", k as i64),
+        Attribute::int("N", n as i64),
+        Attribute::int("bits", BITS as i64),
+        Attribute::int("block_size", b as i64),
+    ];
+    g.nodes[i] = node;
+    if let Some(c) = add {
+        let name = fresh_name(g, &format!("{}_bias", old.name));
+        g.nodes
+            .push(Node::new(&name, "Add", vec![mm_out, c], vec![y]));
+    }
+}
+
+/// Quantizes `t` (read as `[K, N]` or `[N, K]`): `None` when it holds a non-finite value.
+fn quantize_tensor(
+    t: &Tensor,
+    layout: Layout,
+    b: usize,
+) -> Result<Option<(Quantized, usize, usize)>> {
+    let dtype = t.dtype()?;
+    let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
+    let (k, n) = match layout {
+        Layout::KN => (d0, d1),
+        Layout::NK | Layout::Rows => (d1, d0),
+    };
+    let elem = if dtype == DataType::F16 { 2 } else { 4 };
+    let n_blocks = k.div_ceil(b);
+    let blob = b * BITS / 8;
+    let mut q = Quantizer::new(k, n, b, dtype);
+    // Read a band of rows at a time: `b` rows of K for [K, N] (one block of every column), a few
+    // whole rows (columns of W) for [N, K].
+    let rows_per_read = match layout {
+        Layout::KN => b,
+        Layout::NK | Layout::Rows => (1 << 20) / (k * elem).max(1) + 1,
+    };
+    let mut row = 0;
+    while row < d0 {
+        let rows = rows_per_read.min(d0 - row);
+        let bytes = t.read_range(row * d1 * elem, rows * d1 * elem)?;
+        let vals = to_f32(&bytes, dtype);
+        if vals.iter().any(|v| !v.is_finite()) {
+            return Ok(None);
+        }
+        match layout {
+            Layout::KN => q.block_of_rows(row / b, &vals),
+            Layout::NK | Layout::Rows => {
+                for (r, col) in vals.chunks_exact(k).enumerate() {
+                    q.column(row + r, col);
+                }
+            }
+        }
+        row += rows;
+    }
+    debug_assert_eq!(q.codes.len(), n * n_blocks * blob);
+    Ok(Some((q.finish(), k, n)))
+}
+
+fn to_f32(bytes: &[u8], dtype: DataType) -> Vec<f32> {
+    match dtype {
+        DataType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
+}
+
+fn scale_bytes(scales: &[f32], dtype: DataType) -> Vec<u8> {
+    match dtype {
+        DataType::F16 => scales
+            .iter()
+            .flat_map(|s| half::f16::from_f32(*s).to_le_bytes())
+            .collect(),
+        _ => scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+    }
+}
+
+/// Block-wise symmetric RTN into MatMulNBits' layout.
+pub struct Quantizer {
+    k: usize,
+    n: usize,
+    b: usize,
+    dtype: DataType,
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    sq_err: f64,
+    sq_norm: f64,
+}
+
+impl Quantizer {
+    pub fn new(k: usize, n: usize, b: usize, dtype: DataType) -> Self {
+        let n_blocks = k.div_ceil(b);
+        Quantizer {
+            k,
+            n,
+            b,
+            dtype,
+            // Code 8 is 0: the padding of a short last block dequantizes to 0.
+            codes: vec![0x88; n * n_blocks * b * BITS / 8],
+            scales: vec![0.0; n * n_blocks],
+            sq_err: 0.0,
+            sq_norm: 0.0,
+        }
+    }
+
+    /// The scale of a block whose largest-magnitude entry is `m`, as the weight's type holds it.
+    fn scale_for(&self, m: f32) -> f32 {
+        let s = m / -8.0;
+        match self.dtype {
+            DataType::F16 => half::f16::from_f32(s).to_f32(),
+            _ => s,
+        }
+    }
+
+    /// Block `j` of column `col`: `w` holds its entries (at most `b`).
+    fn block(&mut self, col: usize, j: usize, w: impl Iterator<Item = f32> + Clone) {
+        let m = w
+            .clone()
+            .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        let s = self.scale_for(m);
+        let n_blocks = self.k.div_ceil(self.b);
+        self.scales[col * n_blocks + j] = s;
+        let base = (col * n_blocks + j) * self.b / 2;
+        for (i, v) in w.enumerate() {
+            let q = if s == 0.0 {
+                0.0
+            } else {
+                (v / s).round().clamp(-8.0, 7.0)
+            };
+            let code = (q as i32 + 8) as u8;
+            let byte = &mut self.codes[base + i / 2];
+            *byte = if i.is_multiple_of(2) {
+                (*byte & 0xF0) | code
+            } else {
+                (*byte & 0x0F) | (code << 4)
+            };
+            let e = (v - q * s) as f64;
+            self.sq_err += e * e;
+            self.sq_norm += (v as f64) * (v as f64);
+        }
+    }
+
+    /// Rows `j·b ..` of a `[K, N]` weight, row-major (`rows · N` values): block `j` of every
+    /// column.
+    pub fn block_of_rows(&mut self, j: usize, rows: &[f32]) {
+        let n = self.n;
+        for col in 0..n {
+            self.block(col, j, rows.iter().skip(col).step_by(n).copied());
+        }
+    }
+
+    /// All K values of column `col`.
+    pub fn column(&mut self, col: usize, w: &[f32]) {
+        for (j, blk) in w.chunks(self.b).enumerate() {
+            self.block(col, j, blk.iter().copied());
+        }
+    }
+
+    pub fn finish(self) -> Quantized {
+        Quantized {
+            codes: self.codes,
+            scales: self.scales,
+            rel_error: if self.sq_norm > 0.0 {
+                (self.sq_err / self.sq_norm).sqrt()
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dequantized value of (column n, row k), read back from the layout as ONNX Runtime's
+    /// MatMulNBits documents it.
+    fn deq(q: &Quantized, k_all: usize, b: usize, n: usize, k: usize) -> f32 {
+        let n_blocks = k_all.div_ceil(b);
+        let byte = q.codes[(n * n_blocks + k / b) * b / 2 + (k % b) / 2];
+        let code = if k.is_multiple_of(2) {
+            byte & 15
+        } else {
+            byte >> 4
+        };
+        (code as f32 - 8.0) * q.scales[n * n_blocks + k / b]
+    }
+
+    #[test]
+    fn every_value_is_within_its_blocks_bound_and_the_largest_is_exact() {
+        let (k, n, b) = (40, 3, 16); // a short last block of 8
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 13.0)
+            .collect();
+        let mut qz = Quantizer::new(k, n, b, DataType::F32);
+        for j in 0..k.div_ceil(b) {
+            let rows = &w[j * b * n..((j + 1) * b).min(k) * n];
+            qz.block_of_rows(j, rows);
+        }
+        let q = qz.finish();
+        for col in 0..n {
+            for blk in 0..k.div_ceil(b) {
+                let vals: Vec<f32> = (blk * b..((blk + 1) * b).min(k))
+                    .map(|r| w[r * n + col])
+                    .collect();
+                let m = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let mut exact_largest = false;
+                for r in blk * b..((blk + 1) * b).min(k) {
+                    let err = (w[r * n + col] - deq(&q, k, b, col, r)).abs();
+                    assert!(
+                        err <= m / 8.0 + 1e-6,
+                        "({r},{col}) err {err} bound {}",
+                        m / 8.0
+                    );
+                    exact_largest |= w[r * n + col].abs() == m && err < 1e-6;
+                }
+                assert!(
+                    exact_largest,
+                    "column {col} block {blk}: its largest entry is -8 x scale"
+                );
+            }
+        }
+        assert!(q.rel_error > 0.0 && q.rel_error < 0.1, "{}", q.rel_error);
+        // The same weight read as [N, K] columns gives the same bytes.
+        let mut qt = Quantizer::new(k, n, b, DataType::F32);
+        for col in 0..n {
+            let c: Vec<f32> = (0..k).map(|r| w[r * n + col]).collect();
+            qt.column(col, &c);
+        }
+        let qt = qt.finish();
+        assert_eq!(qt.codes, q.codes);
+        assert_eq!(qt.scales, q.scales);
+    }
+
+    #[test]
+    fn an_all_zero_block_is_zero_and_f16_scales_are_what_is_stored() {
+        let mut qz = Quantizer::new(32, 1, 32, DataType::F16);
+        let w: Vec<f32> = (0..32)
+            .map(|i| if i < 16 { 0.0 } else { 0.1 * i as f32 })
+            .collect();
+        qz.column(0, &w);
+        let q = qz.finish();
+        assert_eq!(
+            q.scales[0],
+            half::f16::from_f32(q.scales[0]).to_f32(),
+            "the scale is an f16 value"
+        );
+        let mut z = Quantizer::new(16, 1, 16, DataType::F32);
+        z.column(0, &[0.0; 16]);
+        let z = z.finish();
+        assert_eq!(z.scales, vec![0.0]);
+        assert!(z.codes.iter().all(|b| *b == 0x88));
+    }
+}
