@@ -383,3 +383,219 @@ fn int4_output_is_deterministic_gated_and_refused_when_the_gate_fails() {
     assert!(String::from_utf8_lossy(&od.stderr).contains("power of two"));
     assert!(!d.exists());
 }
+
+fn f32_proto(name: &str, dims: &[i64], v: &[f32]) -> onnx_protobuf::TensorProto {
+    onnx_protobuf::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: 1,
+        raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Deterministic values in about [-1, 1], with a few larger ones (outliers a block must hold).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|i| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = (s >> 33) as f32 / (1u64 << 31) as f32 * 2.0 - 1.0;
+            if i % 97 == 0 {
+                4.0 * u
+            } else {
+                u
+            }
+        })
+        .collect()
+}
+
+/// The float an int4 DequantizeLinear stands for: element i of `x` (row-major, two a byte, the
+/// first in the low nibble, two's complement) times its block's scale, blocks of `b` along `axis`.
+fn dequantize_linear(g: &Graph, n: &Node) -> Vec<f32> {
+    let x = g.initializer(&n.inputs[0]).unwrap();
+    assert_eq!(x.dtype().unwrap(), DataType::I4);
+    let (rows, cols) = (x.dims()[0] as usize, x.dims()[1] as usize);
+    let bytes = x.raw_bytes().unwrap().to_vec();
+    assert_eq!(bytes.len(), (rows * cols).div_ceil(2));
+    let scales = f32s(g.initializer(&n.inputs[1]).unwrap());
+    let b = n.attr_i("block_size").unwrap() as usize;
+    let axis = n.attr_i("axis").unwrap();
+    assert!(
+        n.inputs.get(2).is_none_or(|z| z.is_empty()),
+        "symmetric: no zero point"
+    );
+    (0..rows * cols)
+        .map(|i| {
+            let byte = bytes[i / 2];
+            let nib = if i % 2 == 0 { byte & 15 } else { byte >> 4 };
+            let q = if nib >= 8 {
+                nib as i32 - 16
+            } else {
+                nib as i32
+            };
+            let (r, c) = (i / cols, i % cols);
+            let s = if axis == 0 {
+                scales[(r / b) * cols + c]
+            } else {
+                scales[r * cols.div_ceil(b) + c / b]
+            };
+            q as f32 * s
+        })
+        .collect()
+}
+
+#[test]
+fn at_opset_21_int4_is_standard_dequantize_linear_that_onnx_runtime_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // x [4, 80] -> MatMul W1 [80, 96] (K = 80: a short last block) -> Relu
+    //   -> Gemm(W2 [10, 96], transB = 1, C [10]) -> y [4, 10]
+    let (w1, w2, c) = (values(80 * 96, 1), values(10 * 96, 2), values(10, 3));
+    let mut gemm = simple_node("Gemm", &["h", "w2", "c"], "y");
+    gemm.attribute.push(onnx_protobuf::AttributeProto {
+        name: "transB".into(),
+        i: 1,
+        type_: protobuf::EnumOrUnknown::new(onnx_protobuf::attribute_proto::AttributeType::INT),
+        ..Default::default()
+    });
+    let mut mp = model17(
+        vec![
+            simple_node("MatMul", &["x", "w1"], "a"),
+            simple_node("Relu", &["a"], "h"),
+            gemm,
+        ],
+        vec![
+            f32_proto("w1", &[80, 96], &w1),
+            f32_proto("w2", &[10, 96], &w2),
+            f32_proto("c", &[10], &c),
+        ],
+        vec![vi("x", 1, &[4, 80])],
+        vec![vi("y", 1, &[4, 10])],
+    );
+    mp.ir_version = 10;
+    mp.opset_import[0].version = 21;
+    let src = dir.path().join("mlp21.onnx");
+    std::fs::write(&src, protobuf::Message::write_to_bytes(&mp).unwrap()).unwrap();
+    let out = dir.path().join("mlp21.int4.onnx");
+    let report = dir.path().join("r.json");
+    let o = wcc()
+        .args([
+            "optimize",
+            src.to_str().unwrap(),
+            "--int4",
+            "--int4-min-elements",
+            "0",
+        ])
+        .args([
+            "--min-cosine",
+            "0.9",
+            "--report",
+            report.to_str().unwrap(),
+            "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    // Verified where it runs: tract has no int4 tensors.
+    assert!(
+        r["verification"]["backend"]
+            .as_str()
+            .unwrap()
+            .starts_with("onnxruntime"),
+        "{}",
+        r["verification"]
+    );
+    let d = r["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == "weight-int4")
+        .unwrap()["details"]
+        .clone();
+    assert_eq!(d["form"], "DequantizeLinear");
+    let m = wcc_ir::import::load(&out).unwrap();
+    let g = &m.graph;
+    assert!(g.initializer("w1").is_none() && g.initializer("w2").is_none());
+    let dqs: Vec<&Node> = g
+        .nodes
+        .iter()
+        .filter(|n| n.is("DequantizeLinear"))
+        .collect();
+    assert_eq!(dqs.len(), 2);
+    assert!(
+        g.nodes.iter().all(|n| n.domain.is_empty()),
+        "standard ONNX only"
+    );
+    // Each dequantized weight is within its block's |m|/8 of the float one, blocks along K.
+    let mut file_bytes = 0;
+    for dq in &dqs {
+        let x = g.initializer(&dq.inputs[0]).unwrap();
+        file_bytes += x.byte_size() + g.initializer(&dq.inputs[1]).unwrap().byte_size();
+        let (orig, k_axis) = if x.dims() == [80, 96] {
+            (&w1, 0)
+        } else {
+            (&w2, 1)
+        };
+        assert_eq!(dq.attr_i("axis"), Some(k_axis));
+        let (rows, cols) = (x.dims()[0] as usize, x.dims()[1] as usize);
+        let w = dequantize_linear(g, dq);
+        for i in 0..rows * cols {
+            let (r, c) = (i / cols, i % cols);
+            let block: Vec<f32> = if k_axis == 0 {
+                (r / 32 * 32..(r / 32 * 32 + 32).min(rows))
+                    .map(|rr| orig[rr * cols + c])
+                    .collect()
+            } else {
+                (c / 32 * 32..(c / 32 * 32 + 32).min(cols))
+                    .map(|cc| orig[r * cols + cc])
+                    .collect()
+            };
+            let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!((orig[i] - w[i]).abs() <= m / 8.0 * 1.0001 + 1e-7, "{i}");
+        }
+    }
+    assert_eq!(d["bytes_after"].as_u64(), Some(file_bytes));
+    // 80·96 and 10·96 values: 4 bits each plus an f32 scale per 32.
+    let weights = (80 * 96 + 10 * 96) as f64;
+    let expected = (80 * 96 + 10 * 96) / 2 + 4 * (3 * 96 + 10 * 3);
+    assert_eq!(file_bytes, expected as u64);
+    assert!(
+        (d["bits_per_weight"].as_f64().unwrap() - 8.0 * expected as f64 / weights).abs() < 1e-9
+    );
+    // ONNX Runtime runs it as a float model with those weights computes it.
+    let mut float = m.clone();
+    for dq in &dqs {
+        let w = dequantize_linear(&m.graph, dq);
+        let x = m.graph.initializer(&dq.inputs[0]).unwrap();
+        float.graph.nodes.retain(|n| n.name != dq.name);
+        float
+            .graph
+            .initializers
+            .push(f32_tensor(&dq.outputs[0], &w, x.dims()));
+    }
+    let x: NamedArrays = vec![(
+        "x".to_string(),
+        wcc_ir::eval::Array::F32(
+            ndarray::ArrayD::from_shape_vec(vec![4, 80], values(320, 9)).unwrap(),
+        ),
+    )];
+    let got = run(&ort(), &m, &x).unwrap();
+    let want = run(&ort(), &float, &x).unwrap();
+    assert!(max_diff(&got, &want) <= 1e-5 * max_abs(&want).max(1.0));
+    // Asked for at a lower opset, the form is refused, not converted: exit 2, no output.
+    let o = wcc()
+        .args(["optimize", fixture_path("bert.legacy").to_str().unwrap()])
+        .args(["--int4", "--int4-form", "dq", "-o"])
+        .arg(dir.path().join("no.onnx"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs opset 21"));
+    assert!(!dir.path().join("no.onnx").exists());
+}

@@ -28,6 +28,13 @@
 //! the saving holds in session memory as on disk; tract runs them too. Bits per weight:
 //! `4 + 8·sizeof(scale)/b` (5 for f32 at b = 32, 4.5 for f16).
 //!
+//! With `Int4Form::DequantizeLinear` (the default where the model's opset is 21 or more) the same
+//! codes are written as standard ONNX instead: an `INT4` initializer of the weight's own shape
+//! (`q`, two's complement, two a byte), its scales `[⌈K/b⌉, N]` (or `[N, ⌈K/b⌉]` for a Gemm with
+//! transB = 1), and `DequantizeLinear(x, scales, axis, block_size)` feeding the unchanged
+//! MatMul/Gemm: symmetric, as TensorRT requires; ONNX Runtime does not constant-fold
+//! DequantizeLinear. Tables stay float in this form.
+//!
 //! # What it touches
 //! Only `MatMul`/`Gemm` nodes of the top-level graph whose weight is a constant (not overridable
 //! by an input) 2-D f32/f16 initializer of at least `min_elements`, finite, whose `X` has a known
@@ -60,7 +67,60 @@ pub struct Int4Options {
     pub min_elements: u64,
     /// Also quantize the tables axis-0 Gathers read (embeddings).
     pub tables: bool,
+    /// What the quantized weights become.
+    pub form: Int4Form,
 }
+
+/// The ONNX a quantized weight becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Int4Form {
+    /// `DequantizeLinear` where the model's opset is 21 or more, else `MatMulNBits`.
+    #[default]
+    Auto,
+    /// ONNX Runtime's `com.microsoft::MatMulNBits` (and `GatherBlockQuantized` for tables).
+    MatMulNBits,
+    /// Standard opset-21 `DequantizeLinear` of an int4 weight with `block_size`, before the
+    /// unchanged MatMul/Gemm (what TensorRT takes; tables stay in float).
+    DequantizeLinear,
+}
+
+impl std::str::FromStr for Int4Form {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Int4Form::Auto),
+            "nbits" | "matmulnbits" => Ok(Int4Form::MatMulNBits),
+            "dq" | "dequantizelinear" => Ok(Int4Form::DequantizeLinear),
+            _ => Err(format!("unknown int4 form '{s}' (auto, nbits or dq)")),
+        }
+    }
+}
+
+impl Int4Form {
+    /// The form for a model whose default-domain opset is `opset`.
+    pub fn resolve(self, opset: i64) -> std::result::Result<Int4Form, String> {
+        match self {
+            Int4Form::Auto if opset >= DQ_OPSET => Ok(Int4Form::DequantizeLinear),
+            Int4Form::Auto => Ok(Int4Form::MatMulNBits),
+            Int4Form::DequantizeLinear if opset < DQ_OPSET => Err(format!(
+                "the DequantizeLinear form needs opset {DQ_OPSET} (int4 with block_size); the \
+                 model is opset {opset} (use the MatMulNBits form, or re-export at opset \
+                 {DQ_OPSET})"
+            )),
+            f => Ok(f),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Int4Form::DequantizeLinear => "DequantizeLinear",
+            _ => "MatMulNBits, GatherBlockQuantized",
+        }
+    }
+}
+
+/// The first opset whose DequantizeLinear takes int4 and `block_size`.
+pub const DQ_OPSET: i64 = 21;
 
 impl Default for Int4Options {
     fn default() -> Self {
@@ -68,6 +128,7 @@ impl Default for Int4Options {
             block_size: 32,
             min_elements: 4096,
             tables: true,
+            form: Int4Form::Auto,
         }
     }
 }
@@ -156,8 +217,13 @@ impl Pass for WeightInt4 {
             )));
         }
         let opset = model.default_opset();
+        let form = self
+            .opts
+            .form
+            .resolve(opset)
+            .map_err(wcc_ir::IrError::Other)?;
         let g = &mut model.graph;
-        let (sites, mut skipped) = find_sites(g, opset, &self.opts);
+        let (sites, mut skipped) = find_sites(g, opset, &self.opts, form);
         // Quantize the weights a few at a time (in parallel, each read band by band) and hand
         // each group's codes to new tensors (which go to the scratch file when large) before the
         // next: what is resident is a group's codes, not the model's.
@@ -177,7 +243,7 @@ impl Pass for WeightInt4 {
                 match q? {
                     Some((q, k, n)) => {
                         changes += s.len();
-                        layers.push(emit(g, name, s, q, k, n, b)?);
+                        layers.push(emit(g, name, s, q, k, n, b, form)?);
                     }
                     None => skipped.push(format!("{name}: not finite")),
                 }
@@ -188,7 +254,7 @@ impl Pass for WeightInt4 {
         if changes > 0 && !model.opset_imports.iter().any(|(d, _)| d == MS_DOMAIN) {
             model.opset_imports.push((MS_DOMAIN.into(), 1));
         }
-        let report = Int4Report::new(layers, skipped);
+        let report = Int4Report::new(layers, skipped, form);
         let mut out = PassOutcome::changed(changes);
         if !report.layers.is_empty() {
             // What a deployment needs to know, in the file: ONNX Runtime folds constant float
@@ -197,10 +263,11 @@ impl Pass for WeightInt4 {
                 "wcc.int4",
                 &format!(
                     "round-to-nearest, symmetric, block {b}: {} weights, {:.2} bits per weight, as \
-                     com.microsoft MatMulNBits/GatherBlockQuantized (ONNX Runtime keeps them 4-bit \
-                     in session memory with its default options)",
+                     {} (ONNX Runtime does not constant-fold these back to float: its default \
+                     session options keep the weights 4-bit in memory)",
                     report.layers.len(),
-                    report.bits_per_weight
+                    report.bits_per_weight,
+                    form.label()
                 ),
             );
             out.notes.push(format!(
@@ -219,13 +286,13 @@ impl Pass for WeightInt4 {
 }
 
 impl Int4Report {
-    fn new(layers: Vec<Int4Layer>, skipped: Vec<String>) -> Self {
+    fn new(layers: Vec<Int4Layer>, skipped: Vec<String>, form: Int4Form) -> Self {
         let weights: u64 = layers.iter().map(|l| (l.k * l.n) as u64).sum();
         let bytes_before = layers.iter().map(|l| l.bytes_before).sum();
         let bytes_after: u64 = layers.iter().map(|l| l.bytes_after).sum();
         Int4Report {
             method: "round-to-nearest",
-            form: "MatMulNBits, GatherBlockQuantized",
+            form: form.label(),
             bits_per_weight: if weights == 0 {
                 0.0
             } else {
@@ -241,6 +308,7 @@ impl Int4Report {
 }
 
 /// Adds `name`'s codes and scales to `g` and rewrites the nodes at `sites` to read them.
+#[allow(clippy::too_many_arguments)]
 fn emit(
     g: &mut Graph,
     name: &str,
@@ -249,12 +317,63 @@ fn emit(
     k: usize,
     n: usize,
     b: usize,
+    form: Int4Form,
 ) -> Result<Int4Layer> {
     let t = g.initializer(name).expect("found as a constant");
     let dtype = t.dtype()?;
+    let dims = t.dims().to_vec();
     let bytes_before = t.byte_size();
-    let scale_bytes = scale_bytes(&q.scales, dtype);
     let n_blocks = k.div_ceil(b);
+    let layer = |bytes_after: u64, nodes: Vec<String>| Int4Layer {
+        weight: name.to_string(),
+        nodes,
+        k,
+        n,
+        block_size: b,
+        bytes_before,
+        bytes_after,
+        bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
+        rel_error: q.rel_error,
+    };
+    if form == Int4Form::DequantizeLinear {
+        // One DequantizeLinear per weight, read by every node that read the weight.
+        let kn = sites[0].layout == Layout::KN;
+        let (x, scales) = dq_layout(&q, k, n, b, kn);
+        let scale_bytes = scale_bytes(&scales, dtype);
+        let bytes_after = (x.len() + scale_bytes.len()) as u64;
+        let x_name = fresh_name(g, &format!("{name}_int4"));
+        g.initializers
+            .push(Tensor::from_raw(&x_name, DataType::I4, &dims, x)?);
+        let (axis, scale_dims) = if kn {
+            (0, [n_blocks as i64, n as i64])
+        } else {
+            (1, [n as i64, n_blocks as i64])
+        };
+        let s_name = fresh_name(g, &format!("{name}_int4_scales"));
+        g.initializers
+            .push(Tensor::from_raw(&s_name, dtype, &scale_dims, scale_bytes)?);
+        let w = fresh_name(g, &format!("{name}_dequantized"));
+        let mut dq = Node::new(
+            &w,
+            "DequantizeLinear",
+            vec![x_name, s_name],
+            vec![w.clone()],
+        );
+        dq.attributes = vec![
+            Attribute::int("axis", axis),
+            Attribute::int("block_size", b as i64),
+        ];
+        let nodes = sites
+            .iter()
+            .map(|s| {
+                g.nodes[s.node].inputs[1] = w.clone();
+                g.nodes[s.node].name.clone()
+            })
+            .collect();
+        g.nodes.push(dq);
+        return Ok(layer(bytes_after, nodes));
+    }
+    let scale_bytes = scale_bytes(&q.scales, dtype);
     let bytes_after = (q.codes.len() + scale_bytes.len()) as u64;
     // MatMulNBits: [N, blocks, b/2] and [N·blocks]; GatherBlockQuantized: the table's shape
     // with the last axis packed, [V, D/2] and [V, D/b].
@@ -280,17 +399,39 @@ fn emit(
         nodes.push(g.nodes[site.node].name.clone());
         rewrite(g, site.node, &codes_name, &scales_name, k, n, b);
     }
-    Ok(Int4Layer {
-        weight: name.to_string(),
-        nodes,
-        k,
-        n,
-        block_size: b,
-        bytes_before,
-        bytes_after,
-        bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
-        rel_error: q.rel_error,
-    })
+    Ok(layer(bytes_after, nodes))
+}
+
+/// MatMulNBits' codes and scales in DequantizeLinear's layout: the weight's own shape (`[K, N]`
+/// when `kn`, else `[N, K]`), int4 two's complement (`code − 8`), two a byte in row-major order,
+/// the first in the low nibble; scales `[⌈K/b⌉, N]` (blocks along axis 0) or `[N, ⌈K/b⌉]`
+/// (axis 1).
+fn dq_layout(q: &Quantized, k: usize, n: usize, b: usize, kn: bool) -> (Vec<u8>, Vec<f32>) {
+    let n_blocks = k.div_ceil(b);
+    let mut x = vec![0u8; (k * n).div_ceil(2)];
+    let mut scales = vec![0f32; n * n_blocks];
+    for col in 0..n {
+        for r in 0..k {
+            let byte = q.codes[(col * n_blocks + r / b) * b / 2 + (r % b) / 2];
+            let code = if (r % b).is_multiple_of(2) {
+                byte & 15
+            } else {
+                byte >> 4
+            };
+            let nibble = code.wrapping_sub(8) & 15;
+            let at = if kn { r * n + col } else { col * k + r };
+            x[at / 2] |= if at.is_multiple_of(2) {
+                nibble
+            } else {
+                nibble << 4
+            };
+        }
+        for j in 0..n_blocks {
+            let at = if kn { j * n + col } else { col * n_blocks + j };
+            scales[at] = q.scales[col * n_blocks + j];
+        }
+    }
+    (x, scales)
 }
 
 /// The MatMul/Gemm nodes to rewrite, by weight name (sorted, so the order is the same every
@@ -299,6 +440,7 @@ fn find_sites(
     g: &Graph,
     opset: i64,
     opts: &Int4Options,
+    form: Int4Form,
 ) -> (std::collections::BTreeMap<String, Vec<Site>>, Vec<String>) {
     let types = infer_graph(g, opset, None);
     let consts = g.constants();
@@ -336,6 +478,12 @@ fn find_sites(
             continue;
         }
         if t.numel() == 0 || t.numel() < opts.min_elements {
+            continue;
+        }
+        if layout == Layout::Rows && form == Int4Form::DequantizeLinear {
+            skipped.push(format!(
+                "{w}: a gathered table stays float in the DequantizeLinear form"
+            ));
             continue;
         }
         if layout == Layout::Rows {

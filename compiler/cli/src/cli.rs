@@ -149,6 +149,16 @@ pub struct OptimizeArgs {
     /// --int4 leaves the tables Gathers read (embeddings) in float: MatMul/Gemm weights only.
     #[arg(long, requires = "int4")]
     pub int4_no_tables: bool,
+    /// --int4's ONNX: dq (standard opset-21 DequantizeLinear of int4 weights, what TensorRT
+    /// takes; tables stay float), nbits (ONNX Runtime's MatMulNBits and GatherBlockQuantized), or
+    /// auto: dq where the model's opset is 21 or more, else nbits.
+    #[arg(
+        long,
+        value_name = "auto|dq|nbits",
+        default_value = "auto",
+        requires = "int4"
+    )]
+    pub int4_form: wcc_driver::Int4Form,
     /// Calibration inputs (.npz, one array per graph input); else --inputs, else seeded random.
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
@@ -275,6 +285,7 @@ impl OptimizeArgs {
                 block_size: self.int4_block,
                 min_elements: self.int4_min_elements,
                 tables: !self.int4_no_tables,
+                form: self.int4_form,
             }),
             calib: self.calib.clone(),
             exec: self.exec.options(),

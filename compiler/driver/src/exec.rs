@@ -57,6 +57,23 @@ fn uses_contrib_ops(model: &Model) -> bool {
     any(&model.graph)
 }
 
+/// Whether only ONNX Runtime may run the model: it uses contrib ops or 4-bit tensors.
+pub(crate) fn needs_ort(model: &Model) -> bool {
+    uses_contrib_ops(model) || uses_4bit_tensors(model)
+}
+
+/// Whether the model holds 4-bit integer initializers (int4/uint4), which tract cannot read.
+fn uses_4bit_tensors(model: &Model) -> bool {
+    let mut found = false;
+    model.graph.for_each_graph(&mut |g| {
+        found |= g
+            .initializers
+            .iter()
+            .any(|t| matches!(t.dtype(), Ok(wcc_ir::DataType::I4 | wcc_ir::DataType::U4)))
+    });
+    found
+}
+
 impl ExecOptions {
     /// The backend that runs `model` (the original: the result is run on the same one).
     pub fn backend_for(&self, model: &Model) -> Backend {
@@ -78,15 +95,15 @@ impl ExecOptions {
 
     /// The backend that checks `result` against `original`: `backend_for(original)`, except that
     /// with `--backend auto` on CPU, a result that gained ONNX Runtime's contrib ops (`--int4`'s
-    /// MatMulNBits) is checked on ONNX Runtime when its library can be found. tract runs
-    /// MatMulNBits too, but tract 0.23.9 fails on one whose K comes from merging attention heads
-    /// of a width that is not a multiple of 32 ("EinSum: Invalid reshape"), and ONNX Runtime is
-    /// where such a model will run.
+    /// MatMulNBits) or 4-bit tensors (its DequantizeLinear form) is checked on ONNX Runtime when
+    /// its library can be found. tract has no 4-bit tensors; it runs MatMulNBits, but tract
+    /// 0.23.9 fails on one whose K comes from merging attention heads of a width that is not a
+    /// multiple of 32 ("EinSum: Invalid reshape"); ONNX Runtime is where such a model will run.
     pub fn backend_for_result(&self, original: &Model, result: &Model) -> Backend {
         let gained = self.backend == BackendChoice::Auto
             && self.provider.unwrap_or(Provider::Cpu) == Provider::Cpu
-            && !uses_contrib_ops(original)
-            && uses_contrib_ops(result);
+            && !needs_ort(original)
+            && needs_ort(result);
         if gained && wcc_runtime::ort_backend::find_library(self.ort_lib.as_deref()).is_ok() {
             Backend::Ort {
                 lib: self.ort_lib.clone(),

@@ -453,13 +453,23 @@ pub fn optimize(
                     ));
                 }
                 Err(Failure::ResultCannotRun(e)) => {
+                    // A result only ONNX Runtime runs, checked on tract because its library
+                    // was not found: say how to check it.
+                    let hint = match backend {
+                        wcc_runtime::Backend::Tract if crate::exec::needs_ort(&model) => {
+                            " (the result holds 4-bit weights or ONNX Runtime ops: give ONNX \
+                             Runtime's library with --ort-lib or ORT_DYLIB_PATH to verify it \
+                             there)"
+                        }
+                        _ => "",
+                    };
                     return Err(Error::Gate {
                         message: format!(
                             "verification failed: the result cannot be run by {label} while the \
-                             original can: {e}; no output written"
+                             original can: {e}{hint}; no output written"
                         ),
                         details: Some(measured(None)),
-                    })
+                    });
                 }
                 Err(Failure::Mismatch(e)) => {
                     return Err(Error::Gate {
