@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use wcc_driver::{Gate, Int4Options, OptimizeOptions, OptimizeReport};
+use wcc_driver::{Gate, Int4Method, Int4Options, OptimizeOptions, OptimizeReport};
 use wcc_ir::{DataType, Graph, Model, Node, Tensor};
 use wcc_runtime::{Backend, NamedArrays};
 
@@ -40,6 +40,10 @@ fn int4(stem: &str, dir: &Path) -> (PathBuf, OptimizeReport) {
         min_cosine: Some(0.5),
         max_rel_error: None,
     };
+    // `--backend auto`, with ONNX Runtime's library at hand: the result is verified there.
+    if let Backend::Ort { lib, .. } = ort() {
+        opts.exec.ort_lib = lib;
+    }
     match wcc_driver::optimize(opts, &mut |_| {}) {
         Ok(done) => (out, done.report),
         Err(e) => panic!("{stem}: {e}"),
@@ -598,4 +602,94 @@ fn at_opset_21_int4_is_standard_dequantize_linear_that_onnx_runtime_runs() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs opset 21"));
     assert!(!dir.path().join("no.onnx").exists());
+}
+
+/// `--int4` through the driver with calibration (`--calib` the fixture's inputs, the gate on
+/// its held-out `alt` inputs, both on ONNX Runtime).
+fn int4_calibrated(
+    stem: &str,
+    dir: &Path,
+    method: Int4Method,
+    tag: &str,
+) -> (PathBuf, OptimizeReport) {
+    let out = dir.join(format!("{stem}.{tag}.onnx"));
+    let mut opts = OptimizeOptions::new(fixture_path(stem));
+    opts.output = Some(out.clone());
+    opts.int4 = Some(Int4Options {
+        min_elements: 0,
+        method,
+        ..Int4Options::default()
+    });
+    opts.calib = Some(models_dir().join(format!("{stem}.inputs.npz")));
+    opts.exec.inputs = Some(models_dir().join(format!("{stem}.alt.inputs.npz")));
+    opts.exec.backend = wcc_driver::BackendChoice::Ort;
+    if let Backend::Ort { lib, .. } = ort() {
+        opts.exec.ort_lib = lib;
+    }
+    opts.gate = Gate {
+        min_cosine: Some(0.5),
+        max_rel_error: None,
+    };
+    match wcc_driver::optimize(opts, &mut |_| {}) {
+        Ok(done) => (out, done.report),
+        Err(e) => panic!("{stem}: {e}"),
+    }
+}
+
+#[test]
+fn gptq_beats_round_to_nearest_on_every_layers_calibration_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    for stem in ["bert.legacy", "gpt2.legacy", "llama.dynamo"] {
+        let (_, rtn) = int4_calibrated(stem, dir.path(), Int4Method::Rtn, "rtn");
+        let (a, gptq) = int4_calibrated(stem, dir.path(), Int4Method::Gptq, "gptq");
+        let (b, _) = int4_calibrated(stem, dir.path(), Int4Method::Gptq, "gptq2");
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{stem}: deterministic"
+        );
+        let (dr, dg) = (int4_details(&rtn), int4_details(&gptq));
+        assert_eq!(dg["method"], "gptq");
+        assert!(dg["calibration"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{stem}.inputs.npz")));
+        let (lr, lg) = (
+            dr["layers"].as_array().unwrap(),
+            dg["layers"].as_array().unwrap(),
+        );
+        assert_eq!(lr.len(), lg.len());
+        let mut compared = 0;
+        for (r, g) in lr.iter().zip(lg) {
+            assert_eq!(r["weight"], g["weight"]);
+            // Tables (no calibration input multiplies them) stay round-to-nearest.
+            if g["method"] == "rtn" {
+                assert!(g.get("output_rel_error").is_none());
+                continue;
+            }
+            let (er, eg) = (
+                r["output_rel_error"].as_f64().unwrap(),
+                g["output_rel_error"].as_f64().unwrap(),
+            );
+            assert!(eg < er, "{stem} {}: gptq {eg} vs rtn {er}", g["weight"]);
+            compared += 1;
+        }
+        assert!(compared >= 5, "{stem}: {compared} layers compared");
+        // The gate was checked on the held-out inputs, not the calibration ones.
+        let v = gptq.verification.as_ref().unwrap();
+        assert!(
+            v.inputs.contains(&format!("{stem}.alt.inputs.npz")),
+            "{}",
+            v.inputs
+        );
+        // And what GPTQ wrote still runs on ONNX Runtime as the documented layout says.
+        let m = wcc_ir::import::load(&a).unwrap();
+        let inputs = inputs(stem, "alt.inputs");
+        let got = run(&ort(), &m, &inputs).unwrap();
+        let want = run(&ort(), &dequantized(&m), &inputs).unwrap();
+        assert!(
+            max_diff(&got, &want) <= 1e-4 * max_abs(&want).max(1.0),
+            "{stem}"
+        );
+    }
 }

@@ -7,6 +7,7 @@ pub mod conv_affine;
 pub mod cse;
 pub mod dce;
 pub mod fuse_consecutive;
+pub mod gptq;
 pub mod graph_util;
 pub mod layer_drop;
 pub mod miss_branch;

@@ -50,6 +50,7 @@ use wcc_ir::model::Attribute;
 use wcc_ir::pass::{Pass, PassOutcome};
 use wcc_ir::{DataType, Graph, Model, Node, Result, Tensor};
 
+use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 
 /// The domain of ONNX Runtime's contrib ops.
@@ -69,6 +70,38 @@ pub struct Int4Options {
     pub tables: bool,
     /// What the quantized weights become.
     pub form: Int4Form,
+    /// How the codes are chosen.
+    pub method: Int4Method,
+    /// GPTQ's damping (a fraction of the Hessian's mean diagonal).
+    pub damp: f64,
+    /// `H = XᵀX` of the calibration inputs, by the name of the value a MatMul/Gemm multiplies
+    /// (see [`calibration_inputs`]); GPTQ needs them.
+    pub grams: Option<std::sync::Arc<std::collections::HashMap<String, Gram>>>,
+    /// Where the calibration inputs came from, for the report.
+    pub calibration: Option<String>,
+}
+
+/// How the int4 codes are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Int4Method {
+    /// Round every value to the nearest level of its block.
+    #[default]
+    Rtn,
+    /// GPTQ: column by column along K, each column's rounding error spread over the columns not
+    /// yet quantized, weighted by the calibration inputs (see `gptq`). Gathered tables, which no
+    /// calibration input multiplies, stay round-to-nearest.
+    Gptq,
+}
+
+impl std::str::FromStr for Int4Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "rtn" => Ok(Int4Method::Rtn),
+            "gptq" => Ok(Int4Method::Gptq),
+            _ => Err(format!("unknown int4 method '{s}' (rtn or gptq)")),
+        }
+    }
 }
 
 /// The ONNX a quantized weight becomes.
@@ -129,6 +162,10 @@ impl Default for Int4Options {
             min_elements: 4096,
             tables: true,
             form: Int4Form::Auto,
+            method: Int4Method::Rtn,
+            damp: 0.01,
+            grams: None,
+            calibration: None,
         }
     }
 }
@@ -154,12 +191,20 @@ pub struct Int4Layer {
     pub bits_per_weight: f64,
     /// `‖W − Ŵ‖_F / ‖W‖_F`.
     pub rel_error: f64,
+    /// `rtn` or `gptq`.
+    pub method: &'static str,
+    /// With calibration inputs: the layer's output error on them, `‖(W − Ŵ)X‖ / ‖WX‖`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_rel_error: Option<f64>,
 }
 
 /// The pass's report (`PassOutcome::details`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Int4Report {
     pub method: &'static str,
+    /// Where GPTQ's calibration inputs came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<String>,
     pub form: &'static str,
     pub layers: Vec<Int4Layer>,
     pub weights: u64,
@@ -177,6 +222,8 @@ pub struct Quantized {
     /// `[N · n_blocks]`, rounded to the weight's type.
     pub scales: Vec<f32>,
     pub rel_error: f64,
+    pub method: &'static str,
+    pub output_rel_error: Option<f64>,
 }
 
 /// How a node reads its weight.
@@ -236,7 +283,13 @@ impl Pass for WeightInt4 {
                 .par_iter()
                 .map(|(name, s)| {
                     let t = g.initializer(name).expect("found as a constant");
-                    quantize_tensor(t, s[0].layout, b)
+                    let gram = gram_of(g, s, &self.opts);
+                    match (self.opts.method, &gram) {
+                        (Int4Method::Gptq, Some(h)) if h.k == k_n(t, s[0].layout).0 => {
+                            quantize_gptq(t, s[0].layout, b, h, self.opts.damp)
+                        }
+                        _ => quantize_tensor(t, s[0].layout, b, gram.as_ref()),
+                    }
                 })
                 .collect();
             for ((name, s), q) in chunk.iter().zip(quantized) {
@@ -254,7 +307,25 @@ impl Pass for WeightInt4 {
         if changes > 0 && !model.opset_imports.iter().any(|(d, _)| d == MS_DOMAIN) {
             model.opset_imports.push((MS_DOMAIN.into(), 1));
         }
-        let report = Int4Report::new(layers, skipped, form);
+        if self.opts.method == Int4Method::Gptq {
+            let rtn: Vec<&str> = layers
+                .iter()
+                .filter(|l| l.method == "rtn")
+                .map(|l| l.weight.as_str())
+                .collect();
+            if !rtn.is_empty() {
+                skipped.push(format!(
+                    "round-to-nearest, no calibration input multiplies them: {}",
+                    rtn.join(", ")
+                ));
+            }
+        }
+        let mut report = Int4Report::new(layers, skipped, form);
+        report.method = match self.opts.method {
+            Int4Method::Rtn => "round-to-nearest",
+            Int4Method::Gptq => "gptq",
+        };
+        report.calibration = self.opts.calibration.clone();
         let mut out = PassOutcome::changed(changes);
         if !report.layers.is_empty() {
             // What a deployment needs to know, in the file: ONNX Runtime folds constant float
@@ -262,9 +333,10 @@ impl Pass for WeightInt4 {
             model.set_metadata(
                 "wcc.int4",
                 &format!(
-                    "round-to-nearest, symmetric, block {b}: {} weights, {:.2} bits per weight, as \
+                    "{}, symmetric, block {b}: {} weights, {:.2} bits per weight, as \
                      {} (ONNX Runtime does not constant-fold these back to float: its default \
                      session options keep the weights 4-bit in memory)",
+                    report.method,
                     report.layers.len(),
                     report.bits_per_weight,
                     form.label()
@@ -272,12 +344,13 @@ impl Pass for WeightInt4 {
             );
             out.notes.push(format!(
                 "{} weight(s), {} values: {:.2} MB -> {:.2} MB, {:.2} bits per weight \
-                 (block {b}, round-to-nearest, symmetric)",
+                 (block {b}, {}, symmetric)",
                 report.layers.len(),
                 report.weights,
                 report.bytes_before as f64 / 1e6,
                 report.bytes_after as f64 / 1e6,
-                report.bits_per_weight
+                report.bits_per_weight,
+                report.method
             ));
         }
         out.details = Some(serde_json::to_value(&report).expect("serializable"));
@@ -292,6 +365,7 @@ impl Int4Report {
         let bytes_after: u64 = layers.iter().map(|l| l.bytes_after).sum();
         Int4Report {
             method: "round-to-nearest",
+            calibration: None,
             form: form.label(),
             bits_per_weight: if weights == 0 {
                 0.0
@@ -334,6 +408,8 @@ fn emit(
         bytes_after,
         bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
         rel_error: q.rel_error,
+        method: q.method,
+        output_rel_error: q.output_rel_error,
     };
     if form == Int4Form::DequantizeLinear {
         // One DequantizeLinear per weight, read by every node that read the weight.
@@ -578,13 +654,11 @@ fn quantize_tensor(
     t: &Tensor,
     layout: Layout,
     b: usize,
+    gram: Option<&Gram>,
 ) -> Result<Option<(Quantized, usize, usize)>> {
     let dtype = t.dtype()?;
     let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
-    let (k, n) = match layout {
-        Layout::KN => (d0, d1),
-        Layout::NK | Layout::Rows => (d1, d0),
-    };
+    let (k, n) = k_n(t, layout);
     let elem = if dtype == DataType::F16 { 2 } else { 4 };
     let n_blocks = k.div_ceil(b);
     let blob = b * BITS / 8;
@@ -614,7 +688,186 @@ fn quantize_tensor(
         row += rows;
     }
     debug_assert_eq!(q.codes.len(), n * n_blocks * blob);
-    Ok(Some((q.finish(), k, n)))
+    let mut q = q.finish();
+    if let Some(h) = gram {
+        let Some(w0) = read_nk(t, layout)? else {
+            return Ok(None);
+        };
+        q.output_rel_error = Some(output_rel_error(&w0, &q, k, b, h));
+    }
+    Ok(Some((q, k, n)))
+}
+
+/// (K, N) of a weight read with `layout`.
+fn k_n(t: &Tensor, layout: Layout) -> (usize, usize) {
+    let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
+    match layout {
+        Layout::KN => (d0, d1),
+        Layout::NK | Layout::Rows => (d1, d0),
+    }
+}
+
+/// The weight as `[N, K]` f32 (one row per output), whole; `None` when it is not finite.
+fn read_nk(t: &Tensor, layout: Layout) -> Result<Option<Vec<f32>>> {
+    let dtype = t.dtype()?;
+    let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
+    let v = to_f32(&t.raw_bytes()?, dtype);
+    if v.iter().any(|x| !x.is_finite()) {
+        return Ok(None);
+    }
+    Ok(Some(match layout {
+        // [K, N] → [N, K]
+        Layout::KN => (0..d0 * d1).map(|i| v[(i % d0) * d1 + i / d0]).collect(),
+        Layout::NK | Layout::Rows => v,
+    }))
+}
+
+/// The weights `q` stands for, `[N, K]`.
+fn dequantize(q: &Quantized, k: usize, b: usize) -> Vec<f32> {
+    let nb = k.div_ceil(b);
+    let n = q.scales.len() / nb;
+    (0..n * k)
+        .map(|i| {
+            let (col, r) = (i / k, i % k);
+            let byte = q.codes[(col * nb + r / b) * b / 2 + (r % b) / 2];
+            let code = if r.is_multiple_of(2) {
+                byte & 15
+            } else {
+                byte >> 4
+            };
+            (code as f32 - 8.0) * q.scales[col * nb + r / b]
+        })
+        .collect()
+}
+
+/// `‖(W − Ŵ)Xᵀ‖ / ‖WXᵀ‖` on the calibration inputs `H = XᵀX`.
+fn output_rel_error(w0: &[f32], q: &Quantized, k: usize, b: usize, h: &Gram) -> f64 {
+    let d: Vec<f32> = dequantize(q, k, b)
+        .iter()
+        .zip(w0)
+        .map(|(a, w)| w - a)
+        .collect();
+    let base = h.quadratic(w0);
+    if base > 0.0 {
+        (h.quadratic(&d) / base).sqrt()
+    } else {
+        0.0
+    }
+}
+
+/// GPTQ with int4 blocks: each block's scale is chosen when GPTQ enters it, from the weights as
+/// the error of the columns before left them.
+fn quantize_gptq(
+    t: &Tensor,
+    layout: Layout,
+    b: usize,
+    gram: &Gram,
+    damp: f64,
+) -> Result<Option<(Quantized, usize, usize)>> {
+    let dtype = t.dtype()?;
+    let Some(w0) = read_nk(t, layout)? else {
+        return Ok(None);
+    };
+    let k = gram.k;
+    let n = w0.len() / k;
+    let mut w = w0.clone();
+    let mut rounding = Int4Gptq {
+        q: Quantizer::new(k, n, b, dtype),
+        current: vec![0.0; n],
+    };
+    gptq::quantize(&mut w, n, gram, damp, &mut rounding).map_err(wcc_ir::IrError::Other)?;
+    let mut q = rounding.q;
+    // The error against the float weight, as RTN reports it.
+    (q.sq_err, q.sq_norm) = w0.iter().zip(&w).fold((0.0, 0.0), |(e, s), (a, r)| {
+        (e + ((a - r) as f64).powi(2), s + (*a as f64).powi(2))
+    });
+    let mut q = q.finish();
+    q.method = "gptq";
+    q.output_rel_error = Some(output_rel_error(&w0, &q, k, b, gram));
+    Ok(Some((q, k, n)))
+}
+
+/// Int4 blocks as GPTQ's rounding rule: the codes go to `q`.
+struct Int4Gptq {
+    q: Quantizer,
+    /// The current block's scale, per output row.
+    current: Vec<f32>,
+}
+
+impl ColumnRounding for Int4Gptq {
+    fn group_size(&self) -> usize {
+        self.q.b
+    }
+    fn start_group(&mut self, g: usize, w: &[f32]) {
+        let (k, b) = (self.q.k, self.q.b);
+        let cols = g * b..((g + 1) * b).min(k);
+        for (row, s) in self.current.iter_mut().enumerate() {
+            let m = w[row * k + cols.start..row * k + cols.end]
+                .iter()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
+            *s = self.q.scale_for(m);
+            self.q.set_scale(row, g, *s);
+        }
+    }
+    fn round(&mut self, i: usize, col: &mut [f64]) {
+        for (row, v) in col.iter_mut().enumerate() {
+            let s = self.current[row];
+            let q = if s == 0.0 {
+                0.0
+            } else {
+                (*v / s as f64).round().clamp(-8.0, 7.0)
+            };
+            self.q.put(row, i, q as i32);
+            *v = q * s as f64;
+        }
+    }
+}
+
+/// The calibration Gram of the value `sites` multiply (summed over distinct ones, for a weight
+/// several nodes read); `None` for a table, or when one has none.
+fn gram_of(g: &Graph, sites: &[Site], opts: &Int4Options) -> Option<Gram> {
+    let grams = opts.grams.as_ref()?;
+    let mut xs: Vec<&str> = vec![];
+    for s in sites {
+        if s.layout == Layout::Rows {
+            return None;
+        }
+        let x = g.nodes[s.node].inputs[0].as_str();
+        if !xs.contains(&x) {
+            xs.push(x);
+        }
+    }
+    let mut sum: Option<Gram> = None;
+    for x in xs {
+        let h = grams.get(x)?;
+        match &mut sum {
+            None => sum = Some(h.clone()),
+            Some(acc) if acc.k == h.k => {
+                acc.h.iter_mut().zip(&h.h).for_each(|(a, b)| *a += b);
+                acc.rows += h.rows;
+            }
+            Some(_) => return None,
+        }
+    }
+    sum
+}
+
+/// The values the MatMul/Gemm weights `--int4` would quantize multiply: what GPTQ's
+/// calibration must expose.
+pub fn calibration_inputs(model: &Model, opts: &Int4Options) -> Vec<String> {
+    let Ok(form) = opts.form.resolve(model.default_opset()) else {
+        return vec![];
+    };
+    let (sites, _) = find_sites(&model.graph, model.default_opset(), opts, form);
+    let mut names: Vec<String> = sites
+        .values()
+        .flatten()
+        .filter(|s| s.layout != Layout::Rows)
+        .map(|s| model.graph.nodes[s.node].inputs[0].clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn to_f32(bytes: &[u8], dtype: DataType) -> Vec<f32> {
@@ -683,26 +936,36 @@ impl Quantizer {
             .clone()
             .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
         let s = self.scale_for(m);
-        let n_blocks = self.k.div_ceil(self.b);
-        self.scales[col * n_blocks + j] = s;
-        let base = (col * n_blocks + j) * self.b / 2;
+        self.set_scale(col, j, s);
         for (i, v) in w.enumerate() {
             let q = if s == 0.0 {
                 0.0
             } else {
                 (v / s).round().clamp(-8.0, 7.0)
             };
-            let code = (q as i32 + 8) as u8;
-            let byte = &mut self.codes[base + i / 2];
-            *byte = if i.is_multiple_of(2) {
-                (*byte & 0xF0) | code
-            } else {
-                (*byte & 0x0F) | (code << 4)
-            };
+            self.put(col, j * self.b + i, q as i32);
             let e = (v - q * s) as f64;
             self.sq_err += e * e;
             self.sq_norm += (v as f64) * (v as f64);
         }
+    }
+
+    /// Sets the scale of block `j` of column `col`.
+    fn set_scale(&mut self, col: usize, j: usize, s: f32) {
+        let n_blocks = self.k.div_ceil(self.b);
+        self.scales[col * n_blocks + j] = s;
+    }
+
+    /// Stores level `q` (−8..=7) for row `r` of column `col`.
+    fn put(&mut self, col: usize, r: usize, q: i32) {
+        let n_blocks = self.k.div_ceil(self.b);
+        let code = (q + 8) as u8;
+        let byte = &mut self.codes[(col * n_blocks + r / self.b) * self.b / 2 + (r % self.b) / 2];
+        *byte = if r.is_multiple_of(2) {
+            (*byte & 0xF0) | code
+        } else {
+            (*byte & 0x0F) | (code << 4)
+        };
     }
 
     /// Rows `j·b ..` of a `[K, N]` weight, row-major (`rows · N` values): block `j` of every
@@ -730,6 +993,8 @@ impl Quantizer {
             } else {
                 0.0
             },
+            method: "rtn",
+            output_rel_error: None,
         }
     }
 }

@@ -35,6 +35,42 @@ fn rows(a: &Array) -> Option<(usize, Vec<f64>)> {
     (width > 0).then(|| (width, a.to_f64_vec()))
 }
 
+/// Receives one calibration batch's outputs by name.
+pub type BatchFn<'a> = dyn FnMut(&HashMap<String, Array>) -> Result<(), String> + 'a;
+
+/// Runs `model` on every batch with `names` exposed as outputs and hands `f` each batch's
+/// outputs by name (only one batch's values are held at a time). The model is compiled once, and
+/// again only when a batch's input shapes differ from the last one's.
+pub fn for_each_batch(
+    model: &Model,
+    backend: &Backend,
+    batches: &[NamedArrays],
+    names: &[String],
+    f: &mut BatchFn,
+) -> Result<(), String> {
+    let probe = expose(model, names);
+    let bytes = wcc_ir::export::to_bytes(&probe).map_err(|e| e.to_string())?;
+    let mut prepared: Option<(Vec<Vec<usize>>, PreparedModel)> = None;
+    for batch in batches {
+        let batch = crate::inputs::own_inputs(model, batch);
+        let shapes: Vec<Vec<usize>> = batch.iter().map(|(_, a)| a.shape().to_vec()).collect();
+        if prepared.as_ref().is_none_or(|(s, _)| *s != shapes) {
+            prepared = Some((
+                shapes,
+                backend.prepare(&bytes, &batch).map_err(|e| e.to_string())?,
+            ));
+        }
+        let (_, model_run) = prepared.as_mut().expect("prepared above");
+        let outs: HashMap<String, Array> = model_run
+            .run(&batch)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .collect();
+        f(&outs)?;
+    }
+    Ok(())
+}
+
 /// For each pair (x, y) of same-shaped values: the mean over every token (every row of the last
 /// axis, over all batches) of cos(x[t], y[t]) — LLM-Drop's similarity of a sublayer's input and
 /// output residual stream.
@@ -52,26 +88,8 @@ pub fn mean_row_cosine(
             }
         }
     }
-    let probe = expose(model, &names);
-    let bytes = wcc_ir::export::to_bytes(&probe).map_err(|e| e.to_string())?;
     let (mut sums, mut counts) = (vec![0f64; pairs.len()], vec![0u64; pairs.len()]);
-    // Compiled once, again only when a batch's input shapes differ from the last one's.
-    let mut prepared: Option<(Vec<Vec<usize>>, PreparedModel)> = None;
-    for batch in batches {
-        let batch = crate::inputs::own_inputs(model, batch);
-        let shapes: Vec<Vec<usize>> = batch.iter().map(|(_, a)| a.shape().to_vec()).collect();
-        if prepared.as_ref().is_none_or(|(s, _)| *s != shapes) {
-            prepared = Some((
-                shapes,
-                backend.prepare(&bytes, &batch).map_err(|e| e.to_string())?,
-            ));
-        }
-        let (_, model_run) = prepared.as_mut().expect("prepared above");
-        let outs: HashMap<String, Array> = model_run
-            .run(&batch)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .collect();
+    for_each_batch(model, backend, batches, &names, &mut |outs| {
         for (k, (x, y)) in pairs.iter().enumerate() {
             let (Some(a), Some(b)) = (outs.get(x), outs.get(y)) else {
                 return Err(format!("calibration run did not return '{x}' and '{y}'"));
@@ -106,7 +124,8 @@ pub fn mean_row_cosine(
                 counts[k] += 1;
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(sums
         .iter()
         .zip(&counts)

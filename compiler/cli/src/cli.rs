@@ -159,6 +159,15 @@ pub struct OptimizeArgs {
         requires = "int4"
     )]
     pub int4_form: wcc_driver::Int4Form,
+    /// --int4's rounding: rtn (round to nearest) or gptq (GPTQ's error feedback, weighted by the
+    /// calibration inputs: --calib, else --inputs, else seeded random batches).
+    #[arg(
+        long,
+        value_name = "rtn|gptq",
+        default_value = "rtn",
+        requires = "int4"
+    )]
+    pub int4_method: wcc_driver::Int4Method,
     /// Calibration inputs (.npz, one array per graph input); else --inputs, else seeded random.
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
@@ -286,6 +295,8 @@ impl OptimizeArgs {
                 min_elements: self.int4_min_elements,
                 tables: !self.int4_no_tables,
                 form: self.int4_form,
+                method: self.int4_method,
+                ..Default::default()
             }),
             calib: self.calib.clone(),
             exec: self.exec.options(),

@@ -33,3 +33,37 @@ pub fn batches(
         ),
     ))
 }
+
+/// GPTQ's calibration statistics: `H = XᵀX` of every value in `names` (each flattened to rows
+/// of its last axis) over all batches, run on `backend`.
+pub fn grams(
+    model: &Model,
+    backend: &wcc_runtime::Backend,
+    batches: &[NamedArrays],
+    names: &[String],
+) -> Result<std::collections::HashMap<String, wcc_passes::gptq::Gram>, Error> {
+    let mut grams: std::collections::HashMap<String, wcc_passes::gptq::Gram> = Default::default();
+    wcc_runtime::calibrate::for_each_batch(model, backend, batches, names, &mut |outs| {
+        for name in names {
+            let a = outs
+                .get(name)
+                .ok_or_else(|| format!("calibration run did not return '{name}'"))?;
+            let Some(&k) = a.shape().last() else {
+                continue;
+            };
+            if k == 0 {
+                continue;
+            }
+            let g = grams
+                .entry(name.clone())
+                .or_insert_with(|| wcc_passes::gptq::Gram::new(k));
+            if g.k != k {
+                return Err(format!("'{name}' changed width between batches"));
+            }
+            g.add_rows(&a.to_f64_vec());
+        }
+        Ok(())
+    })
+    .map_err(|e| Error::Run(format!("calibrating --int4-method gptq: {e}")))?;
+    Ok(grams)
+}

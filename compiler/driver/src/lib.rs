@@ -35,7 +35,7 @@ pub use wcc_passes::layer_drop::DropSpec;
 /// What structure discovery found (`wcc inspect --structure`).
 pub use wcc_passes::structure::Structure;
 /// What `--int4` quantizes and how.
-pub use wcc_passes::weight_int4::{Int4Form, Int4Options};
+pub use wcc_passes::weight_int4::{Int4Form, Int4Method, Int4Options};
 /// A panic's message and where it was raised (for the binary's last-resort report).
 pub use wcc_runtime::guard::describe as describe_panic;
 /// Per-output fidelity figures.

@@ -318,7 +318,18 @@ pub fn optimize(
     // result is checked where it will run (see `backend_for_result`).
     let mut backend = backend;
     if let Some(int4) = &opts.int4 {
-        let quantize = wcc_passes::weight_int4::WeightInt4 { opts: int4.clone() };
+        let mut int4 = int4.clone();
+        // GPTQ needs the calibration inputs' statistics; given calibration (`--calib`), RTN's
+        // report gives each layer's output error on it too.
+        if int4.method == wcc_passes::weight_int4::Int4Method::Gptq || opts.calib.is_some() {
+            progress(Stage::Calibrating);
+            let (batches, calibration) = calib::batches(&model, opts.calib.as_deref(), &opts.exec)?;
+            let names = wcc_passes::weight_int4::calibration_inputs(&model, &int4);
+            let grams = calib::grams(&model, &backend, &batches, &names)?;
+            int4.grams = Some(std::sync::Arc::new(grams));
+            int4.calibration = Some(calibration);
+        }
+        let quantize = wcc_passes::weight_int4::WeightInt4 { opts: int4 };
         pass_names.push(quantize.name());
         let pm = PassManager::new(vec![
             Box::new(quantize),
