@@ -9,6 +9,7 @@ pub mod dce;
 pub mod fuse_consecutive;
 pub mod gptq;
 pub mod graph_util;
+pub mod kmeans;
 pub mod layer_drop;
 pub mod miss_branch;
 pub mod noop;

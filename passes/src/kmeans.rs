@@ -1,0 +1,382 @@
+//! Weighted k-means for vector-quantization codebooks: k-means++ seeding ("k-means++: The
+//! Advantages of Careful Seeding", Arthur & Vassilvitskii, SODA 2007) and Lloyd iterations, with
+//! a weight per point (VPTQ weights every sub-vector of input column q by the Hessian diagonal
+//! `H_qq`: "VPTQ: Extreme Low-bit Vector Post-Training Quantization for Large Language Models",
+//! Liu et al., arXiv 2409.17066, §4).
+//!
+//! # Math
+//! Points `x_p ∈ R^d` with weights `ω_p > 0`; centroids `c_1..c_k` minimise
+//! `Σ_p ω_p ‖x_p − c_{a(p)}‖²` (the inertia), `a(p)` the nearest centroid. Seeding picks the first
+//! centroid with probability ∝ ω_p and each next one with probability ∝ `ω_p · D(p)²`, `D` the
+//! distance to the nearest centroid so far. A Lloyd iteration assigns every point to its nearest
+//! centroid (ties to the lowest index) and moves each centroid to the weighted mean of its
+//! points; the inertia never increases. An emptied centroid is moved onto the point that
+//! contributes most to the inertia. Fitting runs on at most `sample` points drawn without
+//! replacement (all of them when there are fewer); [`assign`] then labels every point.
+//!
+//! Deterministic: the random draws come from a seeded SplitMix64, and parallel work (rayon) is
+//! cut into fixed chunks whose partial sums are added in chunk order, so the same points, weights
+//! and options give the same centroids on any number of threads.
+
+use rayon::prelude::*;
+
+/// Points per parallel chunk (fixed, so sums are added in the same order on any thread count).
+const CHUNK: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct KMeans {
+    /// Centroids.
+    pub k: usize,
+    /// Dimension of a point.
+    pub dim: usize,
+    /// Most Lloyd iterations.
+    pub iters: usize,
+    /// Stop when an iteration lowers the inertia by less than this fraction.
+    pub tol: f64,
+    pub seed: u64,
+    /// Most points fitting looks at.
+    pub sample: usize,
+}
+
+/// A fitted codebook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fit {
+    /// `[k, dim]`, row-major.
+    pub centroids: Vec<f32>,
+    /// Weighted inertia on the fitted points, after each iteration (non-increasing).
+    pub inertia: Vec<f64>,
+}
+
+/// SplitMix64: the seeded source of every random draw.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// An index drawn with probability ∝ `w[i]` (uniform when all are 0).
+    fn weighted(&mut self, w: &[f64]) -> usize {
+        let total: f64 = w.iter().sum();
+        if total <= 0.0 || !total.is_finite() {
+            return (self.next() % w.len() as u64) as usize;
+        }
+        let mut t = self.unit() * total;
+        for (i, x) in w.iter().enumerate() {
+            if t < *x {
+                return i;
+            }
+            t -= x;
+        }
+        w.len() - 1
+    }
+}
+
+fn dist2(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = (x - y) as f64;
+            d * d
+        })
+        .sum()
+}
+
+/// The nearest of `centroids` (`[k, dim]`) to `x`, ties to the lowest index, and its squared
+/// distance.
+pub fn nearest(x: &[f32], centroids: &[f32], dim: usize) -> (usize, f64) {
+    let mut best = (0, f64::INFINITY);
+    for (i, c) in centroids.chunks_exact(dim).enumerate() {
+        let d = dist2(x, c);
+        if d < best.1 {
+            best = (i, d);
+        }
+    }
+    best
+}
+
+/// The nearest centroid of every point (`points` `[m, dim]`).
+pub fn assign(points: &[f32], centroids: &[f32], dim: usize) -> Vec<u32> {
+    points
+        .par_chunks(CHUNK * dim)
+        .flat_map_iter(|chunk| {
+            chunk
+                .chunks_exact(dim)
+                .map(|x| nearest(x, centroids, dim).0 as u32)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+impl KMeans {
+    /// Fits `k` centroids to `points` (`[m, dim]`), weighted by `weights` (one per point; `None`:
+    /// all 1).
+    pub fn fit(&self, points: &[f32], weights: Option<&[f32]>) -> Fit {
+        let dim = self.dim.max(1);
+        let m = points.len() / dim;
+        let mut rng = Rng(self.seed);
+        // The fitting sample: every point, or `sample` of them without replacement (a partial
+        // Fisher-Yates shuffle of the indices, then sorted so the order is the points').
+        let idx: Vec<usize> = if m <= self.sample {
+            (0..m).collect()
+        } else {
+            let mut all: Vec<usize> = (0..m).collect();
+            for i in 0..self.sample {
+                let j = i + (rng.next() % (m - i) as u64) as usize;
+                all.swap(i, j);
+            }
+            let mut s = all[..self.sample].to_vec();
+            s.sort_unstable();
+            s
+        };
+        let x: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| points[i * dim..(i + 1) * dim].iter().copied())
+            .collect();
+        let w: Vec<f64> = idx
+            .iter()
+            .map(|&i| weights.map_or(1.0, |w| w[i].max(0.0) as f64))
+            .collect();
+        let n = idx.len();
+        if n == 0 {
+            return Fit {
+                centroids: vec![0.0; self.k * dim],
+                inertia: vec![],
+            };
+        }
+        let mut c = self.seed_plus_plus(&x, &w, dim, &mut rng);
+        let mut inertia = vec![];
+        for _ in 0..self.iters {
+            let Sums {
+                sums,
+                counts,
+                total,
+                worst,
+            } = lloyd_sums(&x, &w, &c, dim, self.k);
+            let prev = inertia.last().copied();
+            inertia.push(total);
+            let mut moved = false;
+            for j in 0..self.k {
+                if counts[j] > 0.0 {
+                    for t in 0..dim {
+                        let v = (sums[j * dim + t] / counts[j]) as f32;
+                        moved |= v != c[j * dim + t];
+                        c[j * dim + t] = v;
+                    }
+                } else if let Some((p, _)) = worst {
+                    // An emptied centroid takes the point that costs the most.
+                    c[j * dim..(j + 1) * dim].copy_from_slice(&x[p * dim..(p + 1) * dim]);
+                    moved = true;
+                }
+            }
+            if !moved || prev.is_some_and(|p| p - total <= self.tol * p) {
+                break;
+            }
+        }
+        // The inertia of the centroids returned.
+        let total = lloyd_sums(&x, &w, &c, dim, self.k).total;
+        if inertia.last().is_none_or(|l| *l != total) {
+            inertia.push(total);
+        }
+        Fit {
+            centroids: c,
+            inertia,
+        }
+    }
+
+    /// k-means++ seeding on the sample; fewer distinct points than `k` leaves the extra
+    /// centroids on copies of them.
+    fn seed_plus_plus(&self, x: &[f32], w: &[f64], dim: usize, rng: &mut Rng) -> Vec<f32> {
+        let n = w.len();
+        let mut c = Vec::with_capacity(self.k * dim);
+        let first = rng.weighted(w);
+        c.extend_from_slice(&x[first * dim..(first + 1) * dim]);
+        let mut d2: Vec<f64> = (0..n)
+            .map(|p| dist2(&x[p * dim..(p + 1) * dim], &c[..dim]))
+            .collect();
+        while c.len() < self.k * dim {
+            let score: Vec<f64> = d2.iter().zip(w).map(|(d, w)| d * w).collect();
+            let p = rng.weighted(&score);
+            let new = x[p * dim..(p + 1) * dim].to_vec();
+            for (q, d) in d2.iter_mut().enumerate() {
+                *d = d.min(dist2(&x[q * dim..(q + 1) * dim], &new));
+            }
+            c.extend_from_slice(&new);
+        }
+        c
+    }
+}
+
+/// What one assignment pass adds up.
+struct Sums {
+    /// Per centroid, the weighted sum of its points (`[k, dim]`).
+    sums: Vec<f64>,
+    /// Per centroid, the weight of its points.
+    counts: Vec<f64>,
+    /// The weighted inertia.
+    total: f64,
+    /// The point with the largest weighted distance, and that distance.
+    worst: Option<(usize, f64)>,
+}
+
+impl Sums {
+    fn new(k: usize, dim: usize) -> Self {
+        Sums {
+            sums: vec![0.0; k * dim],
+            counts: vec![0.0; k],
+            total: 0.0,
+            worst: None,
+        }
+    }
+
+    fn worse(&mut self, p: usize, d: f64) {
+        if self.worst.is_none_or(|(_, b)| d > b) {
+            self.worst = Some((p, d));
+        }
+    }
+}
+
+/// One assignment pass over the points, chunk by chunk, the chunks' sums added in order.
+fn lloyd_sums(x: &[f32], w: &[f64], c: &[f32], dim: usize, k: usize) -> Sums {
+    let parts: Vec<Sums> = x
+        .par_chunks(CHUNK * dim)
+        .enumerate()
+        .map(|(ci, chunk)| {
+            let mut s = Sums::new(k, dim);
+            for (i, p) in chunk.chunks_exact(dim).enumerate() {
+                let at = ci * CHUNK + i;
+                let (j, d) = nearest(p, c, dim);
+                let wd = w[at] * d;
+                s.total += wd;
+                s.worse(at, wd);
+                s.counts[j] += w[at];
+                for (acc, v) in s.sums[j * dim..(j + 1) * dim].iter_mut().zip(p) {
+                    *acc += w[at] * *v as f64;
+                }
+            }
+            s
+        })
+        .collect();
+    let mut all = Sums::new(k, dim);
+    for s in parts {
+        all.sums.iter_mut().zip(&s.sums).for_each(|(a, b)| *a += b);
+        all.counts
+            .iter_mut()
+            .zip(&s.counts)
+            .for_each(|(a, b)| *a += b);
+        all.total += s.total;
+        if let Some((p, d)) = s.worst {
+            all.worse(p, d);
+        }
+    }
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(k: usize, dim: usize) -> KMeans {
+        KMeans {
+            k,
+            dim,
+            iters: 50,
+            tol: 0.0,
+            seed: 7,
+            sample: 1 << 20,
+        }
+    }
+
+    /// `per` points around each of `centers` (`[_, 2]`), within ±0.05.
+    fn blobs(centers: &[[f32; 2]], per: usize) -> Vec<f32> {
+        let mut r = Rng(1);
+        centers
+            .iter()
+            .flat_map(|c| {
+                (0..per)
+                    .flat_map(|_| {
+                        [
+                            c[0] + (r.unit() as f32 - 0.5) * 0.1,
+                            c[1] + (r.unit() as f32 - 0.5) * 0.1,
+                        ]
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn separated_blobs_are_found_and_the_inertia_never_rises() {
+        let centers = [[0.0, 0.0], [5.0, 5.0], [-4.0, 6.0], [8.0, -3.0]];
+        let x = blobs(&centers, 500);
+        let fit = opts(4, 2).fit(&x, None);
+        for c in &centers {
+            let (_, d) = nearest(c, &fit.centroids, 2);
+            assert!(
+                d < 0.01,
+                "{c:?} has no centroid near it: {:?}",
+                fit.centroids
+            );
+        }
+        assert!(fit.inertia.windows(2).all(|w| w[1] <= w[0] * (1.0 + 1e-12)));
+        // Every point is labelled with the centroid of its blob.
+        let a = assign(&x, &fit.centroids, 2);
+        for (b, chunk) in a.chunks(500).enumerate() {
+            assert!(chunk.iter().all(|l| *l == chunk[0]), "blob {b} split");
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_codebook_on_any_thread_count() {
+        let x: Vec<f32> = {
+            let mut r = Rng(3);
+            (0..20_000).map(|_| r.unit() as f32).collect()
+        };
+        let o = KMeans {
+            sample: 6000,
+            ..opts(16, 4)
+        };
+        let a = o.fit(&x, None);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let b = one.install(|| o.fit(&x, None));
+        assert_eq!(a, b);
+        let c = KMeans {
+            seed: 8,
+            ..o.clone()
+        }
+        .fit(&x, None);
+        assert_ne!(a.centroids, c.centroids);
+    }
+
+    #[test]
+    fn weights_pull_a_centroid_toward_heavy_points() {
+        // One cluster: the centroid is the weighted mean.
+        let x = [0.0f32, 0.0, 1.0, 0.0];
+        let fit = opts(1, 2).fit(&x, Some(&[1.0, 3.0]));
+        assert!(
+            (fit.centroids[0] - 0.75).abs() < 1e-6,
+            "{:?}",
+            fit.centroids
+        );
+    }
+
+    #[test]
+    fn more_centroids_than_points_and_no_points_are_handled() {
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let fit = opts(5, 2).fit(&x, None);
+        assert_eq!(fit.centroids.len(), 10);
+        assert_eq!(*fit.inertia.last().unwrap(), 0.0);
+        let empty = opts(3, 2).fit(&[], None);
+        assert_eq!(empty.centroids, vec![0.0; 6]);
+    }
+}
