@@ -11,6 +11,7 @@ pub mod gptq;
 pub mod graph_util;
 pub mod kmeans;
 pub mod layer_drop;
+pub(crate) mod linear_weights;
 pub mod miss_branch;
 pub mod noop;
 pub mod qk_fuse;

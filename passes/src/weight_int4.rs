@@ -45,13 +45,15 @@
 
 use rayon::prelude::*;
 use serde::Serialize;
-use wcc_ir::infer::infer_graph;
 use wcc_ir::model::Attribute;
 use wcc_ir::pass::{Pass, PassOutcome};
 use wcc_ir::{DataType, Graph, Model, Node, Result, Tensor};
 
 use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
+use crate::linear_weights::{
+    self, find_sites, float_bytes, gram_of, k_n, read_nk, to_f32, Layout, Select, Site,
+};
 
 /// The domain of ONNX Runtime's contrib ops.
 const MS_DOMAIN: &str = "com.microsoft";
@@ -155,6 +157,18 @@ impl Int4Form {
 /// The first opset whose DequantizeLinear takes int4 and `block_size`.
 pub const DQ_OPSET: i64 = 21;
 
+impl Int4Options {
+    /// What the pass looks at in `form`: tables only in MatMulNBits' form, rows a multiple of
+    /// the block.
+    fn select(&self, form: Int4Form) -> Select {
+        Select {
+            min_elements: self.min_elements,
+            tables: self.tables && form != Int4Form::DequantizeLinear,
+            row_multiple: self.block_size,
+        }
+    }
+}
+
 impl Default for Int4Options {
     fn default() -> Self {
         Int4Options {
@@ -226,22 +240,6 @@ pub struct Quantized {
     pub output_rel_error: Option<f64>,
 }
 
-/// How a node reads its weight.
-#[derive(Clone, Copy, PartialEq)]
-enum Layout {
-    /// `W[K, N]` (MatMul, Gemm with transB = 0).
-    KN,
-    /// `W[N, K]` (Gemm with transB = 1).
-    NK,
-    /// `E[V, D]` gathered by row (Gather on axis 0): quantized as `[N = V, K = D]`.
-    Rows,
-}
-
-struct Site {
-    node: usize,
-    layout: Layout,
-}
-
 impl Pass for WeightInt4 {
     fn name(&self) -> &'static str {
         "weight-int4"
@@ -270,7 +268,10 @@ impl Pass for WeightInt4 {
             .resolve(opset)
             .map_err(wcc_ir::IrError::Other)?;
         let g = &mut model.graph;
-        let (sites, mut skipped) = find_sites(g, opset, &self.opts, form);
+        let (sites, mut skipped) = find_sites(g, opset, &self.opts.select(form));
+        if self.opts.tables && form == Int4Form::DequantizeLinear {
+            skipped.push("gathered tables stay float in the DequantizeLinear form".into());
+        }
         // Quantize the weights a few at a time (in parallel, each read band by band) and hand
         // each group's codes to new tensors (which go to the scratch file when large) before the
         // next: what is resident is a group's codes, not the model's.
@@ -283,7 +284,7 @@ impl Pass for WeightInt4 {
                 .par_iter()
                 .map(|(name, s)| {
                     let t = g.initializer(name).expect("found as a constant");
-                    let gram = gram_of(g, s, &self.opts);
+                    let gram = self.opts.grams.as_ref().and_then(|h| gram_of(g, s, h));
                     match (self.opts.method, &gram) {
                         (Int4Method::Gptq, Some(h)) if h.k == k_n(t, s[0].layout).0 => {
                             quantize_gptq(t, s[0].layout, b, h, self.opts.damp)
@@ -415,7 +416,7 @@ fn emit(
         // One DequantizeLinear per weight, read by every node that read the weight.
         let kn = sites[0].layout == Layout::KN;
         let (x, scales) = dq_layout(&q, k, n, b, kn);
-        let scale_bytes = scale_bytes(&scales, dtype);
+        let scale_bytes = float_bytes(&scales, dtype);
         let bytes_after = (x.len() + scale_bytes.len()) as u64;
         let x_name = fresh_name(g, &format!("{name}_int4"));
         g.initializers
@@ -449,7 +450,7 @@ fn emit(
         g.nodes.push(dq);
         return Ok(layer(bytes_after, nodes));
     }
-    let scale_bytes = scale_bytes(&q.scales, dtype);
+    let scale_bytes = float_bytes(&q.scales, dtype);
     let bytes_after = (q.codes.len() + scale_bytes.len()) as u64;
     // MatMulNBits: [N, blocks, b/2] and [N·blocks]; GatherBlockQuantized: the table's shape
     // with the last axis packed, [V, D/2] and [V, D/b].
@@ -508,87 +509,6 @@ fn dq_layout(q: &Quantized, k: usize, n: usize, b: usize, kn: bool) -> (Vec<u8>,
         }
     }
     (x, scales)
-}
-
-/// The MatMul/Gemm nodes to rewrite, by weight name (sorted, so the order is the same every
-/// run), and the weights looked at and left alone.
-fn find_sites(
-    g: &Graph,
-    opset: i64,
-    opts: &Int4Options,
-    form: Int4Form,
-) -> (std::collections::BTreeMap<String, Vec<Site>>, Vec<String>) {
-    let types = infer_graph(g, opset, None);
-    let consts = g.constants();
-    let mut sites: std::collections::BTreeMap<String, Vec<Site>> = Default::default();
-    let mut skipped = vec![];
-    let mut conflicting = std::collections::BTreeSet::new();
-    for (i, n) in g.nodes.iter().enumerate() {
-        let layout = if n.is("MatMul") {
-            Layout::KN
-        } else if n.is("Gather") && opts.tables && matches!(n.attr_i("axis").unwrap_or(0), 0 | -2) {
-            Layout::Rows
-        } else if n.is("Gemm")
-            && n.attr_f("alpha").unwrap_or(1.0) == 1.0
-            && n.attr_f("beta").unwrap_or(1.0) == 1.0
-            && n.attr_i("transA").unwrap_or(0) == 0
-        {
-            if n.attr_i("transB").unwrap_or(0) == 1 {
-                Layout::NK
-            } else {
-                Layout::KN
-            }
-        } else {
-            continue;
-        };
-        let (w, x) = match layout {
-            Layout::Rows => (&n.inputs[0], &n.inputs[1]),
-            _ => (&n.inputs[1], &n.inputs[0]),
-        };
-        if !consts.contains(w) {
-            continue;
-        }
-        let t = g.initializer(w).expect("a constant is an initializer");
-        let dtype = t.dtype().ok();
-        if !matches!(dtype, Some(DataType::F32 | DataType::F16)) || t.dims().len() != 2 {
-            continue;
-        }
-        if t.numel() == 0 || t.numel() < opts.min_elements {
-            continue;
-        }
-        if layout == Layout::Rows && form == Int4Form::DequantizeLinear {
-            skipped.push(format!(
-                "{w}: a gathered table stays float in the DequantizeLinear form"
-            ));
-            continue;
-        }
-        if layout == Layout::Rows {
-            if t.dims()[1] % opts.block_size as i64 != 0 {
-                skipped.push(format!(
-                    "{w}: rows of {} values, not a multiple of the block {}",
-                    t.dims()[1],
-                    opts.block_size
-                ));
-                continue;
-            }
-        } else if types.shape(x).is_none_or(|s| s.len() < 2) || types.dtype(x) != dtype {
-            skipped.push(format!(
-                "{w}: the input of {} has no known rank of 2 or more",
-                n.name
-            ));
-            continue;
-        }
-        let at = sites.entry(w.clone()).or_default();
-        if at.first().is_some_and(|s| s.layout != layout) {
-            conflicting.insert(w.clone());
-        }
-        at.push(Site { node: i, layout });
-    }
-    for w in conflicting {
-        sites.remove(&w);
-        skipped.push(format!("{w}: read both as [K, N] and as [N, K]"));
-    }
-    (sites, skipped)
 }
 
 /// Replaces node `i` by MatMulNBits (and an Add for a Gemm's C that is not an `[N]` constant),
@@ -698,30 +618,6 @@ fn quantize_tensor(
     Ok(Some((q, k, n)))
 }
 
-/// (K, N) of a weight read with `layout`.
-fn k_n(t: &Tensor, layout: Layout) -> (usize, usize) {
-    let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
-    match layout {
-        Layout::KN => (d0, d1),
-        Layout::NK | Layout::Rows => (d1, d0),
-    }
-}
-
-/// The weight as `[N, K]` f32 (one row per output), whole; `None` when it is not finite.
-fn read_nk(t: &Tensor, layout: Layout) -> Result<Option<Vec<f32>>> {
-    let dtype = t.dtype()?;
-    let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
-    let v = to_f32(&t.raw_bytes()?, dtype);
-    if v.iter().any(|x| !x.is_finite()) {
-        return Ok(None);
-    }
-    Ok(Some(match layout {
-        // [K, N] → [N, K]
-        Layout::KN => (0..d0 * d1).map(|i| v[(i % d0) * d1 + i / d0]).collect(),
-        Layout::NK | Layout::Rows => v,
-    }))
-}
-
 /// The weights `q` stands for, `[N, K]`.
 fn dequantize(q: &Quantized, k: usize, b: usize) -> Vec<f32> {
     let nb = k.div_ceil(b);
@@ -823,74 +719,14 @@ impl ColumnRounding for Int4Gptq {
     }
 }
 
-/// The calibration Gram of the value `sites` multiply (summed over distinct ones, for a weight
-/// several nodes read); `None` for a table, or when one has none.
-fn gram_of(g: &Graph, sites: &[Site], opts: &Int4Options) -> Option<Gram> {
-    let grams = opts.grams.as_ref()?;
-    let mut xs: Vec<&str> = vec![];
-    for s in sites {
-        if s.layout == Layout::Rows {
-            return None;
-        }
-        let x = g.nodes[s.node].inputs[0].as_str();
-        if !xs.contains(&x) {
-            xs.push(x);
-        }
-    }
-    let mut sum: Option<Gram> = None;
-    for x in xs {
-        let h = grams.get(x)?;
-        match &mut sum {
-            None => sum = Some(h.clone()),
-            Some(acc) if acc.k == h.k => {
-                acc.h.iter_mut().zip(&h.h).for_each(|(a, b)| *a += b);
-                acc.rows += h.rows;
-            }
-            Some(_) => return None,
-        }
-    }
-    sum
-}
-
 /// The values the MatMul/Gemm weights `--int4` would quantize multiply: what GPTQ's
 /// calibration must expose.
 pub fn calibration_inputs(model: &Model, opts: &Int4Options) -> Vec<String> {
     let Ok(form) = opts.form.resolve(model.default_opset()) else {
         return vec![];
     };
-    let (sites, _) = find_sites(&model.graph, model.default_opset(), opts, form);
-    let mut names: Vec<String> = sites
-        .values()
-        .flatten()
-        .filter(|s| s.layout != Layout::Rows)
-        .map(|s| model.graph.nodes[s.node].inputs[0].clone())
-        .collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
-fn to_f32(bytes: &[u8], dtype: DataType) -> Vec<f32> {
-    match dtype {
-        DataType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-    }
-}
-
-fn scale_bytes(scales: &[f32], dtype: DataType) -> Vec<u8> {
-    match dtype {
-        DataType::F16 => scales
-            .iter()
-            .flat_map(|s| half::f16::from_f32(*s).to_le_bytes())
-            .collect(),
-        _ => scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-    }
+    let (sites, _) = find_sites(&model.graph, model.default_opset(), &opts.select(form));
+    linear_weights::calibration_inputs(&model.graph, &sites)
 }
 
 /// Block-wise symmetric RTN into MatMulNBits' layout.

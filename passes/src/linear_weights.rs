@@ -1,0 +1,204 @@
+//! The weights of linear layers that the weight passes (int4, VQ) replace: which MatMul, Gemm
+//! and Gather nodes read a constant 2-D weight, how (`[K, N]` or `[N, K]`), reading it as
+//! `[N, K]`, and the calibration statistics of what multiplies it. One place for what those
+//! passes may touch.
+
+use std::collections::{BTreeMap, HashMap};
+
+use wcc_ir::infer::infer_graph;
+use wcc_ir::{DataType, Graph, Result, Tensor};
+
+use crate::gptq::Gram;
+
+/// Weights by name, each with the nodes that read it.
+pub(crate) type Sites = BTreeMap<String, Vec<Site>>;
+
+/// What a weight pass looks at.
+pub(crate) struct Select {
+    /// Weights with fewer elements are left alone.
+    pub min_elements: u64,
+    /// Also the tables axis-0 Gathers read.
+    pub tables: bool,
+    /// A table's rows must be a multiple of this (a block, a vector).
+    pub row_multiple: usize,
+}
+
+/// How a node reads its weight.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Layout {
+    /// `W[K, N]` (MatMul, Gemm with transB = 0).
+    KN,
+    /// `W[N, K]` (Gemm with transB = 1).
+    NK,
+    /// `E[V, D]` gathered by row (Gather on axis 0): quantized as `[N = V, K = D]`.
+    Rows,
+}
+
+pub(crate) struct Site {
+    pub node: usize,
+    pub layout: Layout,
+}
+
+/// The MatMul/Gemm (and, with `sel.tables`, Gather) nodes whose constant weight a pass may
+/// replace, by weight name (sorted, so the order is the same every run), and the weights looked
+/// at and left alone with why: a 2-D f32/f16 constant of at least `sel.min_elements`, read by a
+/// MatMul, a Gemm with alpha = beta = 1 and transA = 0 whose input has a known rank of 2 or
+/// more, or an axis-0 Gather whose rows are a multiple of `sel.row_multiple`; a weight read
+/// both as `[K, N]` and as `[N, K]` is left alone.
+pub(crate) fn find_sites(g: &Graph, opset: i64, sel: &Select) -> (Sites, Vec<String>) {
+    let types = infer_graph(g, opset, None);
+    let consts = g.constants();
+    let mut sites = Sites::new();
+    let mut skipped = vec![];
+    let mut conflicting = std::collections::BTreeSet::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        let layout = if n.is("MatMul") {
+            Layout::KN
+        } else if n.is("Gather") && sel.tables && matches!(n.attr_i("axis").unwrap_or(0), 0 | -2) {
+            Layout::Rows
+        } else if n.is("Gemm")
+            && n.attr_f("alpha").unwrap_or(1.0) == 1.0
+            && n.attr_f("beta").unwrap_or(1.0) == 1.0
+            && n.attr_i("transA").unwrap_or(0) == 0
+        {
+            if n.attr_i("transB").unwrap_or(0) == 1 {
+                Layout::NK
+            } else {
+                Layout::KN
+            }
+        } else {
+            continue;
+        };
+        let (w, x) = match layout {
+            Layout::Rows => (&n.inputs[0], &n.inputs[1]),
+            _ => (&n.inputs[1], &n.inputs[0]),
+        };
+        if !consts.contains(w) {
+            continue;
+        }
+        let t = g.initializer(w).expect("a constant is an initializer");
+        let dtype = t.dtype().ok();
+        if !matches!(dtype, Some(DataType::F32 | DataType::F16)) || t.dims().len() != 2 {
+            continue;
+        }
+        if t.numel() == 0 || t.numel() < sel.min_elements {
+            continue;
+        }
+        if layout == Layout::Rows {
+            if t.dims()[1] % sel.row_multiple.max(1) as i64 != 0 {
+                skipped.push(format!(
+                    "{w}: rows of {} values, not a multiple of {}",
+                    t.dims()[1],
+                    sel.row_multiple
+                ));
+                continue;
+            }
+        } else if types.shape(x).is_none_or(|s| s.len() < 2) || types.dtype(x) != dtype {
+            skipped.push(format!(
+                "{w}: the input of {} has no known rank of 2 or more",
+                n.name
+            ));
+            continue;
+        }
+        let at = sites.entry(w.clone()).or_default();
+        if at.first().is_some_and(|s| s.layout != layout) {
+            conflicting.insert(w.clone());
+        }
+        at.push(Site { node: i, layout });
+    }
+    for w in conflicting {
+        sites.remove(&w);
+        skipped.push(format!("{w}: read both as [K, N] and as [N, K]"));
+    }
+    (sites, skipped)
+}
+
+/// (K, N) of a weight read with `layout`.
+pub(crate) fn k_n(t: &Tensor, layout: Layout) -> (usize, usize) {
+    let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
+    match layout {
+        Layout::KN => (d0, d1),
+        Layout::NK | Layout::Rows => (d1, d0),
+    }
+}
+
+/// The weight as `[N, K]` f32 (one row per output), whole; `None` when it is not finite.
+pub(crate) fn read_nk(t: &Tensor, layout: Layout) -> Result<Option<Vec<f32>>> {
+    let dtype = t.dtype()?;
+    let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
+    let v = to_f32(&t.raw_bytes()?, dtype);
+    if v.iter().any(|x| !x.is_finite()) {
+        return Ok(None);
+    }
+    Ok(Some(match layout {
+        // [K, N] → [N, K]
+        Layout::KN => (0..d0 * d1).map(|i| v[(i % d0) * d1 + i / d0]).collect(),
+        Layout::NK | Layout::Rows => v,
+    }))
+}
+
+/// The calibration Gram of the value `sites` multiply (summed over distinct ones, for a weight
+/// several nodes read); `None` for a table, or when one has none.
+pub(crate) fn gram_of(g: &Graph, sites: &[Site], grams: &HashMap<String, Gram>) -> Option<Gram> {
+    let mut xs: Vec<&str> = vec![];
+    for s in sites {
+        if s.layout == Layout::Rows {
+            return None;
+        }
+        let x = g.nodes[s.node].inputs[0].as_str();
+        if !xs.contains(&x) {
+            xs.push(x);
+        }
+    }
+    let mut sum: Option<Gram> = None;
+    for x in xs {
+        let h = grams.get(x)?;
+        match &mut sum {
+            None => sum = Some(h.clone()),
+            Some(acc) if acc.k == h.k => {
+                acc.h.iter_mut().zip(&h.h).for_each(|(a, b)| *a += b);
+                acc.rows += h.rows;
+            }
+            Some(_) => return None,
+        }
+    }
+    sum
+}
+
+/// The values the nodes at `sites` multiply by their weights (not tables): what calibration
+/// must expose for their statistics.
+pub(crate) fn calibration_inputs(g: &Graph, sites: &Sites) -> Vec<String> {
+    let mut names: Vec<String> = sites
+        .values()
+        .flatten()
+        .filter(|s| s.layout != Layout::Rows)
+        .map(|s| g.nodes[s.node].inputs[0].clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+pub(crate) fn to_f32(bytes: &[u8], dtype: DataType) -> Vec<f32> {
+    match dtype {
+        DataType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
+}
+
+/// `v` as little-endian bytes of `dtype` (f16 or f32).
+pub(crate) fn float_bytes(scales: &[f32], dtype: DataType) -> Vec<u8> {
+    match dtype {
+        DataType::F16 => scales
+            .iter()
+            .flat_map(|s| half::f16::from_f32(*s).to_le_bytes())
+            .collect(),
+        _ => scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+    }
+}
