@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use wcc_driver::{Gate, Int4Method, Int4Options, OptimizeOptions, OptimizeReport};
+use wcc_driver::{Gate, Int4Method, Int4Options, OptimizeOptions, OptimizeReport, VqOptions};
 use wcc_ir::{DataType, Graph, Model, Node, Tensor};
 use wcc_runtime::{Backend, NamedArrays};
 
@@ -264,8 +264,7 @@ fn int4_results_run_as_onnx_runtime_computes_them_from_the_documented_layout() {
         {
             let skipped = d["skipped"].to_string();
             assert!(
-                count("GatherBlockQuantized") >= 1
-                    || skipped.contains("not a multiple of 32"),
+                count("GatherBlockQuantized") >= 1 || skipped.contains("not a multiple of 32"),
                 "{stem}: no table quantized ({skipped})"
             );
         }
@@ -691,5 +690,152 @@ fn gptq_beats_round_to_nearest_on_every_layers_calibration_outputs() {
             max_diff(&got, &want) <= 1e-4 * max_abs(&want).max(1.0),
             "{stem}"
         );
+    }
+}
+
+/// `--vq-bits` through the driver with small codebooks (the fixtures' layers are small), on
+/// `stem`; with `calib`, calibrated on the fixture's inputs; gated loosely on its held-out ones.
+fn vq(stem: &str, dir: &Path, calib: bool, tag: &str) -> (PathBuf, OptimizeReport) {
+    let out = dir.join(format!("{stem}.{tag}.onnx"));
+    let mut opts = OptimizeOptions::new(fixture_path(stem));
+    opts.output = Some(out.clone());
+    opts.vq = Some(VqOptions {
+        vector: 4,
+        centroids: 16,
+        min_elements: 0,
+        ..VqOptions::default()
+    });
+    if calib {
+        opts.calib = Some(models_dir().join(format!("{stem}.inputs.npz")));
+    }
+    opts.exec.inputs = Some(models_dir().join(format!("{stem}.alt.inputs.npz")));
+    opts.gate = Gate {
+        min_cosine: Some(0.3),
+        max_rel_error: None,
+    };
+    match wcc_driver::optimize(opts, &mut |_| {}) {
+        Ok(done) => (out, done.report),
+        Err(e) => panic!("{stem}: {e}"),
+    }
+}
+
+fn vq_details(r: &OptimizeReport) -> &serde_json::Value {
+    r.passes
+        .iter()
+        .find(|p| p.pass == "weight-vq")
+        .and_then(|p| p.details.as_ref())
+        .expect("weight-vq ran")
+}
+
+/// `m` with every decoded weight (`Cast → Gather(codebook) → Reshape`) replaced by the float
+/// weight it stands for, decoded here: `W[q, j·v + t] = codebook[idx[q, j], t]`. Returns the
+/// model and the bytes the indices and codebooks take.
+fn vq_decoded(m: &Model) -> (Model, u64) {
+    let mut out = m.clone();
+    let g = &m.graph;
+    let mut bytes = 0;
+    for r in g
+        .nodes
+        .iter()
+        .filter(|n| n.is("Reshape") && n.outputs[0].ends_with("_vq"))
+    {
+        let gather = g
+            .nodes
+            .iter()
+            .find(|n| n.outputs[0] == r.inputs[0])
+            .unwrap();
+        assert!(gather.is("Gather"));
+        let cast = g
+            .nodes
+            .iter()
+            .find(|n| n.outputs[0] == gather.inputs[1])
+            .unwrap();
+        assert!(cast.is("Cast"));
+        let (idx, book) = (
+            g.initializer(&cast.inputs[0]).unwrap(),
+            g.initializer(&gather.inputs[0]).unwrap(),
+        );
+        assert_eq!(idx.dtype().unwrap(), DataType::U8);
+        bytes += idx.byte_size() + book.byte_size();
+        let (k, per) = (idx.dims()[0] as usize, idx.dims()[1] as usize);
+        let v = book.dims()[1] as usize;
+        let (ids, cb) = (idx.raw_bytes().unwrap().to_vec(), f32s(book));
+        let mut w = vec![0f32; k * per * v];
+        for q in 0..k {
+            for j in 0..per {
+                for t in 0..v {
+                    w[q * per * v + j * v + t] = cb[ids[q * per + j] as usize * v + t];
+                }
+            }
+        }
+        let names = [&cast.name, &gather.name, &r.name];
+        out.graph.nodes.retain(|n| !names.contains(&&n.name));
+        out.graph
+            .initializers
+            .push(f32_tensor(&r.outputs[0], &w, &[k as i64, (per * v) as i64]));
+    }
+    (out, bytes)
+}
+
+#[test]
+fn vq_codebooks_run_as_decoded_and_error_feedback_beats_nearest_centroids() {
+    let dir = tempfile::tempdir().unwrap();
+    for stem in ["bert.legacy", "gpt2.legacy", "llama.dynamo", "vit.dynamo"] {
+        let (a, plain) = vq(stem, dir.path(), false, "vq");
+        let (b, _) = vq(stem, dir.path(), false, "vq2");
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{stem}: deterministic"
+        );
+        let d = vq_details(&plain);
+        assert_eq!(d["mode"], "k-means");
+        let layers = d["layers"].as_array().unwrap();
+        assert!(layers.len() >= 4, "{stem}: {} layers", layers.len());
+        let m = wcc_ir::import::load(&a).unwrap();
+        assert!(m
+            .metadata("wcc.vq")
+            .is_some_and(|v| v.contains("ConstantFolding")));
+        for l in layers {
+            assert!(m.graph.initializer(l["weight"].as_str().unwrap()).is_none());
+        }
+        // The report's bytes are the file's: u8 indices, one per 4 weights, and 16 f32
+        // centroids of 4 per layer.
+        let (float, bytes) = vq_decoded(&m);
+        assert_eq!(d["bytes_after"].as_u64(), Some(bytes), "{stem}");
+        let expected: u64 = layers
+            .iter()
+            .map(|l| l["k"].as_u64().unwrap() * l["n"].as_u64().unwrap() / 4 + 16 * 4 * 4)
+            .sum();
+        assert_eq!(bytes, expected, "{stem}");
+        // ONNX Runtime and tract compute what the decoded weights say.
+        let inputs = inputs(stem, "alt.inputs");
+        let want = run(&ort(), &float, &inputs).unwrap();
+        let scale = max_abs(&want).max(1.0);
+        for backend in [ort(), Backend::Tract] {
+            let got = run(&backend, &m, &inputs).unwrap_or_else(|e| panic!("{stem}: {e}"));
+            let diff = max_diff(&got, &want);
+            assert!(
+                diff <= 1e-4 * scale,
+                "{stem} on {}: {diff}",
+                backend.label()
+            );
+        }
+        // Calibrated: Hessian-weighted codebooks and GPTQ's assignment, whose output error on
+        // the calibration data is below that of mapping each vector to its nearest centroid.
+        let (_, cal) = vq(stem, dir.path(), true, "vq-cal");
+        let d = vq_details(&cal);
+        assert_eq!(d["mode"], "hessian-weighted k-means + gptq");
+        for l in d["layers"].as_array().unwrap() {
+            let (e, e0) = (
+                l["output_rel_error"].as_f64().unwrap(),
+                l["output_rel_error_nearest"].as_f64().unwrap(),
+            );
+            assert!(
+                e < e0,
+                "{stem} {}: feedback {e} vs nearest {e0}",
+                l["weight"]
+            );
+        }
     }
 }

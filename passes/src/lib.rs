@@ -17,6 +17,7 @@ pub mod noop;
 pub mod qk_fuse;
 pub mod structure;
 pub mod weight_int4;
+pub mod weight_vq;
 
 use wcc_ir::pass::{Pass, PassManager, PassRecord};
 use wcc_ir::{Model, Result};

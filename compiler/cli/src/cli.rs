@@ -168,6 +168,12 @@ pub struct OptimizeArgs {
         requires = "int4"
     )]
     pub int4_method: wcc_driver::Int4Method,
+    /// Vector quantization of MatMul/Gemm weights (VPTQ-style): a codebook of 256 centroids per
+    /// layer, vectors of 8/B weights along the outputs (2 -> 4, 3 -> 3, 4 -> 2), about B bits per
+    /// weight plus the codebook; with --calib, Hessian-weighted k-means and GPTQ error feedback.
+    /// Gated (default --min-cosine 0.99).
+    #[arg(long, value_name = "B", conflicts_with = "int4", value_parser = vq_bits)]
+    pub vq_bits: Option<f64>,
     /// Calibration inputs (.npz, one array per graph input); else --inputs, else seeded random.
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
@@ -223,6 +229,13 @@ pub struct OptimizeArgs {
     pub exec: ExecArgs,
     #[command(flatten)]
     pub gate: GateArgs,
+}
+
+/// A number of bits per weight `--vq-bits` can meet.
+fn vq_bits(s: &str) -> Result<f64, String> {
+    let b: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    wcc_driver::VqOptions::for_bits(b)?;
+    Ok(b)
 }
 
 /// A power of two of 16 or more (what ONNX Runtime's MatMulNBits takes).
@@ -298,6 +311,9 @@ impl OptimizeArgs {
                 method: self.int4_method,
                 ..Default::default()
             }),
+            vq: self
+                .vq_bits
+                .map(|b| wcc_driver::VqOptions::for_bits(b).expect("checked by clap")),
             calib: self.calib.clone(),
             exec: self.exec.options(),
             gate: self.gate.gate(),

@@ -16,6 +16,7 @@ pub mod gate;
 pub mod level;
 pub mod optimize;
 pub mod pipeline;
+pub mod quantize;
 pub mod regions;
 pub mod render;
 pub mod report;
@@ -36,6 +37,8 @@ pub use wcc_passes::layer_drop::DropSpec;
 pub use wcc_passes::structure::Structure;
 /// What `--int4` quantizes and how.
 pub use wcc_passes::weight_int4::{Int4Form, Int4Method, Int4Options};
+/// What `--vq-bits` quantizes and how.
+pub use wcc_passes::weight_vq::VqOptions;
 /// A panic's message and where it was raised (for the binary's last-resort report).
 pub use wcc_runtime::guard::describe as describe_panic;
 /// Per-output fidelity figures.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use wcc_ir::pass::{Pass, PassManager};
+use wcc_ir::pass::PassManager;
 use wcc_ir::stats::GraphStats;
 use wcc_ir::{export, print, Model};
 
@@ -62,6 +62,8 @@ pub struct OptimizeOptions {
     /// `--int4`: weight-only 4-bit block-wise round-to-nearest of MatMul/Gemm weights, after the
     /// level's passes (and any sublayer dropping).
     pub int4: Option<wcc_passes::weight_int4::Int4Options>,
+    /// `--vq-bits`: vector quantization of MatMul/Gemm weights with a codebook per layer.
+    pub vq: Option<wcc_passes::weight_vq::VqOptions>,
     /// Calibration inputs (`--calib`); else `exec.inputs`, else seeded random batches.
     pub calib: Option<PathBuf>,
     pub exec: ExecOptions,
@@ -92,6 +94,7 @@ impl OptimizeOptions {
             drop: None,
             drop_iterative: false,
             int4: None,
+            vq: None,
             calib: None,
             exec: ExecOptions::default(),
             gate: Gate::default(),
@@ -296,7 +299,7 @@ pub fn optimize(
     // (an explicit `--drop` at -O1 is measured, not gated, unless the user gives a gate).
     let gate = opts
         .gate
-        .for_lossy(opts.level.lossy() || opts.int4.is_some());
+        .for_lossy(opts.level.lossy() || opts.int4.is_some() || opts.vq.is_some());
     let backend = opts.exec.backend_for(&original);
     // Lossy: sublayer dropping (`--drop`, `-O compress`), on the -O1 result.
     let mut layer_drop = None;
@@ -314,33 +317,34 @@ pub fn optimize(
         };
         layer_drop = Some(compress::run(&mut model, &plan)?);
     }
-    // Lossy: weight-only int4 (`--int4`), last, on what the passes and dropping left; the
-    // result is checked where it will run (see `backend_for_result`).
-    let mut backend = backend;
-    if let Some(int4) = &opts.int4 {
-        let mut int4 = int4.clone();
-        // GPTQ needs the calibration inputs' statistics; given calibration (`--calib`), RTN's
-        // report gives each layer's output error on it too.
-        if int4.method == wcc_passes::weight_int4::Int4Method::Gptq || opts.calib.is_some() {
-            progress(Stage::Calibrating);
-            let (batches, calibration) = calib::batches(&model, opts.calib.as_deref(), &opts.exec)?;
-            let names = wcc_passes::weight_int4::calibration_inputs(&model, &int4);
-            let grams = calib::grams(&model, &backend, &batches, &names)?;
-            int4.grams = Some(std::sync::Arc::new(grams));
-            int4.calibration = Some(calibration);
+    // Lossy: weight quantization (`--int4`, `--vq-bits`), last, on what the passes and
+    // dropping left; the result is checked where it will run (see `backend_for_result`).
+    let quantize = match (&opts.int4, &opts.vq) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Usage(
+                "--int4 and --vq-bits are two ways to quantize the same weights: give one".into(),
+            ))
         }
-        let quantize = wcc_passes::weight_int4::WeightInt4 { opts: int4 };
-        pass_names.push(quantize.name());
-        let pm = PassManager::new(vec![
-            Box::new(quantize),
-            Box::new(wcc_passes::dce::DeadCodeElimination),
-        ]);
-        records.extend(wcc_passes::optimize_with(&mut model, pm)?);
+        (Some(o), None) => Some(crate::quantize::Quantize::Int4(o.clone())),
+        (None, Some(o)) => Some(crate::quantize::Quantize::Vq(o.clone())),
+        (None, None) => None,
+    };
+    let mut backend = backend;
+    if let Some(q) = &quantize {
+        pass_names.push(q.name());
+        records.extend(crate::quantize::run(
+            &mut model,
+            q,
+            opts.calib.as_deref(),
+            &opts.exec,
+            &backend,
+            &mut || progress(Stage::Calibrating),
+        )?);
         backend = opts.exec.backend_for_result(&original, &model);
     }
     let pass_list = pass_names.join(",");
     // A lossy result is checked whole, end to end (regions check only exact rewrites).
-    let lossy = layer_drop.is_some() || opts.int4.is_some();
+    let lossy = layer_drop.is_some() || quantize.is_some();
     let optimize_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !pass_list.is_empty() {
         model.set_metadata("wcc.version", crate::VERSION);

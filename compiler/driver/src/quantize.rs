@@ -1,0 +1,79 @@
+//! Weight quantization, the last lossy step of `wcc optimize`: `--int4` (block-wise int4, RTN or
+//! GPTQ) or `--vq-bits` (VPTQ-style codebooks). Gathers the calibration statistics a method needs
+//! (`H = XᵀX` of every quantized layer's input, run on the backend), then runs the pass and DCE.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use wcc_ir::pass::{Pass, PassManager, PassRecord};
+use wcc_ir::Model;
+use wcc_passes::weight_int4::{Int4Method, Int4Options, WeightInt4};
+use wcc_passes::weight_vq::{VqOptions, WeightVq};
+use wcc_runtime::Backend;
+
+use crate::calib;
+use crate::error::Error;
+use crate::exec::ExecOptions;
+
+/// Which weight quantization to run.
+#[derive(Debug, Clone)]
+pub enum Quantize {
+    Int4(Int4Options),
+    Vq(VqOptions),
+}
+
+impl Quantize {
+    /// The pass's name (for `wcc.passes`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Quantize::Int4(o) => WeightInt4 { opts: o.clone() }.name(),
+            Quantize::Vq(o) => WeightVq { opts: o.clone() }.name(),
+        }
+    }
+}
+
+/// Quantizes `model`'s weights. Calibration statistics are gathered when the method needs them
+/// (GPTQ) or when the user gave calibration inputs (`calib_file`): every layer's output error
+/// on them is then reported, and VQ weights its k-means and corrects its assignment with them.
+pub fn run(
+    model: &mut Model,
+    q: &Quantize,
+    calib_file: Option<&Path>,
+    exec: &ExecOptions,
+    backend: &Backend,
+    calibrating: &mut dyn FnMut(),
+) -> Result<Vec<PassRecord>, Error> {
+    let wants = match q {
+        Quantize::Int4(o) => o.method == Int4Method::Gptq || calib_file.is_some(),
+        Quantize::Vq(_) => calib_file.is_some(),
+    };
+    let mut stats = None;
+    if wants {
+        calibrating();
+        let (batches, calibration) = calib::batches(model, calib_file, exec)?;
+        let names = match q {
+            Quantize::Int4(o) => wcc_passes::weight_int4::calibration_inputs(model, o),
+            Quantize::Vq(o) => wcc_passes::weight_vq::calibration_inputs(model, o),
+        };
+        let grams = calib::grams(model, backend, &batches, &names)?;
+        stats = Some((Arc::new(grams), calibration));
+    }
+    let pass: Box<dyn Pass> = match q.clone() {
+        Quantize::Int4(mut o) => {
+            if let Some((g, c)) = stats {
+                o.grams = Some(g);
+                o.calibration = Some(c);
+            }
+            Box::new(WeightInt4 { opts: o })
+        }
+        Quantize::Vq(mut o) => {
+            if let Some((g, c)) = stats {
+                o.grams = Some(g);
+                o.calibration = Some(c);
+            }
+            Box::new(WeightVq { opts: o })
+        }
+    };
+    let pm = PassManager::new(vec![pass, Box::new(wcc_passes::dce::DeadCodeElimination)]);
+    Ok(wcc_passes::optimize_with(model, pm)?)
+}
