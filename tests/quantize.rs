@@ -25,29 +25,47 @@ const STEMS: &[&str] = &[
 /// The fixtures whose int4 result tract 0.23.9 runs (see the test).
 const TRACT_RUNS: &[&str] = &["llama.dynamo", "resnet.legacy"];
 
-/// `--int4` through the driver, gated loosely (what is tested here is the form, not the
-/// fidelity of 4 bits on random-weight fixtures).
-fn int4(stem: &str, dir: &Path) -> (PathBuf, OptimizeReport) {
-    let out = dir.join(format!("{stem}.int4.onnx"));
+/// `stem` optimized by the driver into `dir` (`<stem>.<tag>.onnx`) under a loose gate (what is
+/// tested here is the form, not the fidelity of a few bits on random-weight fixtures), `edit`
+/// setting the rest; ONNX Runtime's library at hand, so `--backend auto` verifies there.
+fn optimize(
+    stem: &str,
+    dir: &Path,
+    tag: &str,
+    min_cosine: f64,
+    edit: impl FnOnce(&mut OptimizeOptions),
+) -> (PathBuf, OptimizeReport) {
+    let out = dir.join(format!("{stem}.{tag}.onnx"));
     let mut opts = OptimizeOptions::new(fixture_path(stem));
     opts.output = Some(out.clone());
-    // The fixtures' weights are small (32×32 and up): quantize them all.
-    opts.int4 = Some(Int4Options {
-        min_elements: 0,
-        ..Int4Options::default()
-    });
     opts.gate = Gate {
-        min_cosine: Some(0.5),
+        min_cosine: Some(min_cosine),
         max_rel_error: None,
     };
-    // `--backend auto`, with ONNX Runtime's library at hand: the result is verified there.
     if let Backend::Ort { lib, .. } = ort() {
         opts.exec.ort_lib = lib;
     }
+    edit(&mut opts);
     match wcc_driver::optimize(opts, &mut |_| {}) {
         Ok(done) => (out, done.report),
         Err(e) => panic!("{stem}: {e}"),
     }
+}
+
+/// `--int4` through the driver; the fixtures' weights are small (32×32 and up): all quantized.
+fn int4(stem: &str, dir: &Path) -> (PathBuf, OptimizeReport) {
+    optimize(stem, dir, "int4", 0.5, |o| {
+        o.int4 = Some(Int4Options {
+            min_elements: 0,
+            ..Int4Options::default()
+        })
+    })
+}
+
+/// Calibration on the fixture's inputs, the gate on its held-out `alt` inputs.
+fn calibrated(o: &mut OptimizeOptions, stem: &str) {
+    o.calib = Some(models_dir().join(format!("{stem}.inputs.npz")));
+    o.exec.inputs = Some(models_dir().join(format!("{stem}.alt.inputs.npz")));
 }
 
 fn int4_details(r: &OptimizeReport) -> &serde_json::Value {
@@ -603,36 +621,22 @@ fn at_opset_21_int4_is_standard_dequantize_linear_that_onnx_runtime_runs() {
     assert!(!dir.path().join("no.onnx").exists());
 }
 
-/// `--int4` through the driver with calibration (`--calib` the fixture's inputs, the gate on
-/// its held-out `alt` inputs, both on ONNX Runtime).
+/// `--int4` with `method`, calibrated, on ONNX Runtime.
 fn int4_calibrated(
     stem: &str,
     dir: &Path,
     method: Int4Method,
     tag: &str,
 ) -> (PathBuf, OptimizeReport) {
-    let out = dir.join(format!("{stem}.{tag}.onnx"));
-    let mut opts = OptimizeOptions::new(fixture_path(stem));
-    opts.output = Some(out.clone());
-    opts.int4 = Some(Int4Options {
-        min_elements: 0,
-        method,
-        ..Int4Options::default()
-    });
-    opts.calib = Some(models_dir().join(format!("{stem}.inputs.npz")));
-    opts.exec.inputs = Some(models_dir().join(format!("{stem}.alt.inputs.npz")));
-    opts.exec.backend = wcc_driver::BackendChoice::Ort;
-    if let Backend::Ort { lib, .. } = ort() {
-        opts.exec.ort_lib = lib;
-    }
-    opts.gate = Gate {
-        min_cosine: Some(0.5),
-        max_rel_error: None,
-    };
-    match wcc_driver::optimize(opts, &mut |_| {}) {
-        Ok(done) => (out, done.report),
-        Err(e) => panic!("{stem}: {e}"),
-    }
+    optimize(stem, dir, tag, 0.5, |o| {
+        o.int4 = Some(Int4Options {
+            min_elements: 0,
+            method,
+            ..Int4Options::default()
+        });
+        calibrated(o, stem);
+        o.exec.backend = wcc_driver::BackendChoice::Ort;
+    })
 }
 
 #[test]
@@ -693,30 +697,21 @@ fn gptq_beats_round_to_nearest_on_every_layers_calibration_outputs() {
     }
 }
 
-/// `--vq-bits` through the driver with small codebooks (the fixtures' layers are small), on
-/// `stem`; with `calib`, calibrated on the fixture's inputs; gated loosely on its held-out ones.
+/// `--vq-bits` with small codebooks (the fixtures' layers are small), gated on the held-out
+/// inputs; with `calib`, calibrated on the fixture's inputs.
 fn vq(stem: &str, dir: &Path, calib: bool, tag: &str) -> (PathBuf, OptimizeReport) {
-    let out = dir.join(format!("{stem}.{tag}.onnx"));
-    let mut opts = OptimizeOptions::new(fixture_path(stem));
-    opts.output = Some(out.clone());
-    opts.vq = Some(VqOptions {
-        vector: 4,
-        centroids: 16,
-        min_elements: 0,
-        ..VqOptions::default()
-    });
-    if calib {
-        opts.calib = Some(models_dir().join(format!("{stem}.inputs.npz")));
-    }
-    opts.exec.inputs = Some(models_dir().join(format!("{stem}.alt.inputs.npz")));
-    opts.gate = Gate {
-        min_cosine: Some(0.3),
-        max_rel_error: None,
-    };
-    match wcc_driver::optimize(opts, &mut |_| {}) {
-        Ok(done) => (out, done.report),
-        Err(e) => panic!("{stem}: {e}"),
-    }
+    optimize(stem, dir, tag, 0.3, |o| {
+        o.vq = Some(VqOptions {
+            vector: 4,
+            centroids: 16,
+            min_elements: 0,
+            ..VqOptions::default()
+        });
+        calibrated(o, stem);
+        if !calib {
+            o.calib = None;
+        }
+    })
 }
 
 fn vq_details(r: &OptimizeReport) -> &serde_json::Value {

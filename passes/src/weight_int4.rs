@@ -489,13 +489,7 @@ fn dq_layout(q: &Quantized, k: usize, n: usize, b: usize, kn: bool) -> (Vec<u8>,
     let mut scales = vec![0f32; n * n_blocks];
     for col in 0..n {
         for r in 0..k {
-            let byte = q.codes[(col * n_blocks + r / b) * b / 2 + (r % b) / 2];
-            let code = if (r % b).is_multiple_of(2) {
-                byte & 15
-            } else {
-                byte >> 4
-            };
-            let nibble = code.wrapping_sub(8) & 15;
+            let nibble = q.code(k, b, col, r).wrapping_sub(8) & 15;
             let at = if kn { r * n + col } else { col * k + r };
             x[at / 2] |= if at.is_multiple_of(2) {
                 nibble
@@ -625,13 +619,7 @@ fn dequantize(q: &Quantized, k: usize, b: usize) -> Vec<f32> {
     (0..n * k)
         .map(|i| {
             let (col, r) = (i / k, i % k);
-            let byte = q.codes[(col * nb + r / b) * b / 2 + (r % b) / 2];
-            let code = if r.is_multiple_of(2) {
-                byte & 15
-            } else {
-                byte >> 4
-            };
-            (code as f32 - 8.0) * q.scales[col * nb + r / b]
+            (q.code(k, b, col, r) as f32 - 8.0) * q.scales[col * nb + r / b]
         })
         .collect()
 }
@@ -729,6 +717,24 @@ pub fn calibration_inputs(model: &Model, opts: &Int4Options) -> Vec<String> {
     linear_weights::calibration_inputs(&model.graph, &sites)
 }
 
+/// The byte of MatMulNBits' codes (`[N, ⌈K/b⌉, b/2]`) that holds column `col`, row `r`: the
+/// low nibble for even `r`, the high one for odd (`b` is even).
+fn code_byte(k: usize, b: usize, col: usize, r: usize) -> usize {
+    (col * k.div_ceil(b) + r / b) * b / 2 + (r % b) / 2
+}
+
+impl Quantized {
+    /// The code (0..=15, 8 is zero) of column `col`, row `r`.
+    fn code(&self, k: usize, b: usize, col: usize, r: usize) -> u8 {
+        let byte = self.codes[code_byte(k, b, col, r)];
+        if r.is_multiple_of(2) {
+            byte & 15
+        } else {
+            byte >> 4
+        }
+    }
+}
+
 /// Block-wise symmetric RTN into MatMulNBits' layout.
 pub struct Quantizer {
     k: usize,
@@ -794,9 +800,8 @@ impl Quantizer {
 
     /// Stores level `q` (−8..=7) for row `r` of column `col`.
     fn put(&mut self, col: usize, r: usize, q: i32) {
-        let n_blocks = self.k.div_ceil(self.b);
         let code = (q + 8) as u8;
-        let byte = &mut self.codes[(col * n_blocks + r / self.b) * self.b / 2 + (r % self.b) / 2];
+        let byte = &mut self.codes[code_byte(self.k, self.b, col, r)];
         *byte = if r.is_multiple_of(2) {
             (*byte & 0xF0) | code
         } else {

@@ -39,7 +39,7 @@ use wcc_ir::{DataType, Graph, Model, Node, Result, Tensor};
 use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::kmeans::{self, KMeans};
-use crate::linear_weights::{find_sites, float_bytes, gram_of, read_nk, Layout, Select, Site};
+use crate::linear_weights::{find_sites, float_bytes, gram_of, k_n, read_nk, Layout, Select, Site};
 
 /// What `--vq-bits` quantizes and how.
 #[derive(Debug, Clone)]
@@ -183,10 +183,7 @@ impl Pass for WeightVq {
             let t = g
                 .initializer(&w)
                 .expect("a site's weight is an initializer");
-            let n = match s[0].layout {
-                Layout::KN => t.dims()[1],
-                _ => t.dims()[0],
-            } as usize;
+            let (_, n) = k_n(t, s[0].layout);
             if !n.is_multiple_of(o.vector) {
                 skipped.push(format!(
                     "{w}: {n} outputs, not a multiple of the vector length {}",
@@ -314,10 +311,7 @@ fn code(t: &Tensor, layout: Layout, gram: Option<&Gram>, o: &VqOptions) -> Resul
     let Some(w0) = read_nk(t, layout)? else {
         return Ok(None);
     };
-    let (n, k) = match layout {
-        Layout::KN => (t.dims()[1] as usize, t.dims()[0] as usize),
-        _ => (t.dims()[0] as usize, t.dims()[1] as usize),
-    };
+    let (k, n) = k_n(t, layout);
     let v = o.vector;
     let gram = gram.filter(|h| h.k == k);
     let points = vectors(&w0, n, k, v);

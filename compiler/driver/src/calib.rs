@@ -34,7 +34,7 @@ pub fn batches(
     ))
 }
 
-/// GPTQ's calibration statistics: `H = XᵀX` of every value in `names` (each flattened to rows
+/// The weight quantizers' calibration statistics: `H = XᵀX` of every value in `names` (each flattened to rows
 /// of its last axis) over all batches, run on `backend`.
 pub fn grams(
     model: &Model,
@@ -64,6 +64,6 @@ pub fn grams(
         }
         Ok(())
     })
-    .map_err(|e| Error::Run(format!("calibrating --int4-method gptq: {e}")))?;
+    .map_err(|e| Error::Run(format!("calibrating the weight quantization: {e}")))?;
     Ok(grams)
 }
