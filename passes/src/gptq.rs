@@ -57,6 +57,20 @@ impl Gram {
         self.rows += t as u64;
     }
 
+    /// `Ŵ ↦ ‖(W − Ŵ)X‖ / ‖WX‖` for the layer `w0` (`[N, K]`) on the calibration data: the
+    /// output error of a quantized `Ŵ`, relative (0 when `W X` is 0). `‖WX‖` is computed once.
+    pub fn output_error<'a>(&'a self, w0: &'a [f32]) -> impl Fn(&[f32]) -> f64 + 'a {
+        let base = self.quadratic(w0);
+        move |w_hat| {
+            if base > 0.0 {
+                let d: Vec<f32> = w0.iter().zip(w_hat).map(|(a, b)| a - b).collect();
+                (self.quadratic(&d) / base).sqrt()
+            } else {
+                0.0
+            }
+        }
+    }
+
     /// `Σ_rows δ H δᵀ` for `d` `[N, K]` (the output error of a weight change `d` on the
     /// calibration data, squared): `Σ (D H) ∘ D`.
     pub fn quadratic(&self, d: &[f32]) -> f64 {

@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde::Serialize;
+
 use wcc_ir::infer::infer_graph;
 use wcc_ir::{DataType, Graph, Result, Tensor};
 
@@ -200,5 +202,62 @@ pub(crate) fn float_bytes(scales: &[f32], dtype: DataType) -> Vec<u8> {
             .flat_map(|s| half::f16::from_f32(*s).to_le_bytes())
             .collect(),
         _ => scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+    }
+}
+
+/// `‖W − Ŵ‖_F / ‖W‖_F` (0 for an all-zero `W`).
+pub(crate) fn rel_error(w0: &[f32], w_hat: &[f32]) -> f64 {
+    let (err, norm) = w0.iter().zip(w_hat).fold((0f64, 0f64), |(e, s), (a, b)| {
+        (e + ((a - b) as f64).powi(2), s + (*a as f64).powi(2))
+    });
+    if norm > 0.0 {
+        (err / norm).sqrt()
+    } else {
+        0.0
+    }
+}
+
+/// A weight pass's totals over the weights it replaced, for its report (flattened into it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    /// Values replaced.
+    pub weights: u64,
+    pub bytes_before: u64,
+    /// What replaces them (codes, scales, codebooks), as the file holds it.
+    pub bytes_after: u64,
+    /// `8 · bytes_after / weights`.
+    pub bits_per_weight: f64,
+}
+
+impl Totals {
+    /// From each replaced weight's (values, bytes before, bytes after).
+    pub(crate) fn of(layers: impl Iterator<Item = (u64, u64, u64)>) -> Self {
+        let (mut weights, mut bytes_before, mut bytes_after) = (0, 0, 0);
+        for (w, b, a) in layers {
+            weights += w;
+            bytes_before += b;
+            bytes_after += a;
+        }
+        Totals {
+            weights,
+            bytes_before,
+            bytes_after,
+            bits_per_weight: if weights == 0 {
+                0.0
+            } else {
+                8.0 * bytes_after as f64 / weights as f64
+            },
+        }
+    }
+
+    /// "N weight(s), V values: X MB -> Y MB, B bits per weight".
+    pub(crate) fn summary(&self, layers: usize) -> String {
+        format!(
+            "{layers} weight(s), {} values: {:.2} MB -> {:.2} MB, {:.2} bits per weight",
+            self.weights,
+            self.bytes_before as f64 / 1e6,
+            self.bytes_after as f64 / 1e6,
+            self.bits_per_weight
+        )
     }
 }

@@ -52,7 +52,8 @@ use wcc_ir::{DataType, Graph, Model, Node, Result, Tensor};
 use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::linear_weights::{
-    self, find_sites, float_bytes, gram_of, k_n, read_nk, to_f32, Layout, Select, Site,
+    self, find_sites, float_bytes, gram_of, k_n, read_nk, rel_error, to_f32, Layout, Select, Site,
+    Totals,
 };
 
 /// The domain of ONNX Runtime's contrib ops.
@@ -84,7 +85,8 @@ pub struct Int4Options {
 }
 
 /// How the int4 codes are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Int4Method {
     /// Round every value to the nearest level of its block.
     #[default]
@@ -93,6 +95,16 @@ pub enum Int4Method {
     /// yet quantized, weighted by the calibration inputs (see `gptq`). Gathered tables, which no
     /// calibration input multiplies, stay round-to-nearest.
     Gptq,
+}
+
+impl Int4Method {
+    /// The report's name for it.
+    fn label(self) -> &'static str {
+        match self {
+            Int4Method::Rtn => "round-to-nearest",
+            Int4Method::Gptq => "gptq",
+        }
+    }
 }
 
 impl std::str::FromStr for Int4Method {
@@ -205,8 +217,8 @@ pub struct Int4Layer {
     pub bits_per_weight: f64,
     /// `‖W − Ŵ‖_F / ‖W‖_F`.
     pub rel_error: f64,
-    /// `rtn` or `gptq`.
-    pub method: &'static str,
+    /// How its codes were chosen (a table stays `rtn` under GPTQ).
+    pub method: Int4Method,
     /// With calibration inputs: the layer's output error on them, `‖(W − Ŵ)X‖ / ‖WX‖`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_rel_error: Option<f64>,
@@ -221,10 +233,8 @@ pub struct Int4Report {
     pub calibration: Option<String>,
     pub form: &'static str,
     pub layers: Vec<Int4Layer>,
-    pub weights: u64,
-    pub bytes_before: u64,
-    pub bytes_after: u64,
-    pub bits_per_weight: f64,
+    #[serde(flatten)]
+    pub totals: Totals,
     /// Weights looked at and left in float, with why.
     pub skipped: Vec<String>,
 }
@@ -236,13 +246,18 @@ pub struct Quantized {
     /// `[N · n_blocks]`, rounded to the weight's type.
     pub scales: Vec<f32>,
     pub rel_error: f64,
-    pub method: &'static str,
+    pub method: Int4Method,
     pub output_rel_error: Option<f64>,
+}
+
+impl WeightInt4 {
+    /// The pass's name in reports and `wcc.passes`.
+    pub const NAME: &'static str = "weight-int4";
 }
 
 impl Pass for WeightInt4 {
     fn name(&self) -> &'static str {
-        "weight-int4"
+        Self::NAME
     }
     fn description(&self) -> &'static str {
         "weight-only 4-bit block-wise round-to-nearest of MatMul/Gemm weights (MatMulNBits) and \
@@ -311,7 +326,7 @@ impl Pass for WeightInt4 {
         if self.opts.method == Int4Method::Gptq {
             let rtn: Vec<&str> = layers
                 .iter()
-                .filter(|l| l.method == "rtn")
+                .filter(|l| l.method == Int4Method::Rtn)
                 .map(|l| l.weight.as_str())
                 .collect();
             if !rtn.is_empty() {
@@ -321,12 +336,18 @@ impl Pass for WeightInt4 {
                 ));
             }
         }
-        let mut report = Int4Report::new(layers, skipped, form);
-        report.method = match self.opts.method {
-            Int4Method::Rtn => "round-to-nearest",
-            Int4Method::Gptq => "gptq",
+        let report = Int4Report {
+            method: self.opts.method.label(),
+            calibration: self.opts.calibration.clone(),
+            form: form.label(),
+            totals: Totals::of(
+                layers
+                    .iter()
+                    .map(|l| ((l.k * l.n) as u64, l.bytes_before, l.bytes_after)),
+            ),
+            layers,
+            skipped,
         };
-        report.calibration = self.opts.calibration.clone();
         let mut out = PassOutcome::changed(changes);
         if !report.layers.is_empty() {
             // What a deployment needs to know, in the file: ONNX Runtime folds constant float
@@ -339,46 +360,18 @@ impl Pass for WeightInt4 {
                      session options keep the weights 4-bit in memory)",
                     report.method,
                     report.layers.len(),
-                    report.bits_per_weight,
+                    report.totals.bits_per_weight,
                     form.label()
                 ),
             );
             out.notes.push(format!(
-                "{} weight(s), {} values: {:.2} MB -> {:.2} MB, {:.2} bits per weight \
-                 (block {b}, {}, symmetric)",
-                report.layers.len(),
-                report.weights,
-                report.bytes_before as f64 / 1e6,
-                report.bytes_after as f64 / 1e6,
-                report.bits_per_weight,
+                "{} (block {b}, {}, symmetric)",
+                report.totals.summary(report.layers.len()),
                 report.method
             ));
         }
         out.details = Some(serde_json::to_value(&report).expect("serializable"));
         Ok(out)
-    }
-}
-
-impl Int4Report {
-    fn new(layers: Vec<Int4Layer>, skipped: Vec<String>, form: Int4Form) -> Self {
-        let weights: u64 = layers.iter().map(|l| (l.k * l.n) as u64).sum();
-        let bytes_before = layers.iter().map(|l| l.bytes_before).sum();
-        let bytes_after: u64 = layers.iter().map(|l| l.bytes_after).sum();
-        Int4Report {
-            method: "round-to-nearest",
-            calibration: None,
-            form: form.label(),
-            bits_per_weight: if weights == 0 {
-                0.0
-            } else {
-                8.0 * bytes_after as f64 / weights as f64
-            },
-            layers,
-            weights,
-            bytes_before,
-            bytes_after,
-            skipped,
-        }
     }
 }
 
@@ -577,6 +570,18 @@ fn quantize_tensor(
     let n_blocks = k.div_ceil(b);
     let blob = b * BITS / 8;
     let mut q = Quantizer::new(k, n, b, dtype);
+    if let Some(h) = gram {
+        // The output error needs the whole weight: read it once, as [N, K].
+        let Some(w0) = read_nk(t, layout)? else {
+            return Ok(None);
+        };
+        for (col, w) in w0.chunks_exact(k).enumerate() {
+            q.column(col, w);
+        }
+        let mut q = q.finish();
+        q.output_rel_error = Some(h.output_error(&w0)(&dequantize(&q, k, b)));
+        return Ok(Some((q, k, n)));
+    }
     // Read a band of rows at a time: `b` rows of K for [K, N] (one block of every column), a few
     // whole rows (columns of W) for [N, K].
     let rows_per_read = match layout {
@@ -602,14 +607,7 @@ fn quantize_tensor(
         row += rows;
     }
     debug_assert_eq!(q.codes.len(), n * n_blocks * blob);
-    let mut q = q.finish();
-    if let Some(h) = gram {
-        let Some(w0) = read_nk(t, layout)? else {
-            return Ok(None);
-        };
-        q.output_rel_error = Some(output_rel_error(&w0, &q, k, b, h));
-    }
-    Ok(Some((q, k, n)))
+    Ok(Some((q.finish(), k, n)))
 }
 
 /// The weights `q` stands for, `[N, K]`.
@@ -622,21 +620,6 @@ fn dequantize(q: &Quantized, k: usize, b: usize) -> Vec<f32> {
             (q.code(k, b, col, r) as f32 - 8.0) * q.scales[col * nb + r / b]
         })
         .collect()
-}
-
-/// `‖(W − Ŵ)Xᵀ‖ / ‖WXᵀ‖` on the calibration inputs `H = XᵀX`.
-fn output_rel_error(w0: &[f32], q: &Quantized, k: usize, b: usize, h: &Gram) -> f64 {
-    let d: Vec<f32> = dequantize(q, k, b)
-        .iter()
-        .zip(w0)
-        .map(|(a, w)| w - a)
-        .collect();
-    let base = h.quadratic(w0);
-    if base > 0.0 {
-        (h.quadratic(&d) / base).sqrt()
-    } else {
-        0.0
-    }
 }
 
 /// GPTQ with int4 blocks: each block's scale is chosen when GPTQ enters it, from the weights as
@@ -660,14 +643,12 @@ fn quantize_gptq(
         current: vec![0.0; n],
     };
     gptq::quantize(&mut w, n, gram, damp, &mut rounding).map_err(wcc_ir::IrError::Other)?;
-    let mut q = rounding.q;
-    // The error against the float weight, as RTN reports it.
-    (q.sq_err, q.sq_norm) = w0.iter().zip(&w).fold((0.0, 0.0), |(e, s), (a, r)| {
-        (e + ((a - r) as f64).powi(2), s + (*a as f64).powi(2))
-    });
-    let mut q = q.finish();
-    q.method = "gptq";
-    q.output_rel_error = Some(output_rel_error(&w0, &q, k, b, gram));
+    let mut q = rounding.q.finish();
+    q.method = Int4Method::Gptq;
+    // The error against the float weight, as RTN reports it (`w` ends holding GPTQ's rounded
+    // weights).
+    q.rel_error = rel_error(&w0, &w);
+    q.output_rel_error = Some(gram.output_error(&w0)(&dequantize(&q, k, b)));
     Ok(Some((q, k, n)))
 }
 
@@ -834,7 +815,7 @@ impl Quantizer {
             } else {
                 0.0
             },
-            method: "rtn",
+            method: Int4Method::Rtn,
             output_rel_error: None,
         }
     }

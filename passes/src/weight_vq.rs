@@ -39,7 +39,9 @@ use wcc_ir::{DataType, Graph, Model, Node, Result, Tensor};
 use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::kmeans::{self, KMeans};
-use crate::linear_weights::{find_sites, float_bytes, gram_of, k_n, read_nk, Layout, Select, Site};
+use crate::linear_weights::{
+    find_sites, float_bytes, gram_of, k_n, read_nk, rel_error, Layout, Select, Site, Totals,
+};
 
 /// What `--vq-bits` quantizes and how.
 #[derive(Debug, Clone)]
@@ -76,6 +78,17 @@ impl VqOptions {
             vector,
             ..VqOptions::default()
         })
+    }
+}
+
+impl VqOptions {
+    /// What the pass looks at: MatMul/Gemm weights (no tables yet).
+    fn select(&self) -> Select {
+        Select {
+            min_elements: self.min_elements,
+            tables: false,
+            row_multiple: 1,
+        }
     }
 }
 
@@ -129,10 +142,8 @@ pub struct VqReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<String>,
     pub layers: Vec<VqLayer>,
-    pub weights: u64,
-    pub bytes_before: u64,
-    pub bytes_after: u64,
-    pub bits_per_weight: f64,
+    #[serde(flatten)]
+    pub totals: Totals,
     pub skipped: Vec<String>,
 }
 
@@ -149,9 +160,14 @@ struct Coded {
     output_rel_error_nearest: Option<f64>,
 }
 
+impl WeightVq {
+    /// The pass's name in reports and `wcc.passes`.
+    pub const NAME: &'static str = "weight-vq";
+}
+
 impl Pass for WeightVq {
     fn name(&self) -> &'static str {
-        "weight-vq"
+        Self::NAME
     }
     fn description(&self) -> &'static str {
         "vector quantization of MatMul/Gemm weights with a learned codebook per layer (VPTQ)"
@@ -172,12 +188,7 @@ impl Pass for WeightVq {
         }
         let opset = model.default_opset();
         let g = &mut model.graph;
-        let sel = Select {
-            min_elements: o.min_elements,
-            tables: false,
-            row_multiple: 1,
-        };
-        let (sites, mut skipped) = find_sites(g, opset, &sel);
+        let (sites, mut skipped) = find_sites(g, opset, &o.select());
         let mut weights: Vec<(String, Vec<Site>)> = vec![];
         for (w, s) in sites {
             let t = g
@@ -216,36 +227,26 @@ impl Pass for WeightVq {
             }
         }
         wcc_ir::validate::topo_sort(g);
-        let calibrated = o.grams.is_some();
-        let weights: u64 = layers.iter().map(|l| (l.k * l.n) as u64).sum();
-        let bytes_after: u64 = layers.iter().map(|l| l.bytes_after).sum();
         let report = VqReport {
-            mode: if calibrated {
+            mode: if o.grams.is_some() {
                 "hessian-weighted k-means + gptq"
             } else {
                 "k-means"
             },
             calibration: o.calibration.clone(),
-            weights,
-            bytes_before: layers.iter().map(|l| l.bytes_before).sum(),
-            bytes_after,
-            bits_per_weight: if weights == 0 {
-                0.0
-            } else {
-                8.0 * bytes_after as f64 / weights as f64
-            },
+            totals: Totals::of(
+                layers
+                    .iter()
+                    .map(|l| ((l.k * l.n) as u64, l.bytes_before, l.bytes_after)),
+            ),
             layers,
             skipped,
         };
         let mut out = PassOutcome::changed(changes);
         if !report.layers.is_empty() {
             let line = format!(
-                "{} weight(s), {} values: {:.2} MB -> {:.2} MB, {:.2} bits per weight (v {}, k {}, {})",
-                report.layers.len(),
-                report.weights,
-                report.bytes_before as f64 / 1e6,
-                report.bytes_after as f64 / 1e6,
-                report.bits_per_weight,
+                "{} (v {}, k {}, {})",
+                report.totals.summary(report.layers.len()),
                 o.vector,
                 o.centroids,
                 report.mode
@@ -267,12 +268,7 @@ impl Pass for WeightVq {
 
 /// The values the weights `--vq-bits` would quantize multiply: what calibration must expose.
 pub fn calibration_inputs(model: &Model, opts: &VqOptions) -> Vec<String> {
-    let sel = Select {
-        min_elements: opts.min_elements,
-        tables: false,
-        row_multiple: 1,
-    };
-    let (sites, _) = find_sites(&model.graph, model.default_opset(), &sel);
+    let (sites, _) = find_sites(&model.graph, model.default_opset(), &opts.select());
     crate::linear_weights::calibration_inputs(&model.graph, &sites)
 }
 
@@ -328,15 +324,6 @@ fn code(t: &Tensor, layout: Layout, gram: Option<&Gram>, o: &VqOptions) -> Resul
     .fit(&points, weights.as_deref());
     let codebook = fit.centroids;
     let nearest = kmeans::assign(&points, &codebook, v);
-    let ratio = |h: &Gram, w: &[f32]| {
-        let d: Vec<f32> = w.iter().zip(&w0).map(|(a, b)| b - a).collect();
-        let base = h.quadratic(&w0);
-        if base > 0.0 {
-            (h.quadratic(&d) / base).sqrt()
-        } else {
-            0.0
-        }
-    };
     let (idx, w_hat, out_err, out_err_nearest) = match gram {
         Some(h) => {
             let plain = decode(&codebook, &nearest, n, k, v);
@@ -349,7 +336,8 @@ fn code(t: &Tensor, layout: Layout, gram: Option<&Gram>, o: &VqOptions) -> Resul
             gptq::quantize(&mut w, n, h, o.damp, &mut r).map_err(wcc_ir::IrError::Other)?;
             let idx = r.idx;
             let w_hat = decode(&codebook, &idx, n, k, v);
-            let (e, e0) = (ratio(h, &w_hat), ratio(h, &plain));
+            let error = h.output_error(&w0);
+            let (e, e0) = (error(&w_hat), error(&plain));
             (idx, w_hat, Some(e), Some(e0))
         }
         None => {
@@ -357,15 +345,12 @@ fn code(t: &Tensor, layout: Layout, gram: Option<&Gram>, o: &VqOptions) -> Resul
             (nearest, w_hat, None, None)
         }
     };
-    let (err, norm) = w0.iter().zip(&w_hat).fold((0f64, 0f64), |(e, s), (a, b)| {
-        (e + ((a - b) as f64).powi(2), s + (*a as f64).powi(2))
-    });
     Ok(Some(Coded {
         k,
         n,
+        rel_error: rel_error(&w0, &w_hat),
         codebook,
         idx,
-        rel_error: if norm > 0.0 { (err / norm).sqrt() } else { 0.0 },
         output_rel_error: out_err,
         output_rel_error_nearest: out_err_nearest,
     }))

@@ -261,6 +261,17 @@ pub fn optimize(
             "--no-verify cannot be combined with --min-cosine/--max-rel-error".into(),
         ));
     }
+    // Weight quantization (`--int4`, `--vq-bits`): one of them, decided before any work.
+    let quantize = match (&opts.int4, &opts.vq) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Usage(
+                "--int4 and --vq-bits are two ways to quantize the same weights: give one".into(),
+            ))
+        }
+        (Some(o), None) => Some(crate::quantize::Quantize::Int4(o.clone())),
+        (None, Some(o)) => Some(crate::quantize::Quantize::Vq(o.clone())),
+        (None, None) => None,
+    };
     let out_path = opts
         .output
         .clone()
@@ -295,11 +306,12 @@ pub fn optimize(
     progress(Stage::Optimizing);
     let t0 = Instant::now();
     let mut records = wcc_passes::optimize_with(&mut model, pm)?;
-    // The gate the run works under: the user's, else the default of `-O compress` and `--int4`
-    // (an explicit `--drop` at -O1 is measured, not gated, unless the user gives a gate).
+    // The gate the run works under: the user's, else the default of `-O compress` and of weight
+    // quantization (an explicit `--drop` at -O1 is measured, not gated, unless the user gives a
+    // gate).
     let gate = opts
         .gate
-        .for_lossy(opts.level.lossy() || opts.int4.is_some() || opts.vq.is_some());
+        .for_lossy(opts.level.lossy() || quantize.is_some());
     let backend = opts.exec.backend_for(&original);
     // Lossy: sublayer dropping (`--drop`, `-O compress`), on the -O1 result.
     let mut layer_drop = None;
@@ -319,16 +331,6 @@ pub fn optimize(
     }
     // Lossy: weight quantization (`--int4`, `--vq-bits`), last, on what the passes and
     // dropping left; the result is checked where it will run (see `backend_for_result`).
-    let quantize = match (&opts.int4, &opts.vq) {
-        (Some(_), Some(_)) => {
-            return Err(Error::Usage(
-                "--int4 and --vq-bits are two ways to quantize the same weights: give one".into(),
-            ))
-        }
-        (Some(o), None) => Some(crate::quantize::Quantize::Int4(o.clone())),
-        (None, Some(o)) => Some(crate::quantize::Quantize::Vq(o.clone())),
-        (None, None) => None,
-    };
     let mut backend = backend;
     if let Some(q) = &quantize {
         pass_names.push(q.name());

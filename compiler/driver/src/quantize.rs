@@ -26,8 +26,8 @@ impl Quantize {
     /// The pass's name (for `wcc.passes`).
     pub fn name(&self) -> &'static str {
         match self {
-            Quantize::Int4(o) => WeightInt4 { opts: o.clone() }.name(),
-            Quantize::Vq(o) => WeightVq { opts: o.clone() }.name(),
+            Quantize::Int4(_) => WeightInt4::NAME,
+            Quantize::Vq(_) => WeightVq::NAME,
         }
     }
 }
