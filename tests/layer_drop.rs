@@ -197,7 +197,8 @@ fn o_compress_stops_at_the_largest_count_that_passes_the_gate() {
     let next = &ld.tried[dropped];
     assert_eq!(next.count, dropped + 1);
     assert!(!next.passed, "{next:?}");
-    assert!(next.min_cosine < 0.99);
+    // Under -O compress's planner, drops may use a quarter of the gate (1 - 0.99): 0.9975.
+    assert!(next.min_cosine < 0.9975);
     // The written model passes the default gate against the original.
     assert!(r.verification.as_ref().unwrap().outputs[0].cosine >= 0.99);
 

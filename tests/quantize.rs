@@ -8,7 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use wcc_driver::{Gate, Int4Method, Int4Options, OptimizeOptions, OptimizeReport, VqOptions};
+use wcc_driver::{
+    Gate, IntBits, IntMethod, IntOptions, OptimizeOptions, OptimizeReport, VqOptions,
+};
 use wcc_ir::{DataType, Graph, Model, Node, Tensor};
 use wcc_runtime::{Backend, NamedArrays};
 
@@ -52,12 +54,14 @@ fn optimize(
     }
 }
 
-/// `--int4` through the driver; the fixtures' weights are small (32×32 and up): all quantized.
-fn int4(stem: &str, dir: &Path) -> (PathBuf, OptimizeReport) {
-    optimize(stem, dir, "int4", 0.5, |o| {
-        o.int4 = Some(Int4Options {
+/// `--int4` (or `--int8`) through the driver; the fixtures' weights are small (32×32 and up): all
+/// quantized.
+fn int_n(stem: &str, dir: &Path, bits: IntBits) -> (PathBuf, OptimizeReport) {
+    optimize(stem, dir, &format!("int{}", bits.bits()), 0.5, |o| {
+        o.int = Some(IntOptions {
+            bits,
             min_elements: 0,
-            ..Int4Options::default()
+            ..IntOptions::default()
         })
     })
 }
@@ -69,11 +73,33 @@ fn calibrated(o: &mut OptimizeOptions, stem: &str) {
 }
 
 fn int4_details(r: &OptimizeReport) -> &serde_json::Value {
+    int_details(r, 4)
+}
+
+fn int_details(r: &OptimizeReport, bits: usize) -> &serde_json::Value {
+    let pass = format!("weight-int{bits}");
     r.passes
         .iter()
-        .find(|p| p.pass == "weight-int4")
+        .find(|p| p.pass == pass)
         .and_then(|p| p.details.as_ref())
-        .expect("weight-int4 ran")
+        .unwrap_or_else(|| panic!("{pass} ran"))
+}
+
+/// Code `i` of `codes` packed `bits` a code (4: two a byte, the low nibble first; 8: a byte).
+fn code_at(codes: &[u8], i: usize, bits: usize) -> f32 {
+    match bits {
+        4 => {
+            let byte = codes[i / 2];
+            (if i.is_multiple_of(2) {
+                byte & 15
+            } else {
+                byte >> 4
+            }) as f32
+                - 8.0
+        }
+        8 => codes[i] as f32 - 128.0,
+        b => panic!("{b} bits"),
+    }
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {
@@ -81,32 +107,32 @@ fn f32s(t: &Tensor) -> Vec<f32> {
 }
 
 /// The table a GatherBlockQuantized stands for, `[V, D]` row-major: row v, column d is
-/// `(code − 8) · scale[v, d / block]`, the code in byte `v·D/2 + d/2`, the low nibble for even d.
+/// `(code − zero) · scale[v, d / block]`, the codes row-major packed as `code_at` reads them,
+/// zero `2^(bits−1)`.
 fn table_of(g: &Graph, n: &Node) -> (Vec<f32>, usize, usize) {
     assert_eq!(n.domain, "com.microsoft");
-    assert_eq!(n.attr_i("bits"), Some(4));
+    let bits = n.attr_i("bits").unwrap() as usize;
     let b = n.attr_i("block_size").unwrap() as usize;
     let codes = g.initializer(&n.inputs[0]).unwrap();
     assert_eq!(codes.dtype().unwrap(), DataType::U8);
-    let (v, half) = (codes.dims()[0] as usize, codes.dims()[1] as usize);
-    let d = 2 * half;
+    let v = codes.dims()[0] as usize;
+    let d = codes.dims()[1] as usize * 8 / bits;
     let codes = codes.raw_bytes().unwrap().to_vec();
     let scales = f32s(g.initializer(&n.inputs[2]).unwrap());
     assert_eq!(scales.len(), v * d.div_ceil(b));
     let table = (0..v * d)
         .map(|i| {
             let (r, c) = (i / d, i % d);
-            let byte = codes[r * half + c / 2];
-            let code = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
-            (code as f32 - 8.0) * scales[r * d.div_ceil(b) + c / b]
+            code_at(&codes, i, bits) * scales[r * d.div_ceil(b) + c / b]
         })
         .collect();
     (table, v, d)
 }
 
 /// The weight a MatMulNBits stands for, `[K, N]` row-major: column n, row k is
-/// `(code − 8) · scale[n, k / block]`, the code in byte `(n·blocks + k/block)·block/2 +
-/// (k % block)/2`, the low nibble for even k.
+/// `(code − zero) · scale[n, k / block]`, code number `(n·blocks + k/block)·block + k % block` as
+/// `code_at` reads it (4 bits: byte `(n·blocks + k/block)·block/2 + (k % block)/2`, the low
+/// nibble for even k), zero `2^(bits−1)`.
 fn weight_of(g: &Graph, n: &Node) -> (Vec<f32>, usize, usize) {
     assert_eq!(n.domain, "com.microsoft");
     let (k, cols, b) = (
@@ -114,11 +140,14 @@ fn weight_of(g: &Graph, n: &Node) -> (Vec<f32>, usize, usize) {
         n.attr_i("N").unwrap() as usize,
         n.attr_i("block_size").unwrap() as usize,
     );
-    assert_eq!(n.attr_i("bits"), Some(4));
+    let bits = n.attr_i("bits").unwrap() as usize;
     let codes = g.initializer(&n.inputs[1]).unwrap();
     assert_eq!(codes.dtype().unwrap(), DataType::U8);
     let blocks = k.div_ceil(b);
-    assert_eq!(codes.dims(), [cols as i64, blocks as i64, b as i64 / 2]);
+    assert_eq!(
+        codes.dims(),
+        [cols as i64, blocks as i64, (b * bits / 8) as i64]
+    );
     let codes = codes.raw_bytes().unwrap().to_vec();
     let scales = f32s(g.initializer(&n.inputs[2]).unwrap());
     assert_eq!(scales.len(), cols * blocks);
@@ -129,9 +158,8 @@ fn weight_of(g: &Graph, n: &Node) -> (Vec<f32>, usize, usize) {
     let mut w = vec![0f32; k * cols];
     for c in 0..cols {
         for r in 0..k {
-            let byte = codes[(c * blocks + r / b) * b / 2 + (r % b) / 2];
-            let code = if r % 2 == 0 { byte & 15 } else { byte >> 4 };
-            w[r * cols + c] = (code as f32 - 8.0) * scales[c * blocks + r / b];
+            let i = (c * blocks + r / b) * b + r % b;
+            w[r * cols + c] = code_at(&codes, i, bits) * scales[c * blocks + r / b];
         }
     }
     (w, k, cols)
@@ -188,8 +216,9 @@ fn dequantized(m: &Model) -> Model {
 }
 
 /// Checks the weights a quantized node stands for against the float weights it replaced (in
-/// `before`, the -O1 model): every value within its block's bound, `|m|/8` for a block whose
-/// largest magnitude is `|m|` (see the pass's doc), and the relative error the report gives.
+/// `before`, the -O1 model): every value within its block's bound, `|m|/2^(bits−1)` for a block
+/// whose largest magnitude is `|m|` (see the pass's doc), and the relative error the report
+/// gives.
 fn check_against_float(stem: &str, before: &Graph, after: &Graph, layer: &serde_json::Value) {
     let name = layer["weight"].as_str().unwrap();
     let node_name = layer["nodes"][0].as_str().unwrap();
@@ -217,6 +246,7 @@ fn check_against_float(stem: &str, before: &Graph, after: &Graph, layer: &serde_
         w0
     };
     let b = layer["block_size"].as_u64().unwrap() as usize;
+    let levels = (1u32 << (node.attr_i("bits").unwrap() - 1)) as f32;
     let (mut err, mut norm) = (0f64, 0f64);
     for c in 0..cols {
         for blk in 0..k.div_ceil(b) {
@@ -224,7 +254,10 @@ fn check_against_float(stem: &str, before: &Graph, after: &Graph, layer: &serde_
             let m = w0[range.clone()].iter().fold(0f32, |m, v| m.max(v.abs()));
             for i in range {
                 let e = (w0[i] - wq[i]).abs();
-                assert!(e <= m / 8.0 * 1.0001 + 1e-7, "{stem} {name}: {e} > {m}/8");
+                assert!(
+                    e <= m / levels * 1.0001 + 1e-7,
+                    "{stem} {name}: {e} > {m}/{levels}"
+                );
                 err += (e as f64).powi(2);
                 norm += (w0[i] as f64).powi(2);
             }
@@ -266,16 +299,27 @@ fn max_diff(a: &NamedArrays, b: &NamedArrays) -> f64 {
 
 #[test]
 fn int4_results_run_as_onnx_runtime_computes_them_from_the_documented_layout() {
+    layout_test(IntBits::Four);
+}
+
+#[test]
+fn int8_results_run_as_onnx_runtime_computes_them_from_the_documented_layout() {
+    layout_test(IntBits::Eight);
+}
+
+fn layout_test(bits: IntBits) {
     let dir = tempfile::tempdir().unwrap();
     let ort = ort();
+    let nbits_of = bits.bits();
     for stem in STEMS {
-        let (out, r) = int4(stem, dir.path());
+        let (out, r) = int_n(stem, dir.path(), bits);
         let m = wcc_ir::import::load(&out).unwrap();
         let count = |op: &str| m.graph.nodes.iter().filter(|n| n.op_type == op).count();
         let nbits = count("MatMulNBits");
         // The language models' embedding tables: quantized, or left in float with the reason
         // (llama's rows are 48 wide, not a multiple of the block).
-        let d = int4_details(&r);
+        let d = int_details(&r, nbits_of);
+        assert_eq!(d["bits"], nbits_of.to_string());
         if ["bert", "gpt2", "llama"]
             .iter()
             .any(|p| stem.starts_with(p))
@@ -292,7 +336,7 @@ fn int4_results_run_as_onnx_runtime_computes_them_from_the_documented_layout() {
             "{stem}: nothing quantized"
         );
         assert!(m
-            .metadata("wcc.int4")
+            .metadata(&format!("wcc.int{nbits_of}"))
             .is_some_and(|v| v.contains("bits per weight")));
         // The float weights that were replaced are gone from the file, and what stands for
         // them is within 4 bits' reach of them.
@@ -322,13 +366,13 @@ fn int4_results_run_as_onnx_runtime_computes_them_from_the_documented_layout() {
         let weights = d["weights"].as_u64().unwrap() as f64;
         let bpw = d["bits_per_weight"].as_f64().unwrap();
         assert!((bpw - 8.0 * file_bytes as f64 / weights).abs() < 1e-9);
-        // What MatMulNBits holds: per column and block of 32, 16 bytes of codes and an f32
-        // scale (a short last block is padded).
+        // What MatMulNBits holds: per column and block of 32, 32·bits/8 bytes of codes and an
+        // f32 scale (a short last block is padded).
         let expected: u64 = layers
             .iter()
             .map(|l| {
                 let (k, n) = (l["k"].as_u64().unwrap(), l["n"].as_u64().unwrap());
-                n * k.div_ceil(32) * (16 + 4)
+                n * k.div_ceil(32) * (32 * nbits_of as u64 / 8 + 4)
             })
             .sum();
         assert_eq!(file_bytes, expected, "{stem}");
@@ -345,16 +389,18 @@ fn int4_results_run_as_onnx_runtime_computes_them_from_the_documented_layout() {
         // tract runs the same file and agrees (it keeps Q4_0 scales in f16, hence the looser
         // bound), except where tract 0.23.9 cannot: a MatMulNBits whose K comes from merging
         // attention heads 8 wide (these fixtures' head width; real models' 32, 64, 128 run).
-        match run(&Backend::Tract, &m, &inputs) {
-            Ok(tract) => {
+        // tract 0.23.9 takes MatMulNBits and GatherBlockQuantized at 4 bits (and 2) only.
+        match (run(&Backend::Tract, &m, &inputs), bits) {
+            (Ok(tract), _) => {
                 let d_tract = max_diff(&tract, &got);
                 assert!(
                     d_tract <= 1e-3 * scale,
-                    "{stem}: tract vs ORT on the int4 model: {d_tract} (max|y| {scale})"
+                    "{stem}: tract vs ORT on the int{nbits_of} model: {d_tract} (max|y| {scale})"
                 );
                 assert!(TRACT_RUNS.contains(stem), "{stem}: tract runs it now");
             }
-            Err(e) => assert!(
+            (Err(e), IntBits::Eight) => assert!(e.contains("only bits=4"), "{stem} on tract: {e}"),
+            (Err(e), _) => assert!(
                 !TRACT_RUNS.contains(stem) && e.contains("Invalid reshape"),
                 "{stem} on tract: {e}"
             ),
@@ -625,14 +671,14 @@ fn at_opset_21_int4_is_standard_dequantize_linear_that_onnx_runtime_runs() {
 fn int4_calibrated(
     stem: &str,
     dir: &Path,
-    method: Int4Method,
+    method: IntMethod,
     tag: &str,
 ) -> (PathBuf, OptimizeReport) {
     optimize(stem, dir, tag, 0.5, |o| {
-        o.int4 = Some(Int4Options {
+        o.int = Some(IntOptions {
             min_elements: 0,
             method,
-            ..Int4Options::default()
+            ..IntOptions::default()
         });
         calibrated(o, stem);
         o.exec.backend = wcc_driver::BackendChoice::Ort;
@@ -643,9 +689,9 @@ fn int4_calibrated(
 fn gptq_beats_round_to_nearest_on_every_layers_calibration_outputs() {
     let dir = tempfile::tempdir().unwrap();
     for stem in ["bert.legacy", "gpt2.legacy", "llama.dynamo"] {
-        let (_, rtn) = int4_calibrated(stem, dir.path(), Int4Method::Rtn, "rtn");
-        let (a, gptq) = int4_calibrated(stem, dir.path(), Int4Method::Gptq, "gptq");
-        let (b, _) = int4_calibrated(stem, dir.path(), Int4Method::Gptq, "gptq2");
+        let (_, rtn) = int4_calibrated(stem, dir.path(), IntMethod::Rtn, "rtn");
+        let (a, gptq) = int4_calibrated(stem, dir.path(), IntMethod::Gptq, "gptq");
+        let (b, _) = int4_calibrated(stem, dir.path(), IntMethod::Gptq, "gptq2");
         assert_eq!(
             std::fs::read(&a).unwrap(),
             std::fs::read(&b).unwrap(),
@@ -722,54 +768,154 @@ fn vq_details(r: &OptimizeReport) -> &serde_json::Value {
         .expect("weight-vq ran")
 }
 
-/// `m` with every decoded weight (`Cast → Gather(codebook) → Reshape`) replaced by the float
-/// weight it stands for, decoded here: `W[q, j·v + t] = codebook[idx[q, j], t]`. Returns the
-/// model and the bytes the indices and codebooks take.
+/// `m` with every decoded weight replaced by the float weight it stands for, decoded here:
+/// per codebook `Cast → Gather(codebook)`, summed by an `Add` when there are two (residual),
+/// `→ Reshape` (`W[q, j·v + t] = Σ codebook[idx[q, j], t]`), then, normalized, `Mul(scale [K, 1])
+/// → Add(shift [K, 1])`. Returns the model and the bytes the indices, codebooks and norms take.
 fn vq_decoded(m: &Model) -> (Model, u64) {
     let mut out = m.clone();
     let g = &m.graph;
     let mut bytes = 0;
+    let producer = |name: &str| g.nodes.iter().find(|n| n.outputs[0] == name).unwrap();
     for r in g
         .nodes
         .iter()
         .filter(|n| n.is("Reshape") && n.outputs[0].ends_with("_vq"))
     {
-        let gather = g
-            .nodes
-            .iter()
-            .find(|n| n.outputs[0] == r.inputs[0])
-            .unwrap();
-        assert!(gather.is("Gather"));
-        let cast = g
-            .nodes
-            .iter()
-            .find(|n| n.outputs[0] == gather.inputs[1])
-            .unwrap();
-        assert!(cast.is("Cast"));
-        let (idx, book) = (
-            g.initializer(&cast.inputs[0]).unwrap(),
-            g.initializer(&gather.inputs[0]).unwrap(),
-        );
-        assert_eq!(idx.dtype().unwrap(), DataType::U8);
-        bytes += idx.byte_size() + book.byte_size();
-        let (k, per) = (idx.dims()[0] as usize, idx.dims()[1] as usize);
-        let v = book.dims()[1] as usize;
-        let (ids, cb) = (idx.raw_bytes().unwrap().to_vec(), f32s(book));
-        let mut w = vec![0f32; k * per * v];
-        for q in 0..k {
-            for j in 0..per {
-                for t in 0..v {
-                    w[q * per * v + j * v + t] = cb[ids[q * per + j] as usize * v + t];
+        let mut decoding = vec![r.name.clone()];
+        let top = producer(&r.inputs[0]);
+        let gathers: Vec<&Node> = if top.is("Add") {
+            decoding.push(top.name.clone());
+            top.inputs.iter().map(|i| producer(i)).collect()
+        } else {
+            vec![top]
+        };
+        let mut w: Vec<f32> = vec![];
+        let (mut k, mut width) = (0, 0);
+        for gather in gathers {
+            assert!(gather.is("Gather"));
+            let cast = producer(&gather.inputs[1]);
+            assert!(cast.is("Cast"));
+            let (idx, book) = (
+                g.initializer(&cast.inputs[0]).unwrap(),
+                g.initializer(&gather.inputs[0]).unwrap(),
+            );
+            assert_eq!(idx.dtype().unwrap(), DataType::U8);
+            bytes += idx.byte_size() + book.byte_size();
+            let per = idx.dims()[1] as usize;
+            k = idx.dims()[0] as usize;
+            let v = book.dims()[1] as usize;
+            width = per * v;
+            let (ids, cb) = (idx.raw_bytes().unwrap().to_vec(), f32s(book));
+            w.resize(k * width, 0.0);
+            for q in 0..k {
+                for j in 0..per {
+                    for t in 0..v {
+                        w[q * width + j * v + t] += cb[ids[q * per + j] as usize * v + t];
+                    }
                 }
             }
+            decoding.extend([cast.name.clone(), gather.name.clone()]);
         }
-        let names = [&cast.name, &gather.name, &r.name];
-        out.graph.nodes.retain(|n| !names.contains(&&n.name));
+        // The norms, when normalized: scale then shift, a value per input column q.
+        let mut name = r.outputs[0].clone();
+        while let Some(n) = g.nodes.iter().find(|n| {
+            n.inputs[0] == name && (n.is("Mul") || n.is("Add")) && n.outputs[0].contains("_vq_")
+        }) {
+            let p = g.initializer(&n.inputs[1]).unwrap();
+            assert_eq!(p.dims(), [k as i64, 1]);
+            bytes += p.byte_size();
+            let p = f32s(p);
+            for (i, x) in w.iter_mut().enumerate() {
+                *x = if n.is("Mul") {
+                    *x * p[i / width]
+                } else {
+                    *x + p[i / width]
+                };
+            }
+            decoding.push(n.name.clone());
+            name = n.outputs[0].clone();
+        }
+        out.graph.nodes.retain(|n| !decoding.contains(&n.name));
         out.graph
             .initializers
-            .push(f32_tensor(&r.outputs[0], &w, &[k as i64, (per * v) as i64]));
+            .push(f32_tensor(&name, &w, &[k as i64, width as i64]));
     }
     (out, bytes)
+}
+
+#[test]
+fn vq_refinements_run_as_decoded_and_a_residual_codebook_lowers_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for stem in ["bert.legacy", "gpt2.legacy", "llama.dynamo"] {
+        let (_, plain) = vq(stem, dir.path(), true, "vq-p");
+        let plain = vq_details(&plain)["layers"].as_array().unwrap().clone();
+        for (tag, edit) in [
+            ("vq-n", (false, true, 0.0)),
+            ("vq-o", (false, false, 0.1)),
+            ("vq-r", (true, false, 0.0)),
+            ("vq-all", (true, true, 0.1)),
+        ] {
+            // The form is tested here, not the fidelity of 16 centroids: no gate to speak of.
+            let (out, r) = optimize(stem, dir.path(), tag, -1.0, |o| {
+                o.vq = Some(VqOptions {
+                    vector: 4,
+                    centroids: 16,
+                    min_elements: 0,
+                    residual: edit.0,
+                    normalize: edit.1,
+                    outliers: edit.2,
+                    ..VqOptions::default()
+                });
+                calibrated(o, stem);
+            });
+            let d = vq_details(&r);
+            let layers = d["layers"].as_array().unwrap();
+            let m = wcc_ir::import::load(&out).unwrap();
+            let (float, bytes) = vq_decoded(&m);
+            assert_eq!(d["bytes_after"].as_u64(), Some(bytes), "{stem} {tag}");
+            for (l, p) in layers.iter().zip(&plain) {
+                assert_eq!(l["weight"], p["weight"]);
+                assert_eq!(l["residual"], edit.0);
+                assert_eq!(l["normalized"], edit.1);
+                let k = l["k"].as_f64().unwrap();
+                assert_eq!(
+                    l["outlier_columns"].as_u64().unwrap(),
+                    (edit.2 * k).ceil() as u64,
+                    "{stem} {tag}"
+                );
+                // Indices, codebooks (16 centroids of 4 f32 each), norms: the reported bytes.
+                let (kk, n) = (l["k"].as_u64().unwrap(), l["n"].as_u64().unwrap());
+                let books = if edit.0 { 2 } else { 1 };
+                let norms = if edit.1 { 2 * kk * 4 } else { 0 };
+                assert_eq!(
+                    l["bytes_after"].as_u64().unwrap(),
+                    books * (kk * n / 4 + 16 * 4 * 4) + norms,
+                    "{stem} {tag}"
+                );
+                // A second codebook for what the first leaves: a lower weight error.
+                if edit == (true, false, 0.0) {
+                    assert!(
+                        l["rel_error"].as_f64().unwrap() < p["rel_error"].as_f64().unwrap(),
+                        "{stem} {}",
+                        l["weight"]
+                    );
+                }
+            }
+            let inputs = inputs(stem, "alt.inputs");
+            let want = run(&ort(), &float, &inputs).unwrap();
+            let scale = max_abs(&want).max(1.0);
+            for backend in [ort(), Backend::Tract] {
+                let got = run(&backend, &m, &inputs).unwrap_or_else(|e| panic!("{stem}: {e}"));
+                let diff = max_diff(&got, &want);
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "{stem} {tag} on {}: {diff}",
+                    backend.label()
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -833,4 +979,138 @@ fn vq_codebooks_run_as_decoded_and_error_feedback_beats_nearest_centroids() {
             );
         }
     }
+}
+
+/// `-O compress` on `stem`'s default (random) calibration, every weight a candidate.
+fn compressed(
+    stem: &str,
+    dir: &Path,
+    tag: &str,
+    edit: impl FnOnce(&mut OptimizeOptions),
+) -> Result<(PathBuf, OptimizeReport), wcc_driver::Error> {
+    let out = dir.join(format!("{stem}.{tag}.onnx"));
+    let mut opts = OptimizeOptions::new(fixture_path(stem));
+    opts.output = Some(out.clone());
+    opts.level = wcc_driver::Level::Compress;
+    opts.quant_min_elements = 0;
+    if let Backend::Ort { lib, .. } = ort() {
+        opts.exec.ort_lib = lib;
+    }
+    edit(&mut opts);
+    wcc_driver::optimize(opts, &mut |_| {}).map(|d| (out, d.report))
+}
+
+/// The cosine of every output of `m` against `original`'s on `stem`'s own inputs and its `alt`
+/// ones (neither seen by the planner, which calibrated on random batches), on ONNX Runtime.
+fn cosines_on_fixture_inputs(stem: &str, m: &Model) -> Vec<f64> {
+    let ort = ort();
+    let original = wcc_ir::import::load(&fixture_path(stem)).unwrap();
+    let mut out = vec![];
+    for which in ["inputs", "alt.inputs"] {
+        let x = inputs(stem, which);
+        let (a, b) = (run(&ort, &original, &x).unwrap(), run(&ort, m, &x).unwrap());
+        for f in wcc_runtime::compare_outputs(&a, &b).unwrap() {
+            out.push(f.cosine);
+        }
+    }
+    out
+}
+
+#[test]
+fn o_compress_plans_each_weight_and_keeps_the_gate_on_inputs_it_did_not_see() {
+    let dir = tempfile::tempdir().unwrap();
+    for stem in ["bert.legacy", "gpt2.legacy", "llama.legacy"] {
+        let (out, r) = compressed(stem, dir.path(), "c", |_| {}).unwrap_or_else(|e| panic!("{e}"));
+        let p = r.plan.as_ref().expect("planned");
+        let at = p.chosen_try.expect("a plan was kept");
+        let kept = &p.tries[at];
+        assert!(
+            kept.passed && kept.measured_share <= wcc_driver::planner::KEEP,
+            "{kept:?}"
+        );
+        // Every try's estimate kept to its budget, and a kept plan's estimate was near what was
+        // measured (the share model of the planner's doc: within a factor of two here).
+        for t in &p.tries {
+            assert!(t.estimated_share <= t.budget.unwrap() + 1e-12, "{t:?}");
+        }
+        let ratio = kept.measured_share / kept.estimated_share;
+        assert!((0.5..2.0).contains(&ratio), "{stem}: {kept:?}");
+        // Smaller, and the report's bytes are the file's.
+        let m = wcc_ir::import::load(&out).unwrap();
+        assert_eq!(p.bytes_after, wcc_ir::export::tensor_bytes(&m), "{stem}");
+        assert!(
+            p.bytes_after * 2 < p.bytes_before,
+            "{stem}: {}",
+            p.bytes_after
+        );
+        // What was chosen is what the file holds: quantized weights gone, float ones kept; both
+        // int8 and int4 were used.
+        for w in &p.weights {
+            let present = m.graph.initializer(&w.weight).is_some();
+            assert_eq!(
+                present,
+                w.chosen == wcc_driver::planner::Treatment::Float,
+                "{stem}: {w:?}"
+            );
+        }
+        assert!(
+            kept.counts
+                .contains_key(&wcc_driver::planner::Treatment::Int4),
+            "{kept:?}"
+        );
+        // On inputs the planner never saw, the result stays near the original.
+        let cos = cosines_on_fixture_inputs(stem, &m);
+        assert!(cos.iter().all(|c| *c >= 0.985), "{stem}: {cos:?}");
+        let v = r.verification.as_ref().unwrap();
+        assert_eq!(v.backend, "onnxruntime/cpu");
+        assert!(v.outputs.iter().all(|o| o.cosine >= 0.99));
+    }
+    // The same input and flags give the same bytes.
+    let (a, _) = compressed("gpt2.legacy", dir.path(), "a", |_| {}).unwrap();
+    let (b, _) = compressed("gpt2.legacy", dir.path(), "b", |_| {}).unwrap();
+    assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+}
+
+#[test]
+fn target_size_plans_the_most_faithful_model_that_fits_or_refuses() {
+    use wcc_driver::planner::TargetSize;
+    let dir = tempfile::tempdir().unwrap();
+    let stem = "llama.legacy";
+    let (out, r) = compressed(stem, dir.path(), "t", |o| {
+        o.target_size = Some(TargetSize::Percent(40.0));
+        o.gate.min_cosine = Some(0.9);
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = r.plan.as_ref().unwrap();
+    assert!(
+        p.objective.starts_with("most faithful within"),
+        "{}",
+        p.objective
+    );
+    let m = wcc_ir::import::load(&out).unwrap();
+    let original = wcc_ir::import::load(&fixture_path(stem)).unwrap();
+    let limit = wcc_ir::export::tensor_bytes(&original) * 40 / 100;
+    assert!(wcc_ir::export::tensor_bytes(&m) <= limit);
+    // A looser size is at least as faithful.
+    let (_, r2) = compressed(stem, dir.path(), "t2", |o| {
+        o.target_size = Some(TargetSize::Percent(60.0));
+        o.gate.min_cosine = Some(0.9);
+    })
+    .unwrap();
+    let (t1, t2) = (
+        &p.tries[p.chosen_try.unwrap()],
+        &r2.plan.as_ref().unwrap().tries[0],
+    );
+    assert!(
+        t2.bytes > t1.bytes && t2.measured_share <= t1.measured_share,
+        "{t1:?} {t2:?}"
+    );
+    // A size no plan reaches is refused, exit 1, nothing written.
+    let e = compressed(stem, dir.path(), "t3", |o| {
+        o.target_size = Some(TargetSize::Percent(1.0))
+    })
+    .expect_err("refused");
+    assert_eq!(e.exit_code(), 1);
+    assert!(e.to_string().contains("cannot be reached"), "{e}");
+    assert!(!dir.path().join(format!("{stem}.t3.onnx")).exists());
 }

@@ -101,6 +101,13 @@ pub trait ColumnRounding {
     fn round(&mut self, i: usize, col: &mut [f64]);
 }
 
+/// The damping GPTQ adds to `H`'s diagonal, as a fraction of its mean: 0.1, ten times GPTQ's own
+/// 0.01. Calibration sets of a few hundred tokens (32 sentences) give a Hessian of lower rank than
+/// an MLP's K; less damping then fits the calibration tokens at the expense of others. Measured on
+/// MiniLM, 32 calibration sentences, scored on 32 others (sentence-embedding cosine): int4 GPTQ
+/// 0.9837 / 0.9864 / 0.9840 and VQ at 3 bits 0.919 / 0.938 / 0.938 at 0.01 / 0.1 / 1.
+pub const DEFAULT_DAMP: f64 = 0.1;
+
 /// Runs GPTQ on `w` (`[N, K]` row-major), which ends holding the rounded weights. Returns the
 /// damping factor used.
 pub fn quantize(

@@ -16,7 +16,7 @@ pub mod miss_branch;
 pub mod noop;
 pub mod qk_fuse;
 pub mod structure;
-pub mod weight_int4;
+pub mod weight_int;
 pub mod weight_vq;
 
 use wcc_ir::pass::{Pass, PassManager, PassRecord};

@@ -23,6 +23,8 @@ pub(crate) struct Select {
     pub tables: bool,
     /// A table's rows must be a multiple of this (a block, a vector).
     pub row_multiple: usize,
+    /// Only these weights, when given.
+    pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
 }
 
 /// How a node reads its weight.
@@ -75,7 +77,7 @@ pub(crate) fn find_sites(g: &Graph, opset: i64, sel: &Select) -> (Sites, Vec<Str
             Layout::Rows => (&n.inputs[0], &n.inputs[1]),
             _ => (&n.inputs[1], &n.inputs[0]),
         };
-        if !consts.contains(w) {
+        if !consts.contains(w) || sel.only.as_ref().is_some_and(|o| !o.contains(w)) {
             continue;
         }
         let t = g.initializer(w).expect("a constant is an initializer");
@@ -203,6 +205,14 @@ pub(crate) fn float_bytes(scales: &[f32], dtype: DataType) -> Vec<u8> {
             .collect(),
         _ => scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
     }
+}
+
+/// The layer's output error `‖(W − Ŵ)X‖ / ‖WX‖` (`w0`, `w_hat` `[N, K]`) on the calibration
+/// inputs `X` of `held`, those the fit did not see, when given.
+pub(crate) fn heldout_error(w0: &[f32], w_hat: &[f32], held: Option<&Gram>) -> Option<f64> {
+    let k = held?.k;
+    (w0.len() == w_hat.len() && w0.len().is_multiple_of(k.max(1)))
+        .then(|| held.expect("checked").output_error(w0)(w_hat))
 }
 
 /// `‖W − Ŵ‖_F / ‖W‖_F` (0 for an all-zero `W`).

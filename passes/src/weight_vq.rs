@@ -12,16 +12,32 @@
 //! vectors mapped to their nearest centroid and the error spread over the columns not yet
 //! quantized. `Ŵ[j·v + t, q] = C[idx[q, j], t]`.
 //!
-//! Bits per weight: `(bytes of idx + bytes of C) · 8 / (K·N)`, the indices stored as uint8 for
-//! `k ≤ 256`, else uint16: `8/v` (or `16/v`) plus the codebook, amortized over the layer.
+//! Three refinements of VPTQ's, each an option:
+//! - *normalization*: every input column is coded as `W[·, q] = σ_q·W'[·, q] + μ_q` (its standard
+//!   deviation and mean over the outputs), the codebook fitted to `W'`, each vector weighted by
+//!   `H_qq·σ_q²` (what an error in `W'` costs in the output);
+//! - *outlier columns*: the fraction `outliers` of the input columns whose errors cost the most
+//!   (largest `H_qq·σ_q²`; without calibration, largest norm) is fitted and coded from its own
+//!   `k/8` centroids of the codebook (`[k − k/8, k)`), the others from the rest, so the few
+//!   columns a transformer's activation outliers make expensive neither take the codebook over
+//!   nor are left with centroids fitted to the others;
+//! - *residual*: a second codebook `C₂` of `k` centroids is fitted to what the first leaves
+//!   (every vector at its nearest centroid), and each vector is coded by a pair, the first
+//!   nearest in `C`, the second nearest to the rest in `C₂`: `Ŵ = C[idx] + C₂[idx₂]`, twice the
+//!   index bits.
+//!
+//! Bits per weight: `(bytes of the indices + codebooks + norms) · 8 / (K·N)`, the indices stored
+//! as uint8 for `k ≤ 256`, else uint16: `8/v` (or `16/v`) a codebook, plus the codebooks and two
+//! values per input column when normalized, amortized over the layer.
 //!
 //! # Emission
-//! In standard ONNX, in the layer's own `[K, N]` orientation: `idx` `[K, N/v]` (uint8/uint16) →
-//! `Cast(to int32)` → `Gather(C [k, v], ·)` `[K, N/v, v]` → `Reshape([K, N])` → the MatMul's (or
-//! Gemm's, then with `transB = 0`) weight input. ONNX Runtime and tract run it as is. ONNX
-//! Runtime constant-folds that chain into a dense weight when it creates a session (the file
-//! stays small, the session's memory does not) unless constant folding is turned off, which
-//! the `wcc.vq` metadata says.
+//! In standard ONNX, in the layer's own `[K, N]` orientation: per codebook, `idx` `[K, N/v]`
+//! (uint8/uint16) → `Cast(to int32)` → `Gather(C [k, v], ·)` `[K, N/v, v]`; the two summed (`Add`)
+//! with a residual codebook; → `Reshape([K, N])`; normalized, `Mul(σ [K, 1])` → `Add(μ [K, 1])`;
+//! → the MatMul's (or Gemm's, then with `transB = 0`) weight input. ONNX Runtime and tract run it
+//! as is. ONNX Runtime constant-folds that chain into a dense weight when it creates a session
+//! (the file stays small, the session's memory does not) unless constant folding is turned off,
+//! which the `wcc.vq` metadata says.
 //!
 //! # What it touches
 //! What `linear_weights::find_sites` selects (MatMul/Gemm weights, no tables yet) whose N is a
@@ -40,7 +56,8 @@ use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::kmeans::{self, KMeans};
 use crate::linear_weights::{
-    find_sites, float_bytes, gram_of, k_n, read_nk, rel_error, Layout, Select, Site, Totals,
+    find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, Layout, Select, Site,
+    Totals,
 };
 
 /// What `--vq-bits` quantizes and how.
@@ -50,8 +67,19 @@ pub struct VqOptions {
     pub vector: usize,
     /// Centroids `k` (at most 65536).
     pub centroids: usize,
+    /// A second codebook of `centroids` for what the first leaves (twice the index bits).
+    pub residual: bool,
+    /// Normalize every input column (its mean and standard deviation over the outputs) before
+    /// fitting: a scale and a shift per column, applied after decoding.
+    pub normalize: bool,
+    /// This fraction of the input columns, the costliest (largest `H_qq·scale²`; without
+    /// calibration the largest), is coded from its own eighth of the codebook.
+    pub outliers: f64,
     /// Weights with fewer elements are left in float.
     pub min_elements: u64,
+    /// Only these weights (by initializer name), when given: how a planner quantizes weight by
+    /// weight. The others are left as they are, unreported.
+    pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
     /// k-means: most Lloyd iterations, seed, most vectors fitted on.
     pub iters: usize,
     pub seed: u64,
@@ -60,6 +88,9 @@ pub struct VqOptions {
     pub damp: f64,
     /// `H = XᵀX` of the calibration inputs, by the name of the value a weight multiplies.
     pub grams: Option<Arc<HashMap<String, Gram>>>,
+    /// `H = XᵀX` of calibration inputs the fit does not use: each layer's output error on them
+    /// is reported too.
+    pub heldout_grams: Option<Arc<HashMap<String, Gram>>>,
     /// Where the calibration inputs came from, for the report.
     pub calibration: Option<String>,
 }
@@ -88,6 +119,7 @@ impl VqOptions {
             min_elements: self.min_elements,
             tables: false,
             row_multiple: 1,
+            only: self.only.clone(),
         }
     }
 }
@@ -97,12 +129,17 @@ impl Default for VqOptions {
         VqOptions {
             vector: 4,
             centroids: 256,
+            residual: false,
+            normalize: false,
+            outliers: 0.0,
             min_elements: 4096,
+            only: None,
             iters: 25,
             seed: 0,
             sample: 1 << 16,
-            damp: 0.01,
+            damp: crate::gptq::DEFAULT_DAMP,
             grams: None,
+            heldout_grams: None,
             calibration: None,
         }
     }
@@ -121,6 +158,12 @@ pub struct VqLayer {
     pub n: usize,
     pub vector: usize,
     pub centroids: usize,
+    /// A second codebook for what the first leaves.
+    pub residual: bool,
+    /// Input columns normalized (a scale and shift each).
+    pub normalized: bool,
+    /// Input columns coded from their own part of the codebook.
+    pub outlier_columns: usize,
     pub bytes_before: u64,
     /// Indices and codebook.
     pub bytes_after: u64,
@@ -133,6 +176,9 @@ pub struct VqLayer {
     /// …and with the same codebook, each vector simply mapped to its nearest centroid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_rel_error_nearest: Option<f64>,
+    /// With held-out calibration inputs (`heldout_grams`): the output error on them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heldout_output_rel_error: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -151,13 +197,17 @@ pub struct VqReport {
 struct Coded {
     k: usize,
     n: usize,
-    /// `[k, v]`.
-    codebook: Vec<f32>,
-    /// `[K, N/v]`.
-    idx: Vec<u32>,
+    /// `[k, v]` each (see `Codec`).
+    books: Vec<Vec<f32>>,
+    /// Per codebook, `[K, N/v]`.
+    idx: Vec<Vec<u32>>,
+    /// Per input column (scale, shift), when normalized.
+    norm: Option<(Vec<f32>, Vec<f32>)>,
+    outlier_columns: usize,
     rel_error: f64,
     output_rel_error: Option<f64>,
     output_rel_error_nearest: Option<f64>,
+    heldout_output_rel_error: Option<f64>,
 }
 
 impl WeightVq {
@@ -179,6 +229,13 @@ impl Pass for WeightVq {
         true
     }
     fn run(&self, model: &mut Model) -> Result<PassOutcome> {
+        self.apply(model).map(|(out, _)| out)
+    }
+}
+
+impl WeightVq {
+    /// Runs the pass: what it did, and its report (also the outcome's details).
+    pub fn apply(&self, model: &mut Model) -> Result<(PassOutcome, VqReport)> {
         let o = &self.opts;
         if o.vector == 0 || o.centroids == 0 || o.centroids > 1 << 16 {
             return Err(wcc_ir::IrError::Other(format!(
@@ -213,7 +270,8 @@ impl Pass for WeightVq {
                 .map(|(name, s)| {
                     let t = g.initializer(name).expect("found as a constant");
                     let gram = o.grams.as_ref().and_then(|h| gram_of(g, s, h));
-                    code(t, s[0].layout, gram.as_ref(), o)
+                    let held = o.heldout_grams.as_ref().and_then(|h| gram_of(g, s, h));
+                    code(t, s[0].layout, (gram.as_ref(), held.as_ref()), o)
                 })
                 .collect();
             for ((name, s), c) in chunk.iter().zip(coded) {
@@ -262,7 +320,7 @@ impl Pass for WeightVq {
             out.notes.push(line);
         }
         out.details = Some(serde_json::to_value(&report).expect("serializable"));
-        Ok(out)
+        Ok((out, report))
     }
 }
 
@@ -287,61 +345,212 @@ fn vectors(w: &[f32], n: usize, k: usize, v: usize) -> Vec<f32> {
     out
 }
 
-/// `Ŵ` `[N, K]` from a codebook and indices `[K, N/v]`.
-fn decode(codebook: &[f32], idx: &[u32], n: usize, k: usize, v: usize) -> Vec<f32> {
-    let per = n / v;
-    let mut w = vec![0f32; n * k];
-    for q in 0..k {
-        for j in 0..per {
-            let c = idx[q * per + j] as usize;
-            for t in 0..v {
-                w[(j * v + t) * k + q] = codebook[c * v + t];
-            }
-        }
-    }
-    w
+/// How a layer's vectors are coded: its codebooks, which centroids of the first a column may
+/// use, and each input column's normalization.
+struct Codec {
+    v: usize,
+    /// `[k, v]`; with a residual codebook, a second `[k, v]` for what the first leaves.
+    books: Vec<Vec<f32>>,
+    /// The first codebook's centroids `[0, main)` serve the ordinary columns, `[main, k)` the
+    /// outlier ones.
+    main: usize,
+    outlier: Vec<bool>,
+    /// `w[·, q] = scale_q · w'[·, q] + shift_q` (1 and 0 without normalization).
+    scale: Vec<f32>,
+    shift: Vec<f32>,
 }
 
-/// Fits the codebook of `t` and codes it; `None` when `t` is not finite.
-fn code(t: &Tensor, layout: Layout, gram: Option<&Gram>, o: &VqOptions) -> Result<Option<Coded>> {
+impl Codec {
+    /// The centroid range of the first codebook column `q` draws from.
+    fn range(&self, q: usize) -> std::ops::Range<usize> {
+        if self.outlier[q] {
+            self.main..self.books[0].len() / self.v
+        } else {
+            0..self.main
+        }
+    }
+
+    /// Codes `x` (a normalized vector of column `q`): an index per codebook, and `x` becomes
+    /// what they decode to.
+    fn code(&self, q: usize, x: &mut [f32]) -> [u32; 2] {
+        let v = self.v;
+        let r = self.range(q);
+        let (i, _) = kmeans::nearest(x, &self.books[0][r.start * v..r.end * v], v);
+        let first = r.start + i;
+        let c1 = &self.books[0][first * v..(first + 1) * v];
+        let mut ids = [first as u32, 0];
+        match self.books.get(1) {
+            Some(b2) => {
+                let rest: Vec<f32> = x.iter().zip(c1).map(|(a, b)| a - b).collect();
+                let (second, _) = kmeans::nearest(&rest, b2, v);
+                ids[1] = second as u32;
+                for (t, y) in x.iter_mut().enumerate() {
+                    *y = c1[t] + b2[second * v + t];
+                }
+            }
+            None => x.copy_from_slice(c1),
+        }
+        ids
+    }
+
+    /// The normalized vector `ids` stand for.
+    fn value(&self, ids: [u32; 2], t: usize) -> f32 {
+        let v = self.v;
+        let mut y = self.books[0][ids[0] as usize * v + t];
+        if let Some(b2) = self.books.get(1) {
+            y += b2[ids[1] as usize * v + t];
+        }
+        y
+    }
+
+    /// `Ŵ` `[N, K]` from indices `[K, N/v]` per codebook.
+    fn decode(&self, idx: &[Vec<u32>], n: usize, k: usize) -> Vec<f32> {
+        let v = self.v;
+        let per = n / v;
+        let mut w = vec![0f32; n * k];
+        for q in 0..k {
+            for j in 0..per {
+                let at = q * per + j;
+                let ids = [idx[0][at], idx.get(1).map_or(0, |i| i[at])];
+                for t in 0..v {
+                    w[(j * v + t) * k + q] = self.value(ids, t) * self.scale[q] + self.shift[q];
+                }
+            }
+        }
+        w
+    }
+
+    /// Every vector of `w'` (normalized, in `vectors`' order) coded to its nearest centroids.
+    fn nearest(&self, points: &[f32], k: usize, per: usize) -> Vec<Vec<u32>> {
+        let v = self.v;
+        let coded: Vec<[u32; 2]> = points
+            .par_chunks(per * v)
+            .enumerate()
+            .flat_map_iter(|(q, col)| {
+                col.chunks_exact(v)
+                    .map(|x| self.code(q, &mut x.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        debug_assert_eq!(coded.len(), k * per);
+        (0..self.books.len())
+            .map(|b| coded.iter().map(|c| c[b]).collect())
+            .collect()
+    }
+}
+
+/// Fits the codebooks of `t` and codes it; `None` when `t` is not finite.
+fn code(
+    t: &Tensor,
+    layout: Layout,
+    (gram, held): (Option<&Gram>, Option<&Gram>),
+    o: &VqOptions,
+) -> Result<Option<Coded>> {
     let Some(w0) = read_nk(t, layout)? else {
         return Ok(None);
     };
     let (k, n) = k_n(t, layout);
     let v = o.vector;
-    let gram = gram.filter(|h| h.k == k);
-    let points = vectors(&w0, n, k, v);
     let per = n / v;
-    let weights: Option<Vec<f32>> = gram.map(|h| column_weights(h, k, per));
-    let fit = KMeans {
-        k: o.centroids,
-        dim: v,
-        iters: o.iters,
-        tol: 1e-4,
-        seed: o.seed,
-        sample: o.sample,
+    let gram = gram.filter(|h| h.k == k);
+    // Per input column: normalization, and how much its error costs (H_qq·scale², else 1).
+    let (scale, shift) = if o.normalize {
+        column_norms(&w0, n, k)
+    } else {
+        (vec![1.0; k], vec![0.0; k])
+    };
+    let normalized: Vec<f32> = w0
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x - shift[i % k]) / scale[i % k])
+        .collect();
+    let points = vectors(&normalized, n, k, v);
+    let cost: Option<Vec<f64>> = gram.map(|h| column_costs(h, &scale));
+    // Outlier columns: the costliest (else largest) `outliers` of them.
+    let n_out = ((o.outliers * k as f64).ceil() as usize).min(k.saturating_sub(1));
+    let mut outlier = vec![false; k];
+    if n_out > 0 {
+        let score: Vec<f64> = match &cost {
+            Some(c) => c.clone(),
+            None => (0..k)
+                .map(|q| (0..n).map(|r| (w0[r * k + q] as f64).powi(2)).sum())
+                .collect(),
+        };
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by(|a, b| score[*b].total_cmp(&score[*a]).then(a.cmp(b)));
+        order.iter().take(n_out).for_each(|q| outlier[*q] = true);
     }
-    .fit(&points, weights.as_deref());
-    let codebook = fit.centroids;
-    let nearest = kmeans::assign(&points, &codebook, v);
+    let k_out = if n_out > 0 {
+        (o.centroids / 8).clamp(1, n_out * per)
+    } else {
+        0
+    };
+    let main = o.centroids - k_out;
+    let weight_of = |q: usize| cost.as_ref().map_or(1.0, |c| c[q] as f32);
+    let fit = |keep: &dyn Fn(usize) -> bool, pts: &[f32], centroids: usize, seed: u64| {
+        let mut sel = vec![];
+        let mut w = vec![];
+        for (i, x) in pts.chunks_exact(v).enumerate() {
+            let q = i / per;
+            if keep(q) {
+                sel.extend_from_slice(x);
+                w.push(weight_of(q));
+            }
+        }
+        KMeans {
+            k: centroids,
+            dim: v,
+            iters: o.iters,
+            tol: 1e-4,
+            seed,
+            sample: o.sample,
+        }
+        .fit(&sel, cost.as_ref().map(|_| w.as_slice()))
+        .centroids
+    };
+    let mut first = fit(&|q| !outlier[q], &points, main, o.seed);
+    if k_out > 0 {
+        first.extend(fit(&|q| outlier[q], &points, k_out, o.seed ^ 1));
+    }
+    let mut codec = Codec {
+        v,
+        books: vec![first],
+        main,
+        outlier,
+        scale,
+        shift,
+    };
+    if o.residual {
+        // The second codebook fits what the first leaves, every vector at its nearest.
+        let ids = codec.nearest(&points, k, per);
+        let mut rest = points.clone();
+        for (i, x) in rest.chunks_exact_mut(v).enumerate() {
+            let c = ids[0][i] as usize;
+            for (t, y) in x.iter_mut().enumerate() {
+                *y -= codec.books[0][c * v + t];
+            }
+        }
+        let second = fit(&|_| true, &rest, o.centroids, o.seed ^ 2);
+        codec.books.push(second);
+    }
+    let nearest = codec.nearest(&points, k, per);
     let (idx, w_hat, out_err, out_err_nearest) = match gram {
         Some(h) => {
-            let plain = decode(&codebook, &nearest, n, k, v);
+            let plain = codec.decode(&nearest, n, k);
             let mut w = w0.clone();
             let mut r = VqRounding {
-                codebook: &codebook,
-                v,
-                idx: vec![0; k * per],
+                codec: &codec,
+                idx: vec![vec![0; k * per]; codec.books.len()],
             };
             gptq::quantize(&mut w, n, h, o.damp, &mut r).map_err(wcc_ir::IrError::Other)?;
             let idx = r.idx;
-            let w_hat = decode(&codebook, &idx, n, k, v);
+            let w_hat = codec.decode(&idx, n, k);
             let error = h.output_error(&w0);
             let (e, e0) = (error(&w_hat), error(&plain));
             (idx, w_hat, Some(e), Some(e0))
         }
         None => {
-            let w_hat = decode(&codebook, &nearest, n, k, v);
+            let w_hat = codec.decode(&nearest, n, k);
             (nearest, w_hat, None, None)
         }
     };
@@ -349,38 +558,66 @@ fn code(t: &Tensor, layout: Layout, gram: Option<&Gram>, o: &VqOptions) -> Resul
         k,
         n,
         rel_error: rel_error(&w0, &w_hat),
-        codebook,
+        heldout_output_rel_error: heldout_error(&w0, &w_hat, held),
+        outlier_columns: n_out,
+        norm: o
+            .normalize
+            .then(|| (codec.scale.clone(), codec.shift.clone())),
+        books: codec.books,
         idx,
         output_rel_error: out_err,
         output_rel_error_nearest: out_err_nearest,
     }))
 }
 
-/// Each vector's k-means weight: the Hessian diagonal `H_qq` of its input column, capped at
-/// `WEIGHT_CAP` times the median over the columns. A few input features of a transformer's
-/// activations are orders of magnitude larger than the rest; uncapped, their columns take
-/// nearly every centroid and the codebook fails every other column (on MiniLM's MLP down
-/// projections, an output error of 0.9 on the calibration data itself).
-fn column_weights(h: &Gram, k: usize, per: usize) -> Vec<f32> {
-    let mut d: Vec<f64> = (0..k).map(|q| h.h[q * k + q]).collect();
+/// Per input column of `w` (`[N, K]`): its standard deviation over the outputs (1 for a constant
+/// column) and its mean.
+fn column_norms(w: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut scale = vec![1f32; k];
+    let mut shift = vec![0f32; k];
+    for q in 0..k {
+        let mean = (0..n).map(|r| w[r * k + q] as f64).sum::<f64>() / n.max(1) as f64;
+        let var = (0..n)
+            .map(|r| (w[r * k + q] as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n.max(1) as f64;
+        shift[q] = mean as f32;
+        if var > 0.0 {
+            scale[q] = var.sqrt() as f32;
+        }
+    }
+    (scale, shift)
+}
+
+/// What an error in each input column of the normalized weight costs in the output:
+/// `H_qq · scale_q²`, capped at `WEIGHT_CAP` times the median over the columns. A few input
+/// features of a transformer's activations are orders of magnitude larger than the rest;
+/// uncapped, their columns take nearly every centroid and the codebook fails every other column
+/// (on MiniLM's MLP down projections, an output error of 0.9 on the calibration data itself).
+/// Outlier columns (`VqOptions::outliers`) are the other answer: a codebook of their own.
+fn column_costs(h: &Gram, scale: &[f32]) -> Vec<f64> {
+    let k = h.k;
+    let mut d: Vec<f64> = (0..k)
+        .map(|q| h.h[q * k + q] * (scale[q] as f64).powi(2))
+        .collect();
     let mut sorted = d.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = sorted[k / 2];
     if median > 0.0 {
         d.iter_mut().for_each(|x| *x = x.min(WEIGHT_CAP * median));
     }
-    (0..k * per).map(|p| d[p / per] as f32).collect()
+    d
 }
 
-/// See `column_weights`.
+/// See `column_costs`.
 const WEIGHT_CAP: f64 = 10.0;
 
-/// The nearest centroid as GPTQ's rounding rule: column i's vectors (`col[j·v + t]`).
+/// The codec as GPTQ's rounding rule: column i's vectors (`col[j·v + t]`, in the weight's own
+/// scale).
 struct VqRounding<'a> {
-    codebook: &'a [f32],
-    v: usize,
-    /// `[K, N/v]`.
-    idx: Vec<u32>,
+    codec: &'a Codec,
+    /// Per codebook, `[K, N/v]`.
+    idx: Vec<Vec<u32>>,
 }
 
 impl ColumnRounding for VqRounding<'_> {
@@ -389,81 +626,119 @@ impl ColumnRounding for VqRounding<'_> {
     }
     fn start_group(&mut self, _: usize, _: &[f32]) {}
     fn round(&mut self, i: usize, col: &mut [f64]) {
-        let v = self.v;
+        let c = self.codec;
+        let v = c.v;
         let per = col.len() / v;
+        let (s, m) = (c.scale[i] as f64, c.shift[i] as f64);
         let mut x = vec![0f32; v];
         for j in 0..per {
             for t in 0..v {
-                x[t] = col[j * v + t] as f32;
+                x[t] = ((col[j * v + t] - m) / s) as f32;
             }
-            let (c, _) = kmeans::nearest(&x, self.codebook, v);
-            self.idx[i * per + j] = c as u32;
+            let ids = c.code(i, &mut x);
+            for (b, id) in ids.iter().take(c.books.len()).enumerate() {
+                self.idx[b][i * per + j] = *id;
+            }
             for t in 0..v {
-                col[j * v + t] = self.codebook[c * v + t] as f64;
+                col[j * v + t] = x[t] as f64 * s + m;
             }
         }
     }
 }
 
-/// Adds the codebook and indices of `name` and the nodes that decode it; the nodes at `sites`
-/// read the decoded weight.
+/// An initializer of `g` named after `base`, of `dtype` and `dims`: its name.
+fn add(g: &mut Graph, base: &str, dtype: DataType, dims: &[i64], raw: Vec<u8>) -> Result<String> {
+    let name = fresh_name(g, base);
+    g.initializers
+        .push(Tensor::from_raw(&name, dtype, dims, raw)?);
+    Ok(name)
+}
+
+/// Adds the codebooks, indices and norms of `name` and the nodes that decode it; the nodes at
+/// `sites` read the decoded weight.
 fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded, o: &VqOptions) -> Result<VqLayer> {
     let t = g.initializer(name).expect("found as a constant");
     let dtype = t.dtype()?;
     let bytes_before = t.byte_size();
     let (k, n, v) = (c.k, c.n, o.vector);
     let per = n / v;
-    let (idx_type, idx_bytes): (DataType, Vec<u8>) = if o.centroids <= 256 {
-        (DataType::U8, c.idx.iter().map(|i| *i as u8).collect())
-    } else {
-        (
-            DataType::U16,
-            c.idx
-                .iter()
-                .flat_map(|i| (*i as u16).to_le_bytes())
-                .collect(),
-        )
-    };
-    let book_bytes = float_bytes(&c.codebook, dtype);
-    let bytes_after = (idx_bytes.len() + book_bytes.len()) as u64;
-    let idx_name = fresh_name(g, &format!("{name}_vq_idx"));
-    g.initializers.push(Tensor::from_raw(
-        &idx_name,
-        idx_type,
-        &[k as i64, per as i64],
-        idx_bytes,
-    )?);
-    let book_name = fresh_name(g, &format!("{name}_vq_codebook"));
-    g.initializers.push(Tensor::from_raw(
-        &book_name,
-        dtype,
-        &[o.centroids as i64, v as i64],
-        book_bytes,
-    )?);
-    let shape_name = fresh_name(g, &format!("{name}_vq_shape"));
+    let mut bytes_after = 0u64;
+    let mut nodes_out = vec![];
+    // Per codebook: idx → Cast(int32) → Gather(codebook) `[K, N/v, v]`; summed.
+    let mut sum: Option<String> = None;
+    for (b, (book, idx)) in c.books.iter().zip(&c.idx).enumerate() {
+        let tag = if b == 0 {
+            String::new()
+        } else {
+            format!("{b}")
+        };
+        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if o.centroids <= 256 {
+            (DataType::U8, idx.iter().map(|i| *i as u8).collect())
+        } else {
+            (
+                DataType::U16,
+                idx.iter().flat_map(|i| (*i as u16).to_le_bytes()).collect(),
+            )
+        };
+        let book_bytes = float_bytes(book, dtype);
+        bytes_after += (idx_bytes.len() + book_bytes.len()) as u64;
+        let idx_name = add(
+            g,
+            &format!("{name}_vq_idx{tag}"),
+            idx_type,
+            &[k as i64, per as i64],
+            idx_bytes,
+        )?;
+        let book_name = add(
+            g,
+            &format!("{name}_vq_codebook{tag}"),
+            dtype,
+            &[(book.len() / v) as i64, v as i64],
+            book_bytes,
+        )?;
+        let i32_name = fresh_name(g, &format!("{name}_vq_idx32{tag}"));
+        let mut cast = Node::new(&i32_name, "Cast", vec![idx_name], vec![i32_name.clone()]);
+        cast.attributes = vec![Attribute::int("to", DataType::I32.code() as i64)];
+        let gathered = fresh_name(g, &format!("{name}_vq_vectors{tag}"));
+        nodes_out.push(cast);
+        nodes_out.push(Node::new(
+            &gathered,
+            "Gather",
+            vec![book_name, i32_name],
+            vec![gathered.clone()],
+        ));
+        sum = Some(match sum {
+            None => gathered,
+            Some(prev) => {
+                let s = fresh_name(g, &format!("{name}_vq_sum{tag}"));
+                nodes_out.push(Node::new(&s, "Add", vec![prev, gathered], vec![s.clone()]));
+                s
+            }
+        });
+    }
     let shape: Vec<u8> = [k as i64, n as i64]
         .iter()
         .flat_map(|d| d.to_le_bytes())
         .collect();
-    g.initializers
-        .push(Tensor::from_raw(&shape_name, DataType::I64, &[2], shape)?);
-    let i32_name = fresh_name(g, &format!("{name}_vq_idx32"));
-    let mut cast = Node::new(&i32_name, "Cast", vec![idx_name], vec![i32_name.clone()]);
-    cast.attributes = vec![Attribute::int("to", DataType::I32.code() as i64)];
-    let gathered = fresh_name(g, &format!("{name}_vq_vectors"));
-    let gather = Node::new(
-        &gathered,
-        "Gather",
-        vec![book_name, i32_name],
-        vec![gathered.clone()],
-    );
-    let decoded = fresh_name(g, &format!("{name}_vq"));
-    let reshape = Node::new(
+    let shape_name = add(g, &format!("{name}_vq_shape"), DataType::I64, &[2], shape)?;
+    let mut decoded = fresh_name(g, &format!("{name}_vq"));
+    nodes_out.push(Node::new(
         &decoded,
         "Reshape",
-        vec![gathered, shape_name],
+        vec![sum.expect("a codebook"), shape_name],
         vec![decoded.clone()],
-    );
+    ));
+    // Normalized: `[K, N] · scale[K, 1] + shift[K, 1]`.
+    if let Some((scale, shift)) = &c.norm {
+        for (what, vals, op) in [("scale", scale, "Mul"), ("shift", shift, "Add")] {
+            let raw = float_bytes(vals, dtype);
+            bytes_after += raw.len() as u64;
+            let p = add(g, &format!("{name}_vq_{what}"), dtype, &[k as i64, 1], raw)?;
+            let out = fresh_name(g, &format!("{name}_vq_{what}d"));
+            nodes_out.push(Node::new(&out, op, vec![decoded, p], vec![out.clone()]));
+            decoded = out;
+        }
+    }
     let mut nodes = vec![];
     for s in sites {
         let node = &mut g.nodes[s.node];
@@ -474,7 +749,7 @@ fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded, o: &VqOptions) -> R
         }
         nodes.push(node.name.clone());
     }
-    g.nodes.extend([cast, gather, reshape]);
+    g.nodes.extend(nodes_out);
     Ok(VqLayer {
         weight: name.to_string(),
         nodes,
@@ -482,12 +757,16 @@ fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded, o: &VqOptions) -> R
         n,
         vector: v,
         centroids: o.centroids,
+        residual: c.books.len() > 1,
+        normalized: c.norm.is_some(),
+        outlier_columns: c.outlier_columns,
         bytes_before,
         bytes_after,
         bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
         rel_error: c.rel_error,
         output_rel_error: c.output_rel_error,
         output_rel_error_nearest: c.output_rel_error_nearest,
+        heldout_output_rel_error: c.heldout_output_rel_error,
     })
 }
 
@@ -504,7 +783,15 @@ mod tests {
         assert_eq!(&pts[2 * v..3 * v], &[1.0, 5.0, 9.0]);
         // Each vector its own centroid decodes back to W.
         let idx: Vec<u32> = (0..(k * n / v) as u32).collect();
-        assert_eq!(decode(&pts, &idx, n, k, v), w);
+        let codec = Codec {
+            v,
+            main: pts.len() / v,
+            books: vec![pts],
+            outlier: vec![false; k],
+            scale: vec![1.0; k],
+            shift: vec![0.0; k],
+        };
+        assert_eq!(codec.decode(&[idx], n, k), w);
     }
 
     #[test]

@@ -125,7 +125,9 @@ pub struct GateArgs {
 pub struct OptimizeArgs {
     pub model: PathBuf,
     /// Optimization level: 0 (round trip), 1 (lossless cleanup), compress (-O1, then sublayer
-    /// dropping searched under the fidelity gate, default --min-cosine 0.99).
+    /// dropping within a quarter of the fidelity gate and a per-weight plan of int8, int4 and VQ
+    /// codebooks for the smallest model that keeps it on the calibration inputs; default gate
+    /// --min-cosine 0.99).
     #[arg(short = 'O', default_value = "1", value_name = "0|1|compress")]
     pub level: Level,
     /// Drop sublayers scored on calibration data (LLM-Drop): attn:N, attn:25%, mlp:N, joint:N.
@@ -138,16 +140,20 @@ pub struct OptimizeArgs {
     /// Weight-only 4-bit quantization of MatMul/Gemm weights and gathered tables (block-wise
     /// round-to-nearest, symmetric, emitted as ONNX Runtime's MatMulNBits and
     /// GatherBlockQuantized), after the level's passes; gated (default --min-cosine 0.99).
-    #[arg(long)]
+    #[arg(long, group = "int")]
     pub int4: bool,
-    /// --int4's block size along the reduction axis (a power of two, 16 or more).
-    #[arg(long, value_name = "N", default_value_t = 32, requires = "int4", value_parser = block_size)]
+    /// Weight-only 8-bit quantization, as --int4 does it with levels -128..127 (the --int4-*
+    /// options apply to it too).
+    #[arg(long, group = "int")]
+    pub int8: bool,
+    /// --int4/--int8's block size along the reduction axis (a power of two, 16 or more).
+    #[arg(long, value_name = "N", default_value_t = 32, requires = "int", value_parser = block_size)]
     pub int4_block: usize,
     /// --int4 leaves weights with fewer elements than this in float.
-    #[arg(long, value_name = "N", default_value_t = 4096, requires = "int4")]
+    #[arg(long, value_name = "N", default_value_t = 4096, requires = "int")]
     pub int4_min_elements: u64,
     /// --int4 leaves the tables Gathers read (embeddings) in float: MatMul/Gemm weights only.
-    #[arg(long, requires = "int4")]
+    #[arg(long, requires = "int")]
     pub int4_no_tables: bool,
     /// --int4's ONNX: dq (standard opset-21 DequantizeLinear of int4 weights, what TensorRT
     /// takes; tables stay float), nbits (ONNX Runtime's MatMulNBits and GatherBlockQuantized), or
@@ -156,24 +162,38 @@ pub struct OptimizeArgs {
         long,
         value_name = "auto|dq|nbits",
         default_value = "auto",
-        requires = "int4"
+        requires = "int"
     )]
-    pub int4_form: wcc_driver::Int4Form,
+    pub int4_form: wcc_driver::IntForm,
     /// --int4's rounding: rtn (round to nearest) or gptq (GPTQ's error feedback, weighted by the
     /// calibration inputs: --calib, else --inputs, else seeded random batches).
-    #[arg(
-        long,
-        value_name = "rtn|gptq",
-        default_value = "rtn",
-        requires = "int4"
-    )]
-    pub int4_method: wcc_driver::Int4Method,
+    #[arg(long, value_name = "rtn|gptq", default_value = "rtn", requires = "int")]
+    pub int4_method: wcc_driver::IntMethod,
     /// Vector quantization of MatMul/Gemm weights (VPTQ-style): a codebook of 256 centroids per
     /// layer, vectors of 8/B weights along the outputs (2 -> 4, 3 -> 3, 4 -> 2), about B bits per
     /// weight plus the codebook; with --calib, Hessian-weighted k-means and GPTQ error feedback.
     /// Gated (default --min-cosine 0.99).
-    #[arg(long, value_name = "B", conflicts_with = "int4", value_parser = vq_bits)]
+    #[arg(long, value_name = "B", conflicts_with = "int", value_parser = vq_bits)]
     pub vq_bits: Option<f64>,
+    /// --vq-bits with a second (residual) codebook for what the first leaves: twice the index
+    /// bits.
+    #[arg(long, requires = "vq_bits")]
+    pub vq_residual: bool,
+    /// --vq-bits normalizing every input column (a scale and shift each) before fitting.
+    #[arg(long, requires = "vq_bits")]
+    pub vq_normalize: bool,
+    /// --vq-bits coding this fraction of the input columns (the costliest) from their own eighth
+    /// of the codebook (e.g. 0.01).
+    #[arg(long, value_name = "FRACTION", requires = "vq_bits", value_parser = fraction)]
+    pub vq_outliers: Option<f64>,
+    /// With -O compress: plan the most faithful model whose tensors fit in this size (bytes:
+    /// 20000000, 20MB, 19MiB; or a percentage of the input's tensors: 25%) instead of the smallest
+    /// that keeps the gate; the gate is still checked (exit 1 when it fails).
+    #[arg(long, value_name = "BYTES|P%")]
+    pub target_size: Option<wcc_driver::planner::TargetSize>,
+    /// With -O compress: weights with fewer elements than this stay float.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub quant_min_elements: u64,
     /// Calibration inputs (.npz, one array per graph input); else --inputs, else seeded random.
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
@@ -236,6 +256,14 @@ fn vq_bits(s: &str) -> Result<f64, String> {
     let b: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     wcc_driver::VqOptions::for_bits(b)?;
     Ok(b)
+}
+
+/// A fraction in [0, 0.5].
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=0.5).contains(&f) => Ok(f),
+        _ => Err(format!("'{s}' is not a fraction from 0 to 0.5")),
+    }
 }
 
 /// A power of two of 16 or more (what ONNX Runtime's MatMulNBits takes).
@@ -303,7 +331,12 @@ impl OptimizeArgs {
             },
             drop: self.drop,
             drop_iterative: self.drop_iterative,
-            int4: self.int4.then_some(wcc_driver::Int4Options {
+            int: (self.int4 || self.int8).then_some(wcc_driver::IntOptions {
+                bits: if self.int8 {
+                    wcc_driver::IntBits::Eight
+                } else {
+                    wcc_driver::IntBits::Four
+                },
                 block_size: self.int4_block,
                 min_elements: self.int4_min_elements,
                 tables: !self.int4_no_tables,
@@ -311,9 +344,14 @@ impl OptimizeArgs {
                 method: self.int4_method,
                 ..Default::default()
             }),
-            vq: self
-                .vq_bits
-                .map(|b| wcc_driver::VqOptions::for_bits(b).expect("checked by clap")),
+            vq: self.vq_bits.map(|b| wcc_driver::VqOptions {
+                residual: self.vq_residual,
+                normalize: self.vq_normalize,
+                outliers: self.vq_outliers.unwrap_or(0.0),
+                ..wcc_driver::VqOptions::for_bits(b).expect("checked by clap")
+            }),
+            target_size: self.target_size,
+            quant_min_elements: self.quant_min_elements,
             calib: self.calib.clone(),
             exec: self.exec.options(),
             gate: self.gate.gate(),

@@ -74,7 +74,8 @@ pub fn verify_models(
 ) -> Result<VerifyReport, Error> {
     let a = load(reference)?;
     let b = load(candidate)?;
-    let backend = exec.backend_for(&a);
+    // A quantized candidate (4- or 8-bit MatMulNBits, int4 tensors) is checked where it runs.
+    let backend = exec.backend_for_result(&a, &b);
     let label = backend.label();
     let (inputs, described) = exec.inputs(&a)?;
     let removed = removed_by_drop(&a, &b);

@@ -95,10 +95,11 @@ impl ExecOptions {
 
     /// The backend that checks `result` against `original`: `backend_for(original)`, except that
     /// with `--backend auto` on CPU, a result that gained ONNX Runtime's contrib ops (`--int4`'s
-    /// MatMulNBits) or 4-bit tensors (its DequantizeLinear form) is checked on ONNX Runtime when
-    /// its library can be found. tract has no 4-bit tensors; it runs MatMulNBits, but tract
-    /// 0.23.9 fails on one whose K comes from merging attention heads of a width that is not a
-    /// multiple of 32 ("EinSum: Invalid reshape"); ONNX Runtime is where such a model will run.
+    /// and `--int8`'s MatMulNBits) or 4-bit tensors (the DequantizeLinear form) is checked on
+    /// ONNX Runtime when its library can be found. tract has no 4-bit tensors; it runs 4-bit
+    /// MatMulNBits only, and tract 0.23.9 fails on one whose K comes from merging attention heads
+    /// of a width that is not a multiple of 32 ("EinSum: Invalid reshape"); ONNX Runtime is where
+    /// such a model will run. `wcc verify` picks its backend the same way.
     pub fn backend_for_result(&self, original: &Model, result: &Model) -> Backend {
         let gained = self.backend == BackendChoice::Auto
             && self.provider.unwrap_or(Provider::Cpu) == Provider::Cpu

@@ -44,6 +44,15 @@ impl Gate {
         }
     }
 
+    /// The gate that allows `f` of this one's loss: `1 − cos` scaled by `f`, the relative error
+    /// by `√f` (it is first order where `1 − cos` is second).
+    pub fn share(&self, f: f64) -> Gate {
+        Gate {
+            min_cosine: self.min_cosine.map(|c| 1.0 - (1.0 - c) * f),
+            max_rel_error: self.max_rel_error.map(|r| r * f.sqrt()),
+        }
+    }
+
     /// The first violation, if any, naming the output (NaN fails every bound).
     pub fn check(&self, fidelity: &[OutputFidelity]) -> Option<String> {
         for f in fidelity {

@@ -1,11 +1,12 @@
 //! What `wcc optimize` (and the other `wcc` commands) do, as a library: optimization levels and
 //! the pipeline built from them, fidelity gates, verification (running original and result and
 //! comparing them), the choice of verification and calibration inputs and of the backend, the
-//! `-O compress` planner (sublayer dropping searched under the gate), and the reports. The `wcc`
-//! binary parses arguments into [`OptimizeOptions`] and friends, calls this crate, and prints.
+//! `-O compress` search (sublayer dropping under the gate, then the weight quantization planner),
+//! and the reports. The `wcc` binary parses arguments into [`OptimizeOptions`] and friends, calls
+//! this crate, and prints.
 //!
 //! Modules depend one way: `error`, `level`, `gate`, `pipeline` ← `exec` ← `calib`, `verify` ←
-//! `compress` ← `report` ← `render` ← `commands` ← `optimize`.
+//! `compress`, `quantize`, `planner` ← `report` ← `render` ← `commands` ← `optimize`.
 
 pub mod calib;
 pub mod commands;
@@ -16,6 +17,7 @@ pub mod gate;
 pub mod level;
 pub mod optimize;
 pub mod pipeline;
+pub mod planner;
 pub mod quantize;
 pub mod regions;
 pub mod render;
@@ -36,7 +38,7 @@ pub use wcc_passes::layer_drop::DropSpec;
 /// What structure discovery found (`wcc inspect --structure`).
 pub use wcc_passes::structure::Structure;
 /// What `--int4` quantizes and how.
-pub use wcc_passes::weight_int4::{Int4Form, Int4Method, Int4Options};
+pub use wcc_passes::weight_int::{IntBits, IntForm, IntMethod, IntOptions};
 /// What `--vq-bits` quantizes and how.
 pub use wcc_passes::weight_vq::VqOptions;
 /// A panic's message and where it was raised (for the binary's last-resort report).

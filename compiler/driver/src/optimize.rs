@@ -32,6 +32,8 @@ pub enum Stage {
     Calibrating,
     Verifying,
     Writing,
+    /// `-O compress`'s planner, at this step.
+    Planning(crate::planner::Step),
 }
 
 impl std::fmt::Display for Stage {
@@ -42,6 +44,7 @@ impl std::fmt::Display for Stage {
             Stage::Calibrating => "calibrating",
             Stage::Verifying => "verifying",
             Stage::Writing => "writing",
+            Stage::Planning(s) => return write!(f, "planning: {s}"),
         })
     }
 }
@@ -61,9 +64,14 @@ pub struct OptimizeOptions {
     pub drop_iterative: bool,
     /// `--int4`: weight-only 4-bit block-wise round-to-nearest of MatMul/Gemm weights, after the
     /// level's passes (and any sublayer dropping).
-    pub int4: Option<wcc_passes::weight_int4::Int4Options>,
+    pub int: Option<wcc_passes::weight_int::IntOptions>,
     /// `--vq-bits`: vector quantization of MatMul/Gemm weights with a codebook per layer.
     pub vq: Option<wcc_passes::weight_vq::VqOptions>,
+    /// `--target-size`: `-O compress` plans the most faithful model within this size instead of
+    /// the smallest within the gate.
+    pub target_size: Option<crate::planner::TargetSize>,
+    /// `-O compress`'s planner leaves weights with fewer elements than this in float.
+    pub quant_min_elements: u64,
     /// Calibration inputs (`--calib`); else `exec.inputs`, else seeded random batches.
     pub calib: Option<PathBuf>,
     pub exec: ExecOptions,
@@ -93,8 +101,10 @@ impl OptimizeOptions {
             pipeline: PipelineConfig::default(),
             drop: None,
             drop_iterative: false,
-            int4: None,
+            int: None,
             vq: None,
+            target_size: None,
+            quant_min_elements: 4096,
             calib: None,
             exec: ExecOptions::default(),
             gate: Gate::default(),
@@ -262,13 +272,13 @@ pub fn optimize(
         ));
     }
     // Weight quantization (`--int4`, `--vq-bits`): one of them, decided before any work.
-    let quantize = match (&opts.int4, &opts.vq) {
+    let quantize = match (&opts.int, &opts.vq) {
         (Some(_), Some(_)) => {
             return Err(Error::Usage(
                 "--int4 and --vq-bits are two ways to quantize the same weights: give one".into(),
             ))
         }
-        (Some(o), None) => Some(crate::quantize::Quantize::Int4(o.clone())),
+        (Some(o), None) => Some(crate::quantize::Quantize::Int(o.clone())),
         (None, Some(o)) => Some(crate::quantize::Quantize::Vq(o.clone())),
         (None, None) => None,
     };
@@ -313,21 +323,85 @@ pub fn optimize(
         .gate
         .for_lossy(opts.level.lossy() || quantize.is_some());
     let backend = opts.exec.backend_for(&original);
-    // Lossy: sublayer dropping (`--drop`, `-O compress`), on the -O1 result.
+    // Lossy: sublayer dropping (`--drop`, `-O compress`), on the -O1 result; then, for
+    // `-O compress` without `--int4`/`--vq-bits`, the planner's weight quantization.
     let mut layer_drop = None;
+    let mut plan_report = None;
+    // A planned result calibrated on the user's inputs is verified on those held out from the
+    // fit, unless `--inputs` are given (random inputs say little about a model of language).
+    let mut verify_inputs: Option<(wcc_runtime::NamedArrays, String)> = None;
+    let planned = opts.level.lossy() && quantize.is_none();
+    if opts.target_size.is_some() && !planned {
+        return Err(Error::Usage(
+            "--target-size is -O compress's planner's: give it with -O compress and without \
+             --int4/--int8/--vq-bits"
+                .into(),
+        ));
+    }
     if opts.level.lossy() || opts.drop.is_some() {
         progress(Stage::Calibrating);
         let (batches, calibration) = calib::batches(&model, opts.calib.as_deref(), &opts.exec)?;
+        // The planner fits on half the calibration inputs and judges on the other half.
+        let split = calib::split(&batches);
+        let references = if planned {
+            crate::planner::references(&model, &backend, &split.judge)?
+        } else {
+            vec![]
+        };
+        // Sublayer drops may use a quarter of the gate under the planner; the rest is the
+        // weights'.
+        let drop_gate = if planned { gate.share(0.25) } else { gate };
         let plan = Plan {
             spec: opts.drop,
             search: opts.level.lossy(),
             iterative: opts.drop_iterative,
             backend: &backend,
             batches: &batches,
-            calibration,
-            gate,
+            calibration: calibration.clone(),
+            gate: drop_gate,
         };
-        layer_drop = Some(compress::run(&mut model, &plan)?);
+        let dropped = compress::run(&mut model, &plan)?;
+        if planned {
+            let objective = match opts.target_size {
+                Some(t) => crate::planner::Objective::Size(
+                    t.bytes(wcc_ir::export::tensor_bytes(&original)),
+                ),
+                None => crate::planner::Objective::Smallest,
+            };
+            let inputs = crate::planner::PlanInputs {
+                original: &original,
+                exec: &opts.exec,
+                fit: &split.fit,
+                batches: &split.judge,
+                calibration: format!("{calibration}, {}", split.how),
+                gate,
+                objective,
+                min_elements: opts.quant_min_elements,
+                references: &references,
+                removed: &dropped.removed_outputs,
+            };
+            let planned =
+                crate::planner::run(&mut model, &inputs, &mut |s| progress(Stage::Planning(s)))?;
+            if opts.calib.is_some()
+                && opts.exec.inputs.is_none()
+                && planned.report.chosen_try.is_some()
+            {
+                if let Some(b) = split.judge.first() {
+                    verify_inputs = Some((
+                        b.clone(),
+                        format!(
+                            "the calibration inputs held out from the fit ({}; the planner chose \
+                             on them too: give --inputs for an independent check)",
+                            split.how
+                        ),
+                    ));
+                }
+            }
+            pass_names.extend(planned.passes);
+            records.extend(planned.records);
+            plan_report = Some(planned.report);
+        }
+        layer_drop = Some(dropped);
     }
     // Lossy: weight quantization (`--int4`, `--vq-bits`), last, on what the passes and
     // dropping left; the result is checked where it will run (see `backend_for_result`).
@@ -342,11 +416,13 @@ pub fn optimize(
             &backend,
             &mut || progress(Stage::Calibrating),
         )?);
+    }
+    if quantize.is_some() || plan_report.is_some() {
         backend = opts.exec.backend_for_result(&original, &model);
     }
     let pass_list = pass_names.join(",");
     // A lossy result is checked whole, end to end (regions check only exact rewrites).
-    let lossy = layer_drop.is_some() || quantize.is_some();
+    let lossy = layer_drop.is_some() || quantize.is_some() || plan_report.is_some();
     let optimize_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !pass_list.is_empty() {
         model.set_metadata("wcc.version", crate::VERSION);
@@ -357,6 +433,9 @@ pub fn optimize(
         let mut s = render::table(&records, &before, &after, fid);
         if let Some(r) = &layer_drop {
             s += &render::layer_drop(r);
+        }
+        if let Some(r) = &plan_report {
+            s += &render::plan(r);
         }
         s
     };
@@ -420,7 +499,11 @@ pub fn optimize(
                 .map(|r| r.removed_outputs.clone())
                 .unwrap_or_default();
             let label = backend.label();
-            let outcome = match opts.exec.inputs(&original) {
+            let given = match &verify_inputs {
+                Some(x) => Ok(x.clone()),
+                None => opts.exec.inputs(&original),
+            };
+            let outcome = match given {
                 Ok((inputs, described)) => {
                     run_and_compare(&backend, &original, &model, &inputs, &removed)
                         .map(|fid| (fid, described))
@@ -527,6 +610,7 @@ pub fn optimize(
         verification,
         not_verified,
         layer_drop,
+        plan: plan_report,
         output_bytes: summary.model_bytes,
         external_data_bytes: summary.external_bytes,
         external_data_in_place_bytes: summary.in_place_bytes,

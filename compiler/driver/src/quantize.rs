@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use wcc_ir::pass::{Pass, PassManager, PassRecord};
 use wcc_ir::Model;
-use wcc_passes::weight_int4::{Int4Method, Int4Options, WeightInt4};
+use wcc_passes::weight_int::{IntMethod, IntOptions, WeightInt};
 use wcc_passes::weight_vq::{VqOptions, WeightVq};
 use wcc_runtime::Backend;
 
@@ -18,7 +18,7 @@ use crate::exec::ExecOptions;
 /// Which weight quantization to run.
 #[derive(Debug, Clone)]
 pub enum Quantize {
-    Int4(Int4Options),
+    Int(IntOptions),
     Vq(VqOptions),
 }
 
@@ -26,7 +26,7 @@ impl Quantize {
     /// The pass's name (for `wcc.passes`).
     pub fn name(&self) -> &'static str {
         match self {
-            Quantize::Int4(_) => WeightInt4::NAME,
+            Quantize::Int(o) => WeightInt::name_for(o.bits),
             Quantize::Vq(_) => WeightVq::NAME,
         }
     }
@@ -44,7 +44,7 @@ pub fn run(
     calibrating: &mut dyn FnMut(),
 ) -> Result<Vec<PassRecord>, Error> {
     let wants = match q {
-        Quantize::Int4(o) => o.method == Int4Method::Gptq || calib_file.is_some(),
+        Quantize::Int(o) => o.method == IntMethod::Gptq || calib_file.is_some(),
         Quantize::Vq(_) => calib_file.is_some(),
     };
     let mut stats = None;
@@ -52,19 +52,19 @@ pub fn run(
         calibrating();
         let (batches, calibration) = calib::batches(model, calib_file, exec)?;
         let names = match q {
-            Quantize::Int4(o) => wcc_passes::weight_int4::calibration_inputs(model, o),
+            Quantize::Int(o) => wcc_passes::weight_int::calibration_inputs(model, o),
             Quantize::Vq(o) => wcc_passes::weight_vq::calibration_inputs(model, o),
         };
         let grams = calib::grams(model, backend, &batches, &names)?;
         stats = Some((Arc::new(grams), calibration));
     }
     let pass: Box<dyn Pass> = match q.clone() {
-        Quantize::Int4(mut o) => {
+        Quantize::Int(mut o) => {
             if let Some((g, c)) = stats {
                 o.grams = Some(g);
                 o.calibration = Some(c);
             }
-            Box::new(WeightInt4 { opts: o })
+            Box::new(WeightInt { opts: o })
         }
         Quantize::Vq(mut o) => {
             if let Some((g, c)) = stats {

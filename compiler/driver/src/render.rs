@@ -147,6 +147,73 @@ pub fn layer_drop(r: &LayerDropReport) -> String {
     s
 }
 
+/// `-O compress`'s weight plan: its tries, what it chose per weight.
+pub fn plan(r: &crate::planner::PlanReport) -> String {
+    let mb = |b: u64| b as f64 / 1e6;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "compress plan ({}; calibration: {}; a plan is kept at ≤ {:.0}% of the gate, {:.1}% used \
+         before quantization):",
+        r.objective,
+        r.calibration,
+        r.keep * 100.0,
+        r.base_share * 100.0
+    );
+    for (i, t) in r.tries.iter().enumerate() {
+        let counts: Vec<String> = t.counts.iter().map(|(k, n)| format!("{k:?} {n}")).collect();
+        let _ =
+            writeln!(
+            s,
+            "  try {}: {}estimated {:.1}%, measured {:.1}% of the gate (min cosine {:.5}, max rel \
+             error {:.3e}), {:.2} MB [{}] → {}{}",
+            i + 1,
+            t.budget
+                .map(|b| format!("budget {:.1}%, ", b * 100.0))
+                .unwrap_or_default(),
+            t.estimated_share * 100.0,
+            t.measured_share * 100.0,
+            t.min_cosine,
+            t.max_rel_error,
+            mb(t.bytes),
+            counts.join(", ").to_lowercase(),
+            if t.passed { "kept" } else { "over" },
+            if r.chosen_try == Some(i) { " (chosen)" } else { "" }
+        );
+    }
+    let secs: Vec<String> = r
+        .seconds
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.1}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "  tensors: {:.2} MB -> {:.2} MB ({:.3}x); seconds: {}",
+        mb(r.bytes_before),
+        mb(r.bytes_after),
+        r.bytes_after as f64 / r.bytes_before.max(1) as f64,
+        secs.join(", ")
+    );
+    for w in &r.weights {
+        let o = w.options.iter().find(|o| o.treatment == w.chosen);
+        let _ = writeln!(
+            s,
+            "  {:<48} {:>9} -> {:>9} B  {:<6} sensitivity {}",
+            w.weight,
+            w.bytes_before,
+            o.map_or(w.bytes_before, |o| o.bytes),
+            format!("{:?}", w.chosen).to_lowercase(),
+            w.sensitivity
+                .map(|x| format!("{:.2}%", x * 100.0))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "  note: {n}");
+    }
+    s
+}
+
 /// One line for a region-by-region verification: how much was checked and the worst figures.
 fn regions_line(f: &[OutputFidelity], g: &crate::regions::RegionSummary) -> String {
     if g.regions == 0 {
@@ -186,6 +253,9 @@ pub fn optimize(r: &OptimizeReport) -> String {
     }
     if let Some(ld) = &r.layer_drop {
         s += &layer_drop(ld);
+    }
+    if let Some(pr) = &r.plan {
+        s += &plan(pr);
     }
     if let Some(v) = &r.verification {
         for o in &v.removed_outputs {

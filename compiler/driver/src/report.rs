@@ -32,6 +32,9 @@ pub struct OptimizeReport {
     pub not_verified: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer_drop: Option<LayerDropReport>,
+    /// `-O compress`'s weight quantization plan.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<crate::planner::PlanReport>,
     pub output_bytes: u64,
     pub external_data_bytes: u64,
     /// Of `external_data_bytes`, those the passes had written already and that stayed where

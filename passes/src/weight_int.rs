@@ -28,7 +28,7 @@
 //! the saving holds in session memory as on disk; tract runs them too. Bits per weight:
 //! `4 + 8·sizeof(scale)/b` (5 for f32 at b = 32, 4.5 for f16).
 //!
-//! With `Int4Form::DequantizeLinear` (the default where the model's opset is 21 or more) the same
+//! With `IntForm::DequantizeLinear` (the default where the model's opset is 21 or more) the same
 //! codes are written as standard ONNX instead: an `INT4` initializer of the weight's own shape
 //! (`q`, two's complement, two a byte), its scales `[⌈K/b⌉, N]` (or `[N, ⌈K/b⌉]` for a Gemm with
 //! transB = 1), and `DequantizeLinear(x, scales, axis, block_size)` feeding the unchanged
@@ -52,34 +52,86 @@ use wcc_ir::{DataType, Graph, Model, Node, Result, Tensor};
 use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::linear_weights::{
-    self, find_sites, float_bytes, gram_of, k_n, read_nk, rel_error, to_f32, Layout, Select, Site,
-    Totals,
+    self, find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, to_f32, Layout,
+    Select, Site, Totals,
 };
 
 /// The domain of ONNX Runtime's contrib ops.
 const MS_DOMAIN: &str = "com.microsoft";
 
-/// Bits of one code.
-const BITS: usize = 4;
+/// How many bits a code has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum IntBits {
+    /// Levels −8..=7, two codes a byte.
+    #[default]
+    #[serde(rename = "4")]
+    Four,
+    /// Levels −128..=127, a code a byte.
+    #[serde(rename = "8")]
+    Eight,
+}
+
+impl IntBits {
+    pub fn bits(self) -> usize {
+        match self {
+            IntBits::Four => 4,
+            IntBits::Eight => 8,
+        }
+    }
+    /// The code of 0 (`2^(bits−1)`, ONNX Runtime's default zero point).
+    fn zero(self) -> i32 {
+        1 << (self.bits() - 1)
+    }
+    /// The lowest level, `−2^(bits−1)`; the highest is `−lowest − 1`.
+    fn lowest(self) -> f64 {
+        -(self.zero() as f64)
+    }
+    /// A byte of codes that are all 0.
+    fn zero_byte(self) -> u8 {
+        match self {
+            IntBits::Four => 0x88,
+            IntBits::Eight => 0x80,
+        }
+    }
+    /// The signed integer type DequantizeLinear's form stores.
+    fn signed(self) -> DataType {
+        match self {
+            IntBits::Four => DataType::I4,
+            IntBits::Eight => DataType::I8,
+        }
+    }
+    /// `q` (a level) rounded from `v / s` and clamped to the levels.
+    fn level(self, x: f64) -> f64 {
+        x.round().clamp(self.lowest(), -self.lowest() - 1.0)
+    }
+}
 
 /// What `--int4` quantizes and how.
 #[derive(Debug, Clone)]
-pub struct Int4Options {
+pub struct IntOptions {
+    /// 4 or 8 bits a weight.
+    pub bits: IntBits,
     /// Rows of a block along K (a power of two, 16 or more; ONNX Runtime's default is 32).
     pub block_size: usize,
     /// Weights with fewer elements are left in float (biases, tiny projections).
     pub min_elements: u64,
+    /// Only these weights (by initializer name), when given: how a planner quantizes weight by
+    /// weight. The others are left as they are, unreported.
+    pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
     /// Also quantize the tables axis-0 Gathers read (embeddings).
     pub tables: bool,
     /// What the quantized weights become.
-    pub form: Int4Form,
+    pub form: IntForm,
     /// How the codes are chosen.
-    pub method: Int4Method,
+    pub method: IntMethod,
     /// GPTQ's damping (a fraction of the Hessian's mean diagonal).
     pub damp: f64,
     /// `H = XᵀX` of the calibration inputs, by the name of the value a MatMul/Gemm multiplies
     /// (see [`calibration_inputs`]); GPTQ needs them.
     pub grams: Option<std::sync::Arc<std::collections::HashMap<String, Gram>>>,
+    /// `H = XᵀX` of calibration inputs the fit does not use: each layer's output error on them
+    /// is reported too (what `-O compress`'s planner judges by).
+    pub heldout_grams: Option<std::sync::Arc<std::collections::HashMap<String, Gram>>>,
     /// Where the calibration inputs came from, for the report.
     pub calibration: Option<String>,
 }
@@ -87,7 +139,7 @@ pub struct Int4Options {
 /// How the int4 codes are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Int4Method {
+pub enum IntMethod {
     /// Round every value to the nearest level of its block.
     #[default]
     Rtn,
@@ -97,22 +149,22 @@ pub enum Int4Method {
     Gptq,
 }
 
-impl Int4Method {
+impl IntMethod {
     /// The report's name for it.
     fn label(self) -> &'static str {
         match self {
-            Int4Method::Rtn => "round-to-nearest",
-            Int4Method::Gptq => "gptq",
+            IntMethod::Rtn => "round-to-nearest",
+            IntMethod::Gptq => "gptq",
         }
     }
 }
 
-impl std::str::FromStr for Int4Method {
+impl std::str::FromStr for IntMethod {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
-            "rtn" => Ok(Int4Method::Rtn),
-            "gptq" => Ok(Int4Method::Gptq),
+            "rtn" => Ok(IntMethod::Rtn),
+            "gptq" => Ok(IntMethod::Gptq),
             _ => Err(format!("unknown int4 method '{s}' (rtn or gptq)")),
         }
     }
@@ -120,7 +172,7 @@ impl std::str::FromStr for Int4Method {
 
 /// The ONNX a quantized weight becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Int4Form {
+pub enum IntForm {
     /// `DequantizeLinear` where the model's opset is 21 or more, else `MatMulNBits`.
     #[default]
     Auto,
@@ -131,25 +183,25 @@ pub enum Int4Form {
     DequantizeLinear,
 }
 
-impl std::str::FromStr for Int4Form {
+impl std::str::FromStr for IntForm {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
-            "auto" => Ok(Int4Form::Auto),
-            "nbits" | "matmulnbits" => Ok(Int4Form::MatMulNBits),
-            "dq" | "dequantizelinear" => Ok(Int4Form::DequantizeLinear),
+            "auto" => Ok(IntForm::Auto),
+            "nbits" | "matmulnbits" => Ok(IntForm::MatMulNBits),
+            "dq" | "dequantizelinear" => Ok(IntForm::DequantizeLinear),
             _ => Err(format!("unknown int4 form '{s}' (auto, nbits or dq)")),
         }
     }
 }
 
-impl Int4Form {
+impl IntForm {
     /// The form for a model whose default-domain opset is `opset`.
-    pub fn resolve(self, opset: i64) -> std::result::Result<Int4Form, String> {
+    pub fn resolve(self, opset: i64) -> std::result::Result<IntForm, String> {
         match self {
-            Int4Form::Auto if opset >= DQ_OPSET => Ok(Int4Form::DequantizeLinear),
-            Int4Form::Auto => Ok(Int4Form::MatMulNBits),
-            Int4Form::DequantizeLinear if opset < DQ_OPSET => Err(format!(
+            IntForm::Auto if opset >= DQ_OPSET => Ok(IntForm::DequantizeLinear),
+            IntForm::Auto => Ok(IntForm::MatMulNBits),
+            IntForm::DequantizeLinear if opset < DQ_OPSET => Err(format!(
                 "the DequantizeLinear form needs opset {DQ_OPSET} (int4 with block_size); the \
                  model is opset {opset} (use the MatMulNBits form, or re-export at opset \
                  {DQ_OPSET})"
@@ -160,7 +212,7 @@ impl Int4Form {
 
     fn label(self) -> &'static str {
         match self {
-            Int4Form::DequantizeLinear => "DequantizeLinear",
+            IntForm::DequantizeLinear => "DequantizeLinear",
             _ => "MatMulNBits, GatherBlockQuantized",
         }
     }
@@ -169,40 +221,44 @@ impl Int4Form {
 /// The first opset whose DequantizeLinear takes int4 and `block_size`.
 pub const DQ_OPSET: i64 = 21;
 
-impl Int4Options {
+impl IntOptions {
     /// What the pass looks at in `form`: tables only in MatMulNBits' form, rows a multiple of
     /// the block.
-    fn select(&self, form: Int4Form) -> Select {
+    fn select(&self, form: IntForm) -> Select {
         Select {
             min_elements: self.min_elements,
-            tables: self.tables && form != Int4Form::DequantizeLinear,
+            tables: self.tables && form != IntForm::DequantizeLinear,
             row_multiple: self.block_size,
+            only: self.only.clone(),
         }
     }
 }
 
-impl Default for Int4Options {
+impl Default for IntOptions {
     fn default() -> Self {
-        Int4Options {
+        IntOptions {
+            bits: IntBits::Four,
             block_size: 32,
             min_elements: 4096,
+            only: None,
             tables: true,
-            form: Int4Form::Auto,
-            method: Int4Method::Rtn,
-            damp: 0.01,
+            form: IntForm::Auto,
+            method: IntMethod::Rtn,
+            damp: crate::gptq::DEFAULT_DAMP,
             grams: None,
+            heldout_grams: None,
             calibration: None,
         }
     }
 }
 
-pub struct WeightInt4 {
-    pub opts: Int4Options,
+pub struct WeightInt {
+    pub opts: IntOptions,
 }
 
 /// One quantized weight, for the report.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Int4Layer {
+pub struct IntLayer {
     pub weight: String,
     /// The nodes that read it.
     pub nodes: Vec<String>,
@@ -218,21 +274,25 @@ pub struct Int4Layer {
     /// `‖W − Ŵ‖_F / ‖W‖_F`.
     pub rel_error: f64,
     /// How its codes were chosen (a table stays `rtn` under GPTQ).
-    pub method: Int4Method,
+    pub method: IntMethod,
     /// With calibration inputs: the layer's output error on them, `‖(W − Ŵ)X‖ / ‖WX‖`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_rel_error: Option<f64>,
+    /// …and on held-out calibration inputs (`heldout_grams`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heldout_output_rel_error: Option<f64>,
 }
 
 /// The pass's report (`PassOutcome::details`).
 #[derive(Debug, Clone, Serialize)]
-pub struct Int4Report {
+pub struct IntReport {
+    pub bits: IntBits,
     pub method: &'static str,
     /// Where GPTQ's calibration inputs came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<String>,
     pub form: &'static str,
-    pub layers: Vec<Int4Layer>,
+    pub layers: Vec<IntLayer>,
     #[serde(flatten)]
     pub totals: Totals,
     /// Weights looked at and left in float, with why.
@@ -241,26 +301,33 @@ pub struct Int4Report {
 
 /// A weight's codes and scales, in MatMulNBits' layout.
 pub struct Quantized {
+    pub bits: IntBits,
     /// `[N, n_blocks, block_size / 2]`.
     pub codes: Vec<u8>,
     /// `[N · n_blocks]`, rounded to the weight's type.
     pub scales: Vec<f32>,
     pub rel_error: f64,
-    pub method: Int4Method,
+    pub method: IntMethod,
     pub output_rel_error: Option<f64>,
+    pub heldout_output_rel_error: Option<f64>,
 }
 
-impl WeightInt4 {
-    /// The pass's name in reports and `wcc.passes`.
-    pub const NAME: &'static str = "weight-int4";
+impl WeightInt {
+    /// The pass's name in reports and `wcc.passes`, by bits.
+    pub fn name_for(bits: IntBits) -> &'static str {
+        match bits {
+            IntBits::Four => "weight-int4",
+            IntBits::Eight => "weight-int8",
+        }
+    }
 }
 
-impl Pass for WeightInt4 {
+impl Pass for WeightInt {
     fn name(&self) -> &'static str {
-        Self::NAME
+        Self::name_for(self.opts.bits)
     }
     fn description(&self) -> &'static str {
-        "weight-only 4-bit block-wise round-to-nearest of MatMul/Gemm weights (MatMulNBits) and \
+        "weight-only 4- or 8-bit block-wise quantization of MatMul/Gemm weights (MatMulNBits) and \
          gathered tables (GatherBlockQuantized)"
     }
     fn lossless(&self) -> bool {
@@ -270,10 +337,18 @@ impl Pass for WeightInt4 {
         true
     }
     fn run(&self, model: &mut Model) -> Result<PassOutcome> {
-        let b = self.opts.block_size;
+        self.apply(model).map(|(out, _)| out)
+    }
+}
+
+impl WeightInt {
+    /// Runs the pass: what it did, and its report (also the outcome's details).
+    pub fn apply(&self, model: &mut Model) -> Result<(PassOutcome, IntReport)> {
+        let (b, bits) = (self.opts.block_size, self.opts.bits);
         if b < 16 || !b.is_power_of_two() {
             return Err(wcc_ir::IrError::Other(format!(
-                "int4 block size {b} is not a power of two of 16 or more"
+                "int{} block size {b} is not a power of two of 16 or more",
+                self.opts.bits.bits()
             )));
         }
         let opset = model.default_opset();
@@ -284,7 +359,7 @@ impl Pass for WeightInt4 {
             .map_err(wcc_ir::IrError::Other)?;
         let g = &mut model.graph;
         let (sites, mut skipped) = find_sites(g, opset, &self.opts.select(form));
-        if self.opts.tables && form == Int4Form::DequantizeLinear {
+        if self.opts.tables && form == IntForm::DequantizeLinear {
             skipped.push("gathered tables stay float in the DequantizeLinear form".into());
         }
         // Quantize the weights a few at a time (in parallel, each read band by band) and hand
@@ -300,11 +375,17 @@ impl Pass for WeightInt4 {
                 .map(|(name, s)| {
                     let t = g.initializer(name).expect("found as a constant");
                     let gram = self.opts.grams.as_ref().and_then(|h| gram_of(g, s, h));
+                    let held = self
+                        .opts
+                        .heldout_grams
+                        .as_ref()
+                        .and_then(|h| gram_of(g, s, h));
+                    let grams = (gram.as_ref(), held.as_ref());
                     match (self.opts.method, &gram) {
-                        (Int4Method::Gptq, Some(h)) if h.k == k_n(t, s[0].layout).0 => {
-                            quantize_gptq(t, s[0].layout, b, h, self.opts.damp)
+                        (IntMethod::Gptq, Some(h)) if h.k == k_n(t, s[0].layout).0 => {
+                            quantize_gptq(t, s[0].layout, (b, bits), grams, self.opts.damp)
                         }
-                        _ => quantize_tensor(t, s[0].layout, b, gram.as_ref()),
+                        _ => quantize_tensor(t, s[0].layout, (b, bits), grams),
                     }
                 })
                 .collect();
@@ -323,10 +404,10 @@ impl Pass for WeightInt4 {
         if changes > 0 && !model.opset_imports.iter().any(|(d, _)| d == MS_DOMAIN) {
             model.opset_imports.push((MS_DOMAIN.into(), 1));
         }
-        if self.opts.method == Int4Method::Gptq {
+        if self.opts.method == IntMethod::Gptq {
             let rtn: Vec<&str> = layers
                 .iter()
-                .filter(|l| l.method == Int4Method::Rtn)
+                .filter(|l| l.method == IntMethod::Rtn)
                 .map(|l| l.weight.as_str())
                 .collect();
             if !rtn.is_empty() {
@@ -336,7 +417,8 @@ impl Pass for WeightInt4 {
                 ));
             }
         }
-        let report = Int4Report {
+        let report = IntReport {
+            bits,
             method: self.opts.method.label(),
             calibration: self.opts.calibration.clone(),
             form: form.label(),
@@ -353,15 +435,16 @@ impl Pass for WeightInt4 {
             // What a deployment needs to know, in the file: ONNX Runtime folds constant float
             // subgraphs at session start, but never com.microsoft ops, so no option is needed.
             model.set_metadata(
-                "wcc.int4",
+                &format!("wcc.int{}", bits.bits()),
                 &format!(
                     "{}, symmetric, block {b}: {} weights, {:.2} bits per weight, as \
                      {} (ONNX Runtime does not constant-fold these back to float: its default \
-                     session options keep the weights 4-bit in memory)",
+                     session options keep the weights {}-bit in memory)",
                     report.method,
                     report.layers.len(),
                     report.totals.bits_per_weight,
-                    form.label()
+                    form.label(),
+                    bits.bits()
                 ),
             );
             out.notes.push(format!(
@@ -371,7 +454,7 @@ impl Pass for WeightInt4 {
             ));
         }
         out.details = Some(serde_json::to_value(&report).expect("serializable"));
-        Ok(out)
+        Ok((out, report))
     }
 }
 
@@ -385,14 +468,16 @@ fn emit(
     k: usize,
     n: usize,
     b: usize,
-    form: Int4Form,
-) -> Result<Int4Layer> {
+    form: IntForm,
+) -> Result<IntLayer> {
     let t = g.initializer(name).expect("found as a constant");
     let dtype = t.dtype()?;
     let dims = t.dims().to_vec();
     let bytes_before = t.byte_size();
     let n_blocks = k.div_ceil(b);
-    let layer = |bytes_after: u64, nodes: Vec<String>| Int4Layer {
+    let bits = q.bits.bits();
+    let tag = format!("int{bits}");
+    let layer = |bytes_after: u64, nodes: Vec<String>| IntLayer {
         weight: name.to_string(),
         nodes,
         k,
@@ -404,22 +489,23 @@ fn emit(
         rel_error: q.rel_error,
         method: q.method,
         output_rel_error: q.output_rel_error,
+        heldout_output_rel_error: q.heldout_output_rel_error,
     };
-    if form == Int4Form::DequantizeLinear {
+    if form == IntForm::DequantizeLinear {
         // One DequantizeLinear per weight, read by every node that read the weight.
         let kn = sites[0].layout == Layout::KN;
         let (x, scales) = dq_layout(&q, k, n, b, kn);
         let scale_bytes = float_bytes(&scales, dtype);
         let bytes_after = (x.len() + scale_bytes.len()) as u64;
-        let x_name = fresh_name(g, &format!("{name}_int4"));
+        let x_name = fresh_name(g, &format!("{name}_{tag}"));
         g.initializers
-            .push(Tensor::from_raw(&x_name, DataType::I4, &dims, x)?);
+            .push(Tensor::from_raw(&x_name, q.bits.signed(), &dims, x)?);
         let (axis, scale_dims) = if kn {
             (0, [n_blocks as i64, n as i64])
         } else {
             (1, [n as i64, n_blocks as i64])
         };
-        let s_name = fresh_name(g, &format!("{name}_int4_scales"));
+        let s_name = fresh_name(g, &format!("{name}_{tag}_scales"));
         g.initializers
             .push(Tensor::from_raw(&s_name, dtype, &scale_dims, scale_bytes)?);
         let w = fresh_name(g, &format!("{name}_dequantized"));
@@ -449,46 +535,46 @@ fn emit(
     // with the last axis packed, [V, D/2] and [V, D/b].
     let (codes_dims, scales_dims) = if sites[0].layout == Layout::Rows {
         (
-            vec![n as i64, (k * BITS / 8) as i64],
+            vec![n as i64, (k * bits / 8) as i64],
             vec![n as i64, n_blocks as i64],
         )
     } else {
         (
-            vec![n as i64, n_blocks as i64, (b * BITS / 8) as i64],
+            vec![n as i64, n_blocks as i64, (b * bits / 8) as i64],
             vec![(n * n_blocks) as i64],
         )
     };
-    let codes_name = fresh_name(g, &format!("{name}_int4_codes"));
+    let codes_name = fresh_name(g, &format!("{name}_{tag}_codes"));
     let codes = Tensor::from_raw(&codes_name, DataType::U8, &codes_dims, q.codes)?;
     g.initializers.push(codes);
-    let scales_name = fresh_name(g, &format!("{name}_int4_scales"));
+    let scales_name = fresh_name(g, &format!("{name}_{tag}_scales"));
     let scales = Tensor::from_raw(&scales_name, dtype, &scales_dims, scale_bytes)?;
     g.initializers.push(scales);
     let mut nodes = vec![];
     for site in sites {
         nodes.push(g.nodes[site.node].name.clone());
-        rewrite(g, site.node, &codes_name, &scales_name, k, n, b);
+        rewrite(g, site.node, &codes_name, &scales_name, [k, n, b, bits]);
     }
     Ok(layer(bytes_after, nodes))
 }
 
 /// MatMulNBits' codes and scales in DequantizeLinear's layout: the weight's own shape (`[K, N]`
-/// when `kn`, else `[N, K]`), int4 two's complement (`code − 8`), two a byte in row-major order,
-/// the first in the low nibble; scales `[⌈K/b⌉, N]` (blocks along axis 0) or `[N, ⌈K/b⌉]`
-/// (axis 1).
+/// when `kn`, else `[N, K]`), the levels as two's complement int4 (two a byte in row-major
+/// order, the first in the low nibble) or int8; scales `[⌈K/b⌉, N]` (blocks along axis 0) or
+/// `[N, ⌈K/b⌉]` (axis 1).
 fn dq_layout(q: &Quantized, k: usize, n: usize, b: usize, kn: bool) -> (Vec<u8>, Vec<f32>) {
     let n_blocks = k.div_ceil(b);
-    let mut x = vec![0u8; (k * n).div_ceil(2)];
+    let mut x = vec![0u8; (k * n * q.bits.bits()).div_ceil(8)];
     let mut scales = vec![0f32; n * n_blocks];
     for col in 0..n {
         for r in 0..k {
-            let nibble = q.code(k, b, col, r).wrapping_sub(8) & 15;
+            let level = q.level(k, b, col, r) as u8;
             let at = if kn { r * n + col } else { col * k + r };
-            x[at / 2] |= if at.is_multiple_of(2) {
-                nibble
-            } else {
-                nibble << 4
-            };
+            match q.bits {
+                IntBits::Eight => x[at] = level,
+                IntBits::Four if at.is_multiple_of(2) => x[at / 2] |= level & 15,
+                IntBits::Four => x[at / 2] |= (level & 15) << 4,
+            }
         }
         for j in 0..n_blocks {
             let at = if kn { j * n + col } else { col * n_blocks + j };
@@ -500,7 +586,7 @@ fn dq_layout(q: &Quantized, k: usize, n: usize, b: usize, kn: bool) -> (Vec<u8>,
 
 /// Replaces node `i` by MatMulNBits (and an Add for a Gemm's C that is not an `[N]` constant),
 /// or a Gather by GatherBlockQuantized.
-fn rewrite(g: &mut Graph, i: usize, codes: &str, scales: &str, k: usize, n: usize, b: usize) {
+fn rewrite(g: &mut Graph, i: usize, codes: &str, scales: &str, [k, n, b, bits]: [usize; 4]) {
     let old = g.nodes[i].clone();
     if old.is("Gather") {
         let inputs = vec![codes.into(), old.inputs[1].clone(), scales.into()];
@@ -512,7 +598,7 @@ fn rewrite(g: &mut Graph, i: usize, codes: &str, scales: &str, k: usize, n: usiz
         );
         node.domain = MS_DOMAIN.into();
         node.attributes = vec![
-            Attribute::int("bits", BITS as i64),
+            Attribute::int("bits", bits as i64),
             Attribute::int("block_size", b as i64),
             Attribute::int("gather_axis", 0),
             Attribute::int("quantize_axis", 1),
@@ -537,7 +623,7 @@ fn rewrite(g: &mut Graph, i: usize, codes: &str, scales: &str, k: usize, n: usiz
     }
     let y = old.outputs[0].clone();
     let mm_out = match &add {
-        Some(_) => fresh_name(g, &format!("{y}_int4_mm")),
+        Some(_) => fresh_name(g, &format!("{y}_int{bits}_mm")),
         None => y.clone(),
     };
     let mut node = Node::new(&old.name, "MatMulNBits", inputs, vec![mm_out.clone()]);
@@ -545,7 +631,7 @@ fn rewrite(g: &mut Graph, i: usize, codes: &str, scales: &str, k: usize, n: usiz
     node.attributes = vec![
         Attribute::int("K", k as i64),
         Attribute::int("N", n as i64),
-        Attribute::int("bits", BITS as i64),
+        Attribute::int("bits", bits as i64),
         Attribute::int("block_size", b as i64),
     ];
     g.nodes[i] = node;
@@ -560,16 +646,16 @@ fn rewrite(g: &mut Graph, i: usize, codes: &str, scales: &str, k: usize, n: usiz
 fn quantize_tensor(
     t: &Tensor,
     layout: Layout,
-    b: usize,
-    gram: Option<&Gram>,
+    (b, bits): (usize, IntBits),
+    (gram, held): (Option<&Gram>, Option<&Gram>),
 ) -> Result<Option<(Quantized, usize, usize)>> {
     let dtype = t.dtype()?;
     let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
     let (k, n) = k_n(t, layout);
     let elem = if dtype == DataType::F16 { 2 } else { 4 };
     let n_blocks = k.div_ceil(b);
-    let blob = b * BITS / 8;
-    let mut q = Quantizer::new(k, n, b, dtype);
+    let blob = b * bits.bits() / 8;
+    let mut q = Quantizer::new(k, n, b, dtype, bits);
     if let Some(h) = gram {
         // The output error needs the whole weight: read it once, as [N, K].
         let Some(w0) = read_nk(t, layout)? else {
@@ -579,7 +665,9 @@ fn quantize_tensor(
             q.column(col, w);
         }
         let mut q = q.finish();
-        q.output_rel_error = Some(h.output_error(&w0)(&dequantize(&q, k, b)));
+        let w_hat = dequantize(&q, k, b);
+        q.output_rel_error = Some(h.output_error(&w0)(&w_hat));
+        q.heldout_output_rel_error = heldout_error(&w0, &w_hat, held);
         return Ok(Some((q, k, n)));
     }
     // Read a band of rows at a time: `b` rows of K for [K, N] (one block of every column), a few
@@ -617,7 +705,7 @@ fn dequantize(q: &Quantized, k: usize, b: usize) -> Vec<f32> {
     (0..n * k)
         .map(|i| {
             let (col, r) = (i / k, i % k);
-            (q.code(k, b, col, r) as f32 - 8.0) * q.scales[col * nb + r / b]
+            q.level(k, b, col, r) as f32 * q.scales[col * nb + r / b]
         })
         .collect()
 }
@@ -627,10 +715,11 @@ fn dequantize(q: &Quantized, k: usize, b: usize) -> Vec<f32> {
 fn quantize_gptq(
     t: &Tensor,
     layout: Layout,
-    b: usize,
-    gram: &Gram,
+    (b, bits): (usize, IntBits),
+    (gram, held): (Option<&Gram>, Option<&Gram>),
     damp: f64,
 ) -> Result<Option<(Quantized, usize, usize)>> {
+    let gram = gram.expect("GPTQ runs with a Gram");
     let dtype = t.dtype()?;
     let Some(w0) = read_nk(t, layout)? else {
         return Ok(None);
@@ -638,28 +727,30 @@ fn quantize_gptq(
     let k = gram.k;
     let n = w0.len() / k;
     let mut w = w0.clone();
-    let mut rounding = Int4Gptq {
-        q: Quantizer::new(k, n, b, dtype),
+    let mut rounding = IntGptq {
+        q: Quantizer::new(k, n, b, dtype, bits),
         current: vec![0.0; n],
     };
     gptq::quantize(&mut w, n, gram, damp, &mut rounding).map_err(wcc_ir::IrError::Other)?;
     let mut q = rounding.q.finish();
-    q.method = Int4Method::Gptq;
+    q.method = IntMethod::Gptq;
     // The error against the float weight, as RTN reports it (`w` ends holding GPTQ's rounded
     // weights).
     q.rel_error = rel_error(&w0, &w);
-    q.output_rel_error = Some(gram.output_error(&w0)(&dequantize(&q, k, b)));
+    let w_hat = dequantize(&q, k, b);
+    q.output_rel_error = Some(gram.output_error(&w0)(&w_hat));
+    q.heldout_output_rel_error = heldout_error(&w0, &w_hat, held);
     Ok(Some((q, k, n)))
 }
 
 /// Int4 blocks as GPTQ's rounding rule: the codes go to `q`.
-struct Int4Gptq {
+struct IntGptq {
     q: Quantizer,
     /// The current block's scale, per output row.
     current: Vec<f32>,
 }
 
-impl ColumnRounding for Int4Gptq {
+impl ColumnRounding for IntGptq {
     fn group_size(&self) -> usize {
         self.q.b
     }
@@ -680,7 +771,7 @@ impl ColumnRounding for Int4Gptq {
             let q = if s == 0.0 {
                 0.0
             } else {
-                (*v / s as f64).round().clamp(-8.0, 7.0)
+                self.q.bits.level(*v / s as f64)
             };
             self.q.put(row, i, q as i32);
             *v = q * s as f64;
@@ -690,7 +781,7 @@ impl ColumnRounding for Int4Gptq {
 
 /// The values the MatMul/Gemm weights `--int4` would quantize multiply: what GPTQ's
 /// calibration must expose.
-pub fn calibration_inputs(model: &Model, opts: &Int4Options) -> Vec<String> {
+pub fn calibration_inputs(model: &Model, opts: &IntOptions) -> Vec<String> {
     let Ok(form) = opts.form.resolve(model.default_opset()) else {
         return vec![];
     };
@@ -698,26 +789,32 @@ pub fn calibration_inputs(model: &Model, opts: &Int4Options) -> Vec<String> {
     linear_weights::calibration_inputs(&model.graph, &sites)
 }
 
-/// The byte of MatMulNBits' codes (`[N, ⌈K/b⌉, b/2]`) that holds column `col`, row `r`: the
-/// low nibble for even `r`, the high one for odd (`b` is even).
-fn code_byte(k: usize, b: usize, col: usize, r: usize) -> usize {
-    (col * k.div_ceil(b) + r / b) * b / 2 + (r % b) / 2
+/// The byte of MatMulNBits' codes (`[N, ⌈K/b⌉, b·bits/8]`) that holds column `col`, row `r`:
+/// with 4 bits, the low nibble for even `r`, the high one for odd (`b` is even).
+fn code_byte(k: usize, b: usize, col: usize, r: usize, bits: IntBits) -> usize {
+    ((col * k.div_ceil(b) + r / b) * b + r % b) * bits.bits() / 8
 }
 
 impl Quantized {
-    /// The code (0..=15, 8 is zero) of column `col`, row `r`.
+    /// The code (`bits.zero()` is zero) of column `col`, row `r`.
     fn code(&self, k: usize, b: usize, col: usize, r: usize) -> u8 {
-        let byte = self.codes[code_byte(k, b, col, r)];
-        if r.is_multiple_of(2) {
-            byte & 15
-        } else {
-            byte >> 4
+        let byte = self.codes[code_byte(k, b, col, r, self.bits)];
+        match self.bits {
+            IntBits::Eight => byte,
+            IntBits::Four if r.is_multiple_of(2) => byte & 15,
+            IntBits::Four => byte >> 4,
         }
+    }
+
+    /// The level (code − zero) of column `col`, row `r`.
+    fn level(&self, k: usize, b: usize, col: usize, r: usize) -> i32 {
+        self.code(k, b, col, r) as i32 - self.bits.zero()
     }
 }
 
 /// Block-wise symmetric RTN into MatMulNBits' layout.
 pub struct Quantizer {
+    bits: IntBits,
     k: usize,
     n: usize,
     b: usize,
@@ -729,15 +826,16 @@ pub struct Quantizer {
 }
 
 impl Quantizer {
-    pub fn new(k: usize, n: usize, b: usize, dtype: DataType) -> Self {
+    pub fn new(k: usize, n: usize, b: usize, dtype: DataType, bits: IntBits) -> Self {
         let n_blocks = k.div_ceil(b);
         Quantizer {
+            bits,
             k,
             n,
             b,
             dtype,
-            // Code 8 is 0: the padding of a short last block dequantizes to 0.
-            codes: vec![0x88; n * n_blocks * b * BITS / 8],
+            // The padding of a short last block dequantizes to 0.
+            codes: vec![bits.zero_byte(); n * n_blocks * b * bits.bits() / 8],
             scales: vec![0.0; n * n_blocks],
             sq_err: 0.0,
             sq_norm: 0.0,
@@ -746,7 +844,7 @@ impl Quantizer {
 
     /// The scale of a block whose largest-magnitude entry is `m`, as the weight's type holds it.
     fn scale_for(&self, m: f32) -> f32 {
-        let s = m / -8.0;
+        let s = m / self.bits.lowest() as f32;
         match self.dtype {
             DataType::F16 => half::f16::from_f32(s).to_f32(),
             _ => s,
@@ -764,7 +862,7 @@ impl Quantizer {
             let q = if s == 0.0 {
                 0.0
             } else {
-                (v / s).round().clamp(-8.0, 7.0)
+                self.bits.level((v / s) as f64) as f32
             };
             self.put(col, j * self.b + i, q as i32);
             let e = (v - q * s) as f64;
@@ -779,14 +877,14 @@ impl Quantizer {
         self.scales[col * n_blocks + j] = s;
     }
 
-    /// Stores level `q` (−8..=7) for row `r` of column `col`.
+    /// Stores level `q` (`bits.lowest()..`) for row `r` of column `col`.
     fn put(&mut self, col: usize, r: usize, q: i32) {
-        let code = (q + 8) as u8;
-        let byte = &mut self.codes[code_byte(self.k, self.b, col, r)];
-        *byte = if r.is_multiple_of(2) {
-            (*byte & 0xF0) | code
-        } else {
-            (*byte & 0x0F) | (code << 4)
+        let code = (q + self.bits.zero()) as u8;
+        let byte = &mut self.codes[code_byte(self.k, self.b, col, r, self.bits)];
+        *byte = match self.bits {
+            IntBits::Eight => code,
+            IntBits::Four if r.is_multiple_of(2) => (*byte & 0xF0) | code,
+            IntBits::Four => (*byte & 0x0F) | (code << 4),
         };
     }
 
@@ -808,6 +906,7 @@ impl Quantizer {
 
     pub fn finish(self) -> Quantized {
         Quantized {
+            bits: self.bits,
             codes: self.codes,
             scales: self.scales,
             rel_error: if self.sq_norm > 0.0 {
@@ -815,8 +914,9 @@ impl Quantizer {
             } else {
                 0.0
             },
-            method: Int4Method::Rtn,
+            method: IntMethod::Rtn,
             output_rel_error: None,
+            heldout_output_rel_error: None,
         }
     }
 }
@@ -844,7 +944,7 @@ mod tests {
         let w: Vec<f32> = (0..k * n)
             .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 13.0)
             .collect();
-        let mut qz = Quantizer::new(k, n, b, DataType::F32);
+        let mut qz = Quantizer::new(k, n, b, DataType::F32, IntBits::Four);
         for j in 0..k.div_ceil(b) {
             let rows = &w[j * b * n..((j + 1) * b).min(k) * n];
             qz.block_of_rows(j, rows);
@@ -874,7 +974,7 @@ mod tests {
         }
         assert!(q.rel_error > 0.0 && q.rel_error < 0.1, "{}", q.rel_error);
         // The same weight read as [N, K] columns gives the same bytes.
-        let mut qt = Quantizer::new(k, n, b, DataType::F32);
+        let mut qt = Quantizer::new(k, n, b, DataType::F32, IntBits::Four);
         for col in 0..n {
             let c: Vec<f32> = (0..k).map(|r| w[r * n + col]).collect();
             qt.column(col, &c);
@@ -886,7 +986,7 @@ mod tests {
 
     #[test]
     fn an_all_zero_block_is_zero_and_f16_scales_are_what_is_stored() {
-        let mut qz = Quantizer::new(32, 1, 32, DataType::F16);
+        let mut qz = Quantizer::new(32, 1, 32, DataType::F16, IntBits::Four);
         let w: Vec<f32> = (0..32)
             .map(|i| if i < 16 { 0.0 } else { 0.1 * i as f32 })
             .collect();
@@ -897,7 +997,7 @@ mod tests {
             half::f16::from_f32(q.scales[0]).to_f32(),
             "the scale is an f16 value"
         );
-        let mut z = Quantizer::new(16, 1, 16, DataType::F32);
+        let mut z = Quantizer::new(16, 1, 16, DataType::F32, IntBits::Four);
         z.column(0, &[0.0; 16]);
         let z = z.finish();
         assert_eq!(z.scales, vec![0.0]);
