@@ -1114,3 +1114,131 @@ fn target_size_plans_the_most_faithful_model_that_fits_or_refuses() {
     assert!(e.to_string().contains("cannot be reached"), "{e}");
     assert!(!dir.path().join(format!("{stem}.t3.onnx")).exists());
 }
+
+/// `m` with every VQ-coded table's decoding (named after its Gather: `<gather>_vq_*`) replaced by
+/// a Gather on the table decoded here from the initializers: row r is `Σ_b
+/// codebook_b[codes_b[r, j], t]` at `j·v + t`, then `· scale[r] + shift[r]` when normalized.
+fn vq_tables_decoded(m: &Model, tables: &[(&str, &str)]) -> Model {
+    let mut out = m.clone();
+    let g = &m.graph;
+    for (table, gather) in tables {
+        let find = |suffix: &str| g.initializer(&format!("{table}_vq_{suffix}"));
+        let codes = find("codes").unwrap();
+        let (rows, per) = (codes.dims()[0] as usize, codes.dims()[1] as usize);
+        let v = find("codebook").unwrap().dims()[1] as usize;
+        let d = per * v;
+        let mut e = vec![0f32; rows * d];
+        for tag in ["", "1"] {
+            let (Some(codes), Some(book)) = (
+                find(&format!("codes{tag}")),
+                find(&format!("codebook{tag}")),
+            ) else {
+                continue;
+            };
+            let (ids, cb) = (codes.raw_bytes().unwrap().to_vec(), f32s(book));
+            for r in 0..rows {
+                for j in 0..per {
+                    for t in 0..v {
+                        e[r * d + j * v + t] += cb[ids[r * per + j] as usize * v + t];
+                    }
+                }
+            }
+        }
+        if let (Some(scale), Some(shift)) = (find("scale"), find("shift")) {
+            let (s, b) = (f32s(scale), f32s(shift));
+            for (i, x) in e.iter_mut().enumerate() {
+                *x = *x * s[i / d] + b[i / d];
+            }
+        }
+        // The decoding chain's output is the Gather's.
+        let first = g.nodes.iter().find(|n| n.name == *gather).unwrap();
+        let ids = first.inputs[1].clone();
+        let prefix = format!("{gather}_vq_");
+        let chain: Vec<&Node> = g
+            .nodes
+            .iter()
+            .filter(|n| n.name == *gather || n.name.starts_with(&prefix))
+            .collect();
+        let produced: Vec<&String> = chain.iter().flat_map(|n| &n.outputs).collect();
+        // Every value the chain makes is named after it, but its output, which keeps the name.
+        let y = produced
+            .iter()
+            .find(|o| !o.starts_with(&prefix))
+            .map(|o| o.to_string())
+            .unwrap();
+        let name = format!("{table}_dense");
+        out.graph
+            .nodes
+            .retain(|n| !(n.name == *gather || n.name.starts_with(&prefix)));
+        out.graph
+            .initializers
+            .push(f32_tensor(&name, &e, &[rows as i64, d as i64]));
+        out.graph
+            .nodes
+            .push(Node::new(gather, "Gather", vec![name, ids], vec![y]));
+    }
+    wcc_ir::validate::topo_sort(&mut out.graph);
+    out
+}
+
+#[test]
+fn vq_tables_are_decoded_row_by_row_by_two_gathers() {
+    let dir = tempfile::tempdir().unwrap();
+    for (stem, table) in [
+        ("bert.legacy", "embeddings.word_embeddings.weight"),
+        ("gpt2.legacy", "transformer.wte.weight"),
+    ] {
+        for (tag, (residual, normalize)) in [("vqt", (false, false)), ("vqt-nr", (true, true))] {
+            let (out, r) = optimize(stem, dir.path(), tag, -1.0, |o| {
+                o.vq = Some(VqOptions {
+                    vector: 4,
+                    centroids: 16,
+                    min_elements: 0,
+                    residual,
+                    normalize,
+                    tables: true,
+                    ..VqOptions::default()
+                });
+            });
+            let d = vq_details(&r);
+            let l = d["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["weight"] == table)
+                .unwrap_or_else(|| panic!("{stem}: {table} coded"));
+            let m = wcc_ir::import::load(&out).unwrap();
+            assert!(
+                m.graph.initializer(table).is_none(),
+                "{stem}: the dense table is gone"
+            );
+            // Indices [V, D/4] a byte each, 16 centroids of 4 f32 per codebook, norms per row.
+            let (dd, rows) = (l["k"].as_u64().unwrap(), l["n"].as_u64().unwrap());
+            let books = if residual { 2 } else { 1 };
+            let norms = if normalize { 2 * rows * 4 } else { 0 };
+            assert_eq!(
+                l["bytes_after"].as_u64().unwrap(),
+                books * (rows * dd / 4 + 16 * 4 * 4) + norms
+            );
+            let gathers: Vec<(&str, &str)> = l["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| (table, n.as_str().unwrap()))
+                .collect();
+            let (float, _) = vq_decoded(&vq_tables_decoded(&m, &gathers));
+            let inputs = inputs(stem, "alt.inputs");
+            let want = run(&ort(), &float, &inputs).unwrap();
+            let scale = max_abs(&want).max(1.0);
+            for backend in [ort(), Backend::Tract] {
+                let got = run(&backend, &m, &inputs).unwrap_or_else(|e| panic!("{stem}: {e}"));
+                let diff = max_diff(&got, &want);
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "{stem} {tag} on {}: {diff}",
+                    backend.label()
+                );
+            }
+        }
+    }
+}

@@ -34,14 +34,20 @@
 //! In standard ONNX, in the layer's own `[K, N]` orientation: per codebook, `idx` `[K, N/v]`
 //! (uint8/uint16) → `Cast(to int32)` → `Gather(C [k, v], ·)` `[K, N/v, v]`; the two summed (`Add`)
 //! with a residual codebook; → `Reshape([K, N])`; normalized, `Mul(σ [K, 1])` → `Add(μ [K, 1])`;
-//! → the MatMul's (or Gemm's, then with `transB = 0`) weight input. ONNX Runtime and tract run it
-//! as is. ONNX Runtime constant-folds that chain into a dense weight when it creates a session
+//! → the MatMul's (or Gemm's, then with `transB = 0`) weight input. A table `E[V, D]` that an
+//! axis-0 Gather reads (with `tables`) is coded as the weight `[K = V, N = D]`, so its vectors run
+//! along a row and `idx` `[V, D/v]` holds each row's codes; the Gather becomes two, the rows'
+//! codes by id and then the codebook, `Gather(codes, ids) → Cast → Gather(C)`, reshaped to
+//! `[ids…, D]` (`Concat(Shape(ids), [D])`) and, normalized, scaled and shifted by the gathered
+//! rows' own `σ`, `μ`: only the gathered rows are decoded, the dense table never exists. ONNX
+//! Runtime and tract run both as they are. ONNX Runtime constant-folds that chain into a dense weight when it creates a session
 //! (the file stays small, the session's memory does not) unless constant folding is turned off,
 //! which the `wcc.vq` metadata says.
 //!
 //! # What it touches
-//! What `linear_weights::find_sites` selects (MatMul/Gemm weights, no tables yet) whose N is a
-//! multiple of `v`; every node that reads the weight reads the decoded one.
+//! What `linear_weights::find_sites` selects: MatMul/Gemm weights whose N is a multiple of `v`,
+//! and with `tables` axis-0 Gathers' tables whose rows are; every node that reads the weight
+//! reads the decoded one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -75,6 +81,9 @@ pub struct VqOptions {
     /// This fraction of the input columns, the costliest (largest `H_qq·scale²`; without
     /// calibration the largest), is coded from its own eighth of the codebook.
     pub outliers: f64,
+    /// Also the tables axis-0 Gathers read (embeddings), coded row by row and decoded by two
+    /// Gathers (the rows' codes by id, then the codebook).
+    pub tables: bool,
     /// Weights with fewer elements are left in float.
     pub min_elements: u64,
     /// Only these weights (by initializer name), when given: how a planner quantizes weight by
@@ -113,12 +122,13 @@ impl VqOptions {
 }
 
 impl VqOptions {
-    /// What the pass looks at: MatMul/Gemm weights (no tables yet).
+    /// What the pass looks at: MatMul/Gemm weights, and with `tables` the tables axis-0 Gathers
+    /// read whose rows are a multiple of the vector.
     fn select(&self) -> Select {
         Select {
             min_elements: self.min_elements,
-            tables: false,
-            row_multiple: 1,
+            tables: self.tables,
+            row_multiple: self.vector,
             only: self.only.clone(),
         }
     }
@@ -132,6 +142,7 @@ impl Default for VqOptions {
             residual: false,
             normalize: false,
             outliers: 0.0,
+            tables: false,
             min_elements: 4096,
             only: None,
             iters: 25,
@@ -252,7 +263,7 @@ impl WeightVq {
                 .initializer(&w)
                 .expect("a site's weight is an initializer");
             let (_, n) = k_n(t, s[0].layout);
-            if !n.is_multiple_of(o.vector) {
+            if s[0].layout != Layout::Rows && !n.is_multiple_of(o.vector) {
                 skipped.push(format!(
                     "{w}: {n} outputs, not a multiple of the vector length {}",
                     o.vector
@@ -276,6 +287,10 @@ impl WeightVq {
                 .collect();
             for ((name, s), c) in chunk.iter().zip(coded) {
                 match c? {
+                    Some(c) if s[0].layout == Layout::Rows => {
+                        changes += s.len();
+                        layers.push(emit_table(g, name, s, c, o)?);
+                    }
                     Some(c) => {
                         changes += s.len();
                         layers.push(emit(g, name, s, c, o)?);
@@ -446,6 +461,13 @@ fn code(
     (gram, held): (Option<&Gram>, Option<&Gram>),
     o: &VqOptions,
 ) -> Result<Option<Coded>> {
+    // A table `E[V, D]` is coded as the weight `[K = V, N = D]`: its vectors run along a row, and
+    // the indices `[K, N/v]` are the rows' codes.
+    let layout = if layout == Layout::Rows {
+        Layout::KN
+    } else {
+        layout
+    };
     let Some(w0) = read_nk(t, layout)? else {
         return Ok(None);
     };
@@ -763,6 +785,186 @@ fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded, o: &VqOptions) -> R
         bytes_before,
         bytes_after,
         bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
+        rel_error: c.rel_error,
+        output_rel_error: c.output_rel_error,
+        output_rel_error_nearest: c.output_rel_error_nearest,
+        heldout_output_rel_error: c.heldout_output_rel_error,
+    })
+}
+
+/// Adds the codes, codebooks and norms of the table `name` (coded as `[K = V, N = D]`: a row's
+/// codes `[V, D/v]`) and replaces every Gather at `sites` by its decoding: per codebook
+/// `Gather(codes, ids) → Cast(int32) → Gather(codebook)` `[ids…, D/v, v]`, summed;
+/// `Reshape(Concat(Shape(ids), [D]))`; normalized, `· Gather(scale [V, 1], ids) + Gather(shift
+/// [V, 1], ids)`. Only the gathered rows are decoded: the dense table never exists.
+fn emit_table(
+    g: &mut Graph,
+    name: &str,
+    sites: &[Site],
+    c: Coded,
+    o: &VqOptions,
+) -> Result<VqLayer> {
+    let t = g.initializer(name).expect("found as a constant");
+    let dtype = t.dtype()?;
+    let bytes_before = t.byte_size();
+    let (rows, d, v) = (c.k, c.n, o.vector);
+    let per = d / v;
+    let mut bytes_after = 0u64;
+    // The initializers every site shares.
+    let mut books = vec![];
+    for (b, (book, idx)) in c.books.iter().zip(&c.idx).enumerate() {
+        let tag = if b == 0 {
+            String::new()
+        } else {
+            format!("{b}")
+        };
+        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if o.centroids <= 256 {
+            (DataType::U8, idx.iter().map(|i| *i as u8).collect())
+        } else {
+            (
+                DataType::U16,
+                idx.iter().flat_map(|i| (*i as u16).to_le_bytes()).collect(),
+            )
+        };
+        let book_bytes = float_bytes(book, dtype);
+        bytes_after += (idx_bytes.len() + book_bytes.len()) as u64;
+        let codes = add(
+            g,
+            &format!("{name}_vq_codes{tag}"),
+            idx_type,
+            &[rows as i64, per as i64],
+            idx_bytes,
+        )?;
+        let book = add(
+            g,
+            &format!("{name}_vq_codebook{tag}"),
+            dtype,
+            &[(book.len() / v) as i64, v as i64],
+            book_bytes,
+        )?;
+        books.push((codes, book, tag));
+    }
+    let mut norms = vec![];
+    if let Some((scale, shift)) = &c.norm {
+        for (what, vals, op) in [("scale", scale, "Mul"), ("shift", shift, "Add")] {
+            let raw = float_bytes(vals, dtype);
+            bytes_after += raw.len() as u64;
+            let p = add(
+                g,
+                &format!("{name}_vq_{what}"),
+                dtype,
+                &[rows as i64, 1],
+                raw,
+            )?;
+            norms.push((what, p, op));
+        }
+    }
+    let width = add(
+        g,
+        &format!("{name}_vq_width"),
+        DataType::I64,
+        &[1],
+        (d as i64).to_le_bytes().to_vec(),
+    )?;
+    let mut nodes = vec![];
+    for s in sites {
+        let old = g.nodes[s.node].clone();
+        let (ids, y) = (old.inputs[1].clone(), old.outputs[0].clone());
+        let mut chain = vec![];
+        let fresh = |g: &mut Graph, what: &str| fresh_name(g, &format!("{}_vq_{what}", old.name));
+        let mut sum: Option<String> = None;
+        for (codes, book, tag) in &books {
+            let picked = fresh(g, &format!("codes{tag}"));
+            chain.push(Node::new(
+                &picked,
+                "Gather",
+                vec![codes.clone(), ids.clone()],
+                vec![picked.clone()],
+            ));
+            let i32s = fresh(g, &format!("codes32{tag}"));
+            let mut cast = Node::new(&i32s, "Cast", vec![picked], vec![i32s.clone()]);
+            cast.attributes = vec![Attribute::int("to", DataType::I32.code() as i64)];
+            chain.push(cast);
+            let vecs = fresh(g, &format!("vectors{tag}"));
+            chain.push(Node::new(
+                &vecs,
+                "Gather",
+                vec![book.clone(), i32s],
+                vec![vecs.clone()],
+            ));
+            sum = Some(match sum {
+                None => vecs,
+                Some(prev) => {
+                    let a = fresh(g, &format!("sum{tag}"));
+                    chain.push(Node::new(&a, "Add", vec![prev, vecs], vec![a.clone()]));
+                    a
+                }
+            });
+        }
+        let shape = fresh(g, "ids_shape");
+        chain.push(Node::new(
+            &shape,
+            "Shape",
+            vec![ids.clone()],
+            vec![shape.clone()],
+        ));
+        let target = fresh(g, "shape");
+        let mut concat = Node::new(
+            &target,
+            "Concat",
+            vec![shape, width.clone()],
+            vec![target.clone()],
+        );
+        concat.attributes = vec![Attribute::int("axis", 0)];
+        chain.push(concat);
+        let mut value = fresh(g, "rows");
+        let last = norms.is_empty();
+        let out = if last { y.clone() } else { value.clone() };
+        chain.push(Node::new(
+            &value,
+            "Reshape",
+            vec![sum.clone().expect("a codebook"), target],
+            vec![out.clone()],
+        ));
+        value = out;
+        for (i, (what, p, op)) in norms.iter().enumerate() {
+            let picked = fresh(g, &format!("{what}_rows"));
+            chain.push(Node::new(
+                &picked,
+                "Gather",
+                vec![p.clone(), ids.clone()],
+                vec![picked.clone()],
+            ));
+            let out = if i + 1 == norms.len() {
+                y.clone()
+            } else {
+                fresh(g, &format!("{what}d"))
+            };
+            let node = fresh(g, &format!("{what}_node"));
+            chain.push(Node::new(&node, op, vec![value, picked], vec![out.clone()]));
+            value = out;
+        }
+        // The first node takes the Gather's place (its name stays); the rest are appended.
+        let mut chain = chain.into_iter();
+        let mut first = chain.next().expect("a chain");
+        first.name = old.name.clone();
+        g.nodes[s.node] = first;
+        g.nodes.extend(chain);
+        nodes.push(old.name.clone());
+    }
+    Ok(VqLayer {
+        weight: name.to_string(),
+        nodes,
+        k: d,
+        n: rows,
+        vector: v,
+        centroids: o.centroids,
+        residual: c.books.len() > 1,
+        normalized: c.norm.is_some(),
+        outlier_columns: c.outlier_columns,
+        bytes_before,
+        bytes_after,
+        bits_per_weight: 8.0 * bytes_after as f64 / (rows * d) as f64,
         rel_error: c.rel_error,
         output_rel_error: c.output_rel_error,
         output_rel_error_nearest: c.output_rel_error_nearest,

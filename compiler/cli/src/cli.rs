@@ -186,6 +186,10 @@ pub struct OptimizeArgs {
     /// of the codebook (e.g. 0.01).
     #[arg(long, value_name = "FRACTION", requires = "vq_bits", value_parser = fraction)]
     pub vq_outliers: Option<f64>,
+    /// --vq-bits also coding the tables Gathers read (embeddings), row by row, decoded by two
+    /// Gathers (only the gathered rows are decoded).
+    #[arg(long, requires = "vq_bits")]
+    pub vq_tables: bool,
     /// With -O compress: plan the most faithful model whose tensors fit in this size (bytes:
     /// 20000000, 20MB, 19MiB; or a percentage of the input's tensors: 25%) instead of the smallest
     /// that keeps the gate; the gate is still checked (exit 1 when it fails).
@@ -348,6 +352,7 @@ impl OptimizeArgs {
                 residual: self.vq_residual,
                 normalize: self.vq_normalize,
                 outliers: self.vq_outliers.unwrap_or(0.0),
+                tables: self.vq_tables,
                 ..wcc_driver::VqOptions::for_bits(b).expect("checked by clap")
             }),
             target_size: self.target_size,
