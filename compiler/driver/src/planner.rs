@@ -9,9 +9,14 @@
 //! in HAWQ ("HAWQ: Hessian AWare Quantization of Neural Networks with Mixed-Precision", Dong et
 //! al., arXiv 1905.03696), measured here by running the model instead of from its Hessian:
 //!
+//! The calibration inputs are split in two (`calib::split`): the quantizers fit (GPTQ, k-means)
+//! on one half, and every figure below is taken on the other, so that what a fit learned of its
+//! own inputs does not count (on MiniLM with 32 sentences, int4 GPTQ scores 0.9955 on the
+//! sentences it fitted and 0.9837 on others).
+//!
 //! 1. Every treatment runs over every weight once, on copies of the model: each (weight,
 //!    treatment) gets its bytes as the file will hold them and its layer error `e`: on the
-//!    calibration inputs `‖(W − Ŵ)X‖ / ‖WX‖`, or `‖W − Ŵ‖ / ‖W‖` for a table no calibration input
+//!    judged half `‖(W − Ŵ)X‖ / ‖WX‖`, or `‖W − Ŵ‖ / ‖W‖` for a table no calibration input
 //!    multiplies.
 //! 2. Each weight's sensitivity `s`: the model with that weight alone in int4, run on the
 //!    calibration batches against the unquantized model, as the *share* of the gate it uses: the
