@@ -682,42 +682,17 @@ fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded, o: &VqOptions) -> R
     let t = g.initializer(name).expect("found as a constant");
     let dtype = t.dtype()?;
     let bytes_before = t.byte_size();
-    let (k, n, v) = (c.k, c.n, o.vector);
-    let per = n / v;
-    let mut bytes_after = 0u64;
+    let (k, n) = (c.k, c.n);
     let mut nodes_out = vec![];
     // Per codebook: idx → Cast(int32) → Gather(codebook) `[K, N/v, v]`; summed.
+    let (books, mut bytes_after) = add_books(g, name, "idx", &c, o, dtype)?;
     let mut sum: Option<String> = None;
-    for (b, (book, idx)) in c.books.iter().zip(&c.idx).enumerate() {
-        let tag = if b == 0 {
-            String::new()
-        } else {
-            format!("{b}")
-        };
-        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if o.centroids <= 256 {
-            (DataType::U8, idx.iter().map(|i| *i as u8).collect())
-        } else {
-            (
-                DataType::U16,
-                idx.iter().flat_map(|i| (*i as u16).to_le_bytes()).collect(),
-            )
-        };
-        let book_bytes = float_bytes(book, dtype);
-        bytes_after += (idx_bytes.len() + book_bytes.len()) as u64;
-        let idx_name = add(
-            g,
-            &format!("{name}_vq_idx{tag}"),
-            idx_type,
-            &[k as i64, per as i64],
-            idx_bytes,
-        )?;
-        let book_name = add(
-            g,
-            &format!("{name}_vq_codebook{tag}"),
-            dtype,
-            &[(book.len() / v) as i64, v as i64],
-            book_bytes,
-        )?;
+    for Book {
+        idx: idx_name,
+        book: book_name,
+        tag,
+    } in books
+    {
         let i32_name = fresh_name(g, &format!("{name}_vq_idx32{tag}"));
         let mut cast = Node::new(&i32_name, "Cast", vec![idx_name], vec![i32_name.clone()]);
         cast.attributes = vec![Attribute::int("to", DataType::I32.code() as i64)];
@@ -751,15 +726,12 @@ fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded, o: &VqOptions) -> R
         vec![decoded.clone()],
     ));
     // Normalized: `[K, N] · scale[K, 1] + shift[K, 1]`.
-    if let Some((scale, shift)) = &c.norm {
-        for (what, vals, op) in [("scale", scale, "Mul"), ("shift", shift, "Add")] {
-            let raw = float_bytes(vals, dtype);
-            bytes_after += raw.len() as u64;
-            let p = add(g, &format!("{name}_vq_{what}"), dtype, &[k as i64, 1], raw)?;
-            let out = fresh_name(g, &format!("{name}_vq_{what}d"));
-            nodes_out.push(Node::new(&out, op, vec![decoded, p], vec![out.clone()]));
-            decoded = out;
-        }
+    let (norms, norm_bytes) = add_norms(g, name, &c, dtype)?;
+    bytes_after += norm_bytes;
+    for Norm { what, name: p, op } in norms {
+        let out = fresh_name(g, &format!("{name}_vq_{what}d"));
+        nodes_out.push(Node::new(&out, op, vec![decoded, p], vec![out.clone()]));
+        decoded = out;
     }
     let mut nodes = vec![];
     for s in sites {
@@ -772,24 +744,126 @@ fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded, o: &VqOptions) -> R
         nodes.push(node.name.clone());
     }
     g.nodes.extend(nodes_out);
-    Ok(VqLayer {
-        weight: name.to_string(),
-        nodes,
-        k,
-        n,
-        vector: v,
-        centroids: o.centroids,
-        residual: c.books.len() > 1,
-        normalized: c.norm.is_some(),
-        outlier_columns: c.outlier_columns,
-        bytes_before,
-        bytes_after,
-        bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
-        rel_error: c.rel_error,
-        output_rel_error: c.output_rel_error,
-        output_rel_error_nearest: c.output_rel_error_nearest,
-        heldout_output_rel_error: c.heldout_output_rel_error,
-    })
+    Ok(c.layer(name, nodes, (k, n), o, (bytes_before, bytes_after)))
+}
+
+/// A codebook's initializers: its indices, its centroids, and the tag its names end with.
+struct Book {
+    idx: String,
+    book: String,
+    tag: String,
+}
+
+/// A norm's initializer: `scale` or `shift`, its name, and the op that applies it.
+struct Norm {
+    what: &'static str,
+    name: String,
+    op: &'static str,
+}
+
+/// Adds the indices (`<name>_vq_<what>`, `[K, N/v]`, uint8, or uint16 past 256 centroids) and
+/// the codebook of every codebook of `c`: (indices, codebook, tag) each, and their bytes.
+fn add_books(
+    g: &mut Graph,
+    name: &str,
+    what: &str,
+    c: &Coded,
+    o: &VqOptions,
+    dtype: DataType,
+) -> Result<(Vec<Book>, u64)> {
+    let (v, per) = (o.vector, c.n / o.vector);
+    let mut bytes = 0;
+    let mut out = vec![];
+    for (b, (book, idx)) in c.books.iter().zip(&c.idx).enumerate() {
+        let tag = if b == 0 {
+            String::new()
+        } else {
+            format!("{b}")
+        };
+        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if o.centroids <= 256 {
+            (DataType::U8, idx.iter().map(|i| *i as u8).collect())
+        } else {
+            (
+                DataType::U16,
+                idx.iter().flat_map(|i| (*i as u16).to_le_bytes()).collect(),
+            )
+        };
+        let book_bytes = float_bytes(book, dtype);
+        bytes += (idx_bytes.len() + book_bytes.len()) as u64;
+        let idx_name = add(
+            g,
+            &format!("{name}_vq_{what}{tag}"),
+            idx_type,
+            &[c.k as i64, per as i64],
+            idx_bytes,
+        )?;
+        let book_name = add(
+            g,
+            &format!("{name}_vq_codebook{tag}"),
+            dtype,
+            &[(book.len() / v) as i64, v as i64],
+            book_bytes,
+        )?;
+        out.push(Book {
+            idx: idx_name,
+            book: book_name,
+            tag,
+        });
+    }
+    Ok((out, bytes))
+}
+
+/// Adds `c`'s norms when normalized (`<name>_vq_scale`, `<name>_vq_shift`, `[K, 1]`): (what,
+/// initializer, the op that applies it) each, and their bytes.
+fn add_norms(g: &mut Graph, name: &str, c: &Coded, dtype: DataType) -> Result<(Vec<Norm>, u64)> {
+    let mut bytes = 0;
+    let mut out = vec![];
+    if let Some((scale, shift)) = &c.norm {
+        for (what, vals, op) in [("scale", scale, "Mul"), ("shift", shift, "Add")] {
+            let raw = float_bytes(vals, dtype);
+            bytes += raw.len() as u64;
+            let p = add(
+                g,
+                &format!("{name}_vq_{what}"),
+                dtype,
+                &[c.k as i64, 1],
+                raw,
+            )?;
+            out.push(Norm { what, name: p, op });
+        }
+    }
+    Ok((out, bytes))
+}
+
+impl Coded {
+    /// The report's line for the weight `name` (`(K, N)` as the report gives them).
+    fn layer(
+        &self,
+        name: &str,
+        nodes: Vec<String>,
+        (k, n): (usize, usize),
+        o: &VqOptions,
+        (bytes_before, bytes_after): (u64, u64),
+    ) -> VqLayer {
+        VqLayer {
+            weight: name.to_string(),
+            nodes,
+            k,
+            n,
+            vector: o.vector,
+            centroids: o.centroids,
+            residual: self.books.len() > 1,
+            normalized: self.norm.is_some(),
+            outlier_columns: self.outlier_columns,
+            bytes_before,
+            bytes_after,
+            bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
+            rel_error: self.rel_error,
+            output_rel_error: self.output_rel_error,
+            output_rel_error_nearest: self.output_rel_error_nearest,
+            heldout_output_rel_error: self.heldout_output_rel_error,
+        }
+    }
 }
 
 /// Adds the codes, codebooks and norms of the table `name` (coded as `[K = V, N = D]`: a row's
@@ -807,58 +881,11 @@ fn emit_table(
     let t = g.initializer(name).expect("found as a constant");
     let dtype = t.dtype()?;
     let bytes_before = t.byte_size();
-    let (rows, d, v) = (c.k, c.n, o.vector);
-    let per = d / v;
-    let mut bytes_after = 0u64;
+    let (rows, d) = (c.k, c.n);
     // The initializers every site shares.
-    let mut books = vec![];
-    for (b, (book, idx)) in c.books.iter().zip(&c.idx).enumerate() {
-        let tag = if b == 0 {
-            String::new()
-        } else {
-            format!("{b}")
-        };
-        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if o.centroids <= 256 {
-            (DataType::U8, idx.iter().map(|i| *i as u8).collect())
-        } else {
-            (
-                DataType::U16,
-                idx.iter().flat_map(|i| (*i as u16).to_le_bytes()).collect(),
-            )
-        };
-        let book_bytes = float_bytes(book, dtype);
-        bytes_after += (idx_bytes.len() + book_bytes.len()) as u64;
-        let codes = add(
-            g,
-            &format!("{name}_vq_codes{tag}"),
-            idx_type,
-            &[rows as i64, per as i64],
-            idx_bytes,
-        )?;
-        let book = add(
-            g,
-            &format!("{name}_vq_codebook{tag}"),
-            dtype,
-            &[(book.len() / v) as i64, v as i64],
-            book_bytes,
-        )?;
-        books.push((codes, book, tag));
-    }
-    let mut norms = vec![];
-    if let Some((scale, shift)) = &c.norm {
-        for (what, vals, op) in [("scale", scale, "Mul"), ("shift", shift, "Add")] {
-            let raw = float_bytes(vals, dtype);
-            bytes_after += raw.len() as u64;
-            let p = add(
-                g,
-                &format!("{name}_vq_{what}"),
-                dtype,
-                &[rows as i64, 1],
-                raw,
-            )?;
-            norms.push((what, p, op));
-        }
-    }
+    let (books, book_bytes) = add_books(g, name, "codes", &c, o, dtype)?;
+    let (norms, norm_bytes) = add_norms(g, name, &c, dtype)?;
+    let bytes_after = book_bytes + norm_bytes;
     let width = add(
         g,
         &format!("{name}_vq_width"),
@@ -873,7 +900,12 @@ fn emit_table(
         let mut chain = vec![];
         let fresh = |g: &mut Graph, what: &str| fresh_name(g, &format!("{}_vq_{what}", old.name));
         let mut sum: Option<String> = None;
-        for (codes, book, tag) in &books {
+        for Book {
+            idx: codes,
+            book,
+            tag,
+        } in &books
+        {
             let picked = fresh(g, &format!("codes{tag}"));
             chain.push(Node::new(
                 &picked,
@@ -927,7 +959,7 @@ fn emit_table(
             vec![out.clone()],
         ));
         value = out;
-        for (i, (what, p, op)) in norms.iter().enumerate() {
+        for (i, Norm { what, name: p, op }) in norms.iter().enumerate() {
             let picked = fresh(g, &format!("{what}_rows"));
             chain.push(Node::new(
                 &picked,
@@ -952,24 +984,8 @@ fn emit_table(
         g.nodes.extend(chain);
         nodes.push(old.name.clone());
     }
-    Ok(VqLayer {
-        weight: name.to_string(),
-        nodes,
-        k: d,
-        n: rows,
-        vector: v,
-        centroids: o.centroids,
-        residual: c.books.len() > 1,
-        normalized: c.norm.is_some(),
-        outlier_columns: c.outlier_columns,
-        bytes_before,
-        bytes_after,
-        bits_per_weight: 8.0 * bytes_after as f64 / (rows * d) as f64,
-        rel_error: c.rel_error,
-        output_rel_error: c.output_rel_error,
-        output_rel_error_nearest: c.output_rel_error_nearest,
-        heldout_output_rel_error: c.heldout_output_rel_error,
-    })
+    // As int4 reports a table: K = D (a row's values), N = V (rows).
+    Ok(c.layer(name, nodes, (d, rows), o, (bytes_before, bytes_after)))
 }
 
 #[cfg(test)]

@@ -152,19 +152,36 @@ struct LayerCost {
     error: f64,
 }
 
+impl LayerCost {
+    /// The error is the first of `outputs` known (held out, then fitted), else `weight`'s.
+    fn of(
+        weight: String,
+        (bytes_before, bytes_after): (u64, u64),
+        outputs: [Option<f64>; 2],
+        weight_error: f64,
+    ) -> Self {
+        LayerCost {
+            weight,
+            bytes_before,
+            bytes_after,
+            error: outputs.into_iter().flatten().next().unwrap_or(weight_error),
+        }
+    }
+}
+
 impl TreatmentPass for WeightInt {
     fn layers(&self, model: &mut Model) -> wcc_ir::Result<Vec<LayerCost>> {
         let (_, r) = self.apply(model)?;
         Ok(r.layers
             .into_iter()
-            .map(|l| LayerCost {
-                weight: l.weight,
-                bytes_before: l.bytes_before,
-                bytes_after: l.bytes_after,
-                error: l
-                    .heldout_output_rel_error
-                    .or(l.output_rel_error)
-                    .unwrap_or(l.rel_error),
+            .map(|l| {
+                let errors = [l.heldout_output_rel_error, l.output_rel_error];
+                LayerCost::of(
+                    l.weight,
+                    (l.bytes_before, l.bytes_after),
+                    errors,
+                    l.rel_error,
+                )
             })
             .collect())
     }
@@ -178,14 +195,14 @@ impl TreatmentPass for WeightVq {
         let (_, r) = self.apply(model)?;
         Ok(r.layers
             .into_iter()
-            .map(|l| LayerCost {
-                weight: l.weight,
-                bytes_before: l.bytes_before,
-                bytes_after: l.bytes_after,
-                error: l
-                    .heldout_output_rel_error
-                    .or(l.output_rel_error)
-                    .unwrap_or(l.rel_error),
+            .map(|l| {
+                let errors = [l.heldout_output_rel_error, l.output_rel_error];
+                LayerCost::of(
+                    l.weight,
+                    (l.bytes_before, l.bytes_after),
+                    errors,
+                    l.rel_error,
+                )
             })
             .collect())
     }
