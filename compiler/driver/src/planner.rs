@@ -169,47 +169,30 @@ impl LayerCost {
     }
 }
 
-impl TreatmentPass for WeightInt {
-    fn layers(&self, model: &mut Model) -> wcc_ir::Result<Vec<LayerCost>> {
-        let (_, r) = self.apply(model)?;
-        Ok(r.layers
-            .into_iter()
-            .map(|l| {
-                let errors = [l.heldout_output_rel_error, l.output_rel_error];
-                LayerCost::of(
-                    l.weight,
-                    (l.bytes_before, l.bytes_after),
-                    errors,
-                    l.rel_error,
-                )
-            })
-            .collect())
-    }
-    fn boxed(self: Box<Self>) -> Box<dyn Pass> {
-        self
-    }
+/// Both weight passes' reports list their layers with the same fields.
+macro_rules! treatment_pass {
+    ($pass:ty) => {
+        impl TreatmentPass for $pass {
+            fn layers(&self, model: &mut Model) -> wcc_ir::Result<Vec<LayerCost>> {
+                let (_, r) = self.apply(model)?;
+                Ok(r.layers
+                    .into_iter()
+                    .map(|l| {
+                        let errors = [l.heldout_output_rel_error, l.output_rel_error];
+                        let bytes = (l.bytes_before, l.bytes_after);
+                        LayerCost::of(l.weight, bytes, errors, l.rel_error)
+                    })
+                    .collect())
+            }
+            fn boxed(self: Box<Self>) -> Box<dyn Pass> {
+                self
+            }
+        }
+    };
 }
 
-impl TreatmentPass for WeightVq {
-    fn layers(&self, model: &mut Model) -> wcc_ir::Result<Vec<LayerCost>> {
-        let (_, r) = self.apply(model)?;
-        Ok(r.layers
-            .into_iter()
-            .map(|l| {
-                let errors = [l.heldout_output_rel_error, l.output_rel_error];
-                LayerCost::of(
-                    l.weight,
-                    (l.bytes_before, l.bytes_after),
-                    errors,
-                    l.rel_error,
-                )
-            })
-            .collect())
-    }
-    fn boxed(self: Box<Self>) -> Box<dyn Pass> {
-        self
-    }
-}
+treatment_pass!(WeightInt);
+treatment_pass!(WeightVq);
 
 /// Where the planner is (for a progress line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
