@@ -902,19 +902,25 @@ fn vq_refinements_run_as_decoded_and_a_residual_codebook_lowers_the_error() {
                     );
                 }
             }
-            let inputs = inputs(stem, "alt.inputs");
-            let want = run(&ort(), &float, &inputs).unwrap();
-            let scale = max_abs(&want).max(1.0);
-            for backend in [ort(), Backend::Tract] {
-                let got = run(&backend, &m, &inputs).unwrap_or_else(|e| panic!("{stem}: {e}"));
-                let diff = max_diff(&got, &want);
-                assert!(
-                    diff <= 1e-4 * scale,
-                    "{stem} {tag} on {}: {diff}",
-                    backend.label()
-                );
-            }
+            runs_as_decoded(&format!("{stem} {tag}"), stem, &m, &float);
         }
+    }
+}
+
+/// ONNX Runtime and tract run `m` as `float` (its weights decoded here) computes, on `stem`'s
+/// `alt` inputs.
+fn runs_as_decoded(what: &str, stem: &str, m: &Model, float: &Model) {
+    let inputs = inputs(stem, "alt.inputs");
+    let want = run(&ort(), float, &inputs).unwrap();
+    let scale = max_abs(&want).max(1.0);
+    for backend in [ort(), Backend::Tract] {
+        let got = run(&backend, m, &inputs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let diff = max_diff(&got, &want);
+        assert!(
+            diff <= 1e-4 * scale,
+            "{what} on {}: {diff}",
+            backend.label()
+        );
     }
 }
 
@@ -950,18 +956,7 @@ fn vq_codebooks_run_as_decoded_and_error_feedback_beats_nearest_centroids() {
             .sum();
         assert_eq!(bytes, expected, "{stem}");
         // ONNX Runtime and tract compute what the decoded weights say.
-        let inputs = inputs(stem, "alt.inputs");
-        let want = run(&ort(), &float, &inputs).unwrap();
-        let scale = max_abs(&want).max(1.0);
-        for backend in [ort(), Backend::Tract] {
-            let got = run(&backend, &m, &inputs).unwrap_or_else(|e| panic!("{stem}: {e}"));
-            let diff = max_diff(&got, &want);
-            assert!(
-                diff <= 1e-4 * scale,
-                "{stem} on {}: {diff}",
-                backend.label()
-            );
-        }
+        runs_as_decoded(stem, stem, &m, &float);
         // Calibrated: Hessian-weighted codebooks and GPTQ's assignment, whose output error on
         // the calibration data is below that of mapping each vector to its nearest centroid.
         let (_, cal) = vq(stem, dir.path(), true, "vq-cal");
@@ -1227,18 +1222,7 @@ fn vq_tables_are_decoded_row_by_row_by_two_gathers() {
                 .map(|n| (table, n.as_str().unwrap()))
                 .collect();
             let (float, _) = vq_decoded(&vq_tables_decoded(&m, &gathers));
-            let inputs = inputs(stem, "alt.inputs");
-            let want = run(&ort(), &float, &inputs).unwrap();
-            let scale = max_abs(&want).max(1.0);
-            for backend in [ort(), Backend::Tract] {
-                let got = run(&backend, &m, &inputs).unwrap_or_else(|e| panic!("{stem}: {e}"));
-                let diff = max_diff(&got, &want);
-                assert!(
-                    diff <= 1e-4 * scale,
-                    "{stem} {tag} on {}: {diff}",
-                    backend.label()
-                );
-            }
+            runs_as_decoded(&format!("{stem} {tag}"), stem, &m, &float);
         }
     }
 }
