@@ -12,6 +12,8 @@ pub mod graph_util;
 pub mod kmeans;
 pub mod layer_drop;
 pub(crate) mod linear_weights;
+/// What a weight pass reports of each weight it replaced.
+pub use linear_weights::Figures;
 pub mod miss_branch;
 pub mod noop;
 pub mod qk_fuse;

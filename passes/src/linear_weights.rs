@@ -227,6 +227,57 @@ pub(crate) fn rel_error(w0: &[f32], w_hat: &[f32]) -> f64 {
     }
 }
 
+/// What a weight pass did to one weight, as its report's line gives it (flattened into the
+/// pass's own line, beside what only that pass has).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Figures {
+    pub weight: String,
+    /// The nodes that read it.
+    pub nodes: Vec<String>,
+    pub k: usize,
+    pub n: usize,
+    /// Bytes of the float weight.
+    pub bytes_before: u64,
+    /// Bytes of what replaces it, as the file holds them.
+    pub bytes_after: u64,
+    /// `8 · bytes_after / (K·N)`.
+    pub bits_per_weight: f64,
+    /// `‖W − Ŵ‖_F / ‖W‖_F`.
+    pub rel_error: f64,
+    /// With calibration inputs: the layer's output error on them, `‖(W − Ŵ)X‖ / ‖WX‖` (what was
+    /// written)…
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_rel_error: Option<f64>,
+    /// …and on held-out calibration inputs (`heldout_grams`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heldout_output_rel_error: Option<f64>,
+}
+
+impl Figures {
+    /// The line for `weight` (`(K, N)`), replaced by `bytes_after` bytes; errors as above.
+    pub(crate) fn new(
+        weight: &str,
+        nodes: Vec<String>,
+        (k, n): (usize, usize),
+        (bytes_before, bytes_after): (u64, u64),
+        rel_error: f64,
+        (output_rel_error, heldout_output_rel_error): (Option<f64>, Option<f64>),
+    ) -> Self {
+        Figures {
+            weight: weight.to_string(),
+            nodes,
+            k,
+            n,
+            bytes_before,
+            bytes_after,
+            bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
+            rel_error,
+            output_rel_error,
+            heldout_output_rel_error,
+        }
+    }
+}
+
 /// A weight pass's totals over the weights it replaced, for its report (flattened into it).
 #[derive(Debug, Clone, Serialize)]
 pub struct Totals {
@@ -240,13 +291,13 @@ pub struct Totals {
 }
 
 impl Totals {
-    /// From each replaced weight's (values, bytes before, bytes after).
-    pub(crate) fn of(layers: impl Iterator<Item = (u64, u64, u64)>) -> Self {
+    /// Over every replaced weight's figures.
+    pub(crate) fn of<'a>(layers: impl Iterator<Item = &'a Figures>) -> Self {
         let (mut weights, mut bytes_before, mut bytes_after) = (0, 0, 0);
-        for (w, b, a) in layers {
-            weights += w;
-            bytes_before += b;
-            bytes_after += a;
+        for f in layers {
+            weights += (f.k * f.n) as u64;
+            bytes_before += f.bytes_before;
+            bytes_after += f.bytes_after;
         }
         Totals {
             weights,

@@ -52,8 +52,8 @@ use wcc_ir::{DataType, Graph, Model, Node, Result, Tensor};
 use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::linear_weights::{
-    self, find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, to_f32, Layout,
-    Select, Site, Totals,
+    self, find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, to_f32,
+    Figures, Layout, Select, Site, Totals,
 };
 
 /// The domain of ONNX Runtime's contrib ops.
@@ -259,28 +259,12 @@ pub struct WeightInt {
 /// One quantized weight, for the report.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct IntLayer {
-    pub weight: String,
-    /// The nodes that read it.
-    pub nodes: Vec<String>,
-    pub k: usize,
-    pub n: usize,
+    /// Bytes after: the codes and scales.
+    #[serde(flatten)]
+    pub figures: Figures,
     pub block_size: usize,
-    /// Bytes of the float weight.
-    pub bytes_before: u64,
-    /// Bytes of the codes and scales that replace it.
-    pub bytes_after: u64,
-    /// `8 · bytes_after / (K·N)`.
-    pub bits_per_weight: f64,
-    /// `‖W − Ŵ‖_F / ‖W‖_F`.
-    pub rel_error: f64,
     /// How its codes were chosen (a table stays `rtn` under GPTQ).
     pub method: IntMethod,
-    /// With calibration inputs: the layer's output error on them, `‖(W − Ŵ)X‖ / ‖WX‖`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output_rel_error: Option<f64>,
-    /// …and on held-out calibration inputs (`heldout_grams`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heldout_output_rel_error: Option<f64>,
 }
 
 /// The pass's report (`PassOutcome::details`).
@@ -408,7 +392,7 @@ impl WeightInt {
             let rtn: Vec<&str> = layers
                 .iter()
                 .filter(|l| l.method == IntMethod::Rtn)
-                .map(|l| l.weight.as_str())
+                .map(|l| l.figures.weight.as_str())
                 .collect();
             if !rtn.is_empty() {
                 skipped.push(format!(
@@ -422,11 +406,7 @@ impl WeightInt {
             method: self.opts.method.label(),
             calibration: self.opts.calibration.clone(),
             form: form.label(),
-            totals: Totals::of(
-                layers
-                    .iter()
-                    .map(|l| ((l.k * l.n) as u64, l.bytes_before, l.bytes_after)),
-            ),
+            totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,
         };
@@ -478,18 +458,16 @@ fn emit(
     let bits = q.bits.bits();
     let tag = format!("int{bits}");
     let layer = |bytes_after: u64, nodes: Vec<String>| IntLayer {
-        weight: name.to_string(),
-        nodes,
-        k,
-        n,
+        figures: Figures::new(
+            name,
+            nodes,
+            (k, n),
+            (bytes_before, bytes_after),
+            q.rel_error,
+            (q.output_rel_error, q.heldout_output_rel_error),
+        ),
         block_size: b,
-        bytes_before,
-        bytes_after,
-        bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
-        rel_error: q.rel_error,
         method: q.method,
-        output_rel_error: q.output_rel_error,
-        heldout_output_rel_error: q.heldout_output_rel_error,
     };
     if form == IntForm::DequantizeLinear {
         // One DequantizeLinear per weight, read by every node that read the weight.

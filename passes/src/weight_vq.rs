@@ -62,8 +62,8 @@ use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::kmeans::{self, KMeans};
 use crate::linear_weights::{
-    find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, Layout, Select, Site,
-    Totals,
+    find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, Figures, Layout,
+    Select, Site, Totals,
 };
 
 /// What `--vq-bits` quantizes and how.
@@ -163,10 +163,9 @@ pub struct WeightVq {
 /// One quantized weight, for the report.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct VqLayer {
-    pub weight: String,
-    pub nodes: Vec<String>,
-    pub k: usize,
-    pub n: usize,
+    /// Bytes after: the indices, codebooks and norms.
+    #[serde(flatten)]
+    pub figures: Figures,
     pub vector: usize,
     pub centroids: usize,
     /// A second codebook for what the first leaves.
@@ -175,21 +174,11 @@ pub struct VqLayer {
     pub normalized: bool,
     /// Input columns coded from their own part of the codebook.
     pub outlier_columns: usize,
-    pub bytes_before: u64,
-    /// Indices and codebook.
-    pub bytes_after: u64,
-    pub bits_per_weight: f64,
-    /// `‖W − Ŵ‖_F / ‖W‖_F`.
-    pub rel_error: f64,
-    /// With calibration: `‖(W − Ŵ)X‖ / ‖WX‖` on it, with error feedback (what was written)…
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output_rel_error: Option<f64>,
-    /// …and with the same codebook, each vector simply mapped to its nearest centroid.
+    /// With calibration: the output error on it with the same codebook, each vector simply
+    /// mapped to its nearest centroid (`output_rel_error` is with error feedback, what was
+    /// written).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_rel_error_nearest: Option<f64>,
-    /// With held-out calibration inputs (`heldout_grams`): the output error on them.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heldout_output_rel_error: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -307,11 +296,7 @@ impl WeightVq {
                 "k-means"
             },
             calibration: o.calibration.clone(),
-            totals: Totals::of(
-                layers
-                    .iter()
-                    .map(|l| ((l.k * l.n) as u64, l.bytes_before, l.bytes_after)),
-            ),
+            totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,
         };
@@ -846,22 +831,20 @@ impl Coded {
         (bytes_before, bytes_after): (u64, u64),
     ) -> VqLayer {
         VqLayer {
-            weight: name.to_string(),
-            nodes,
-            k,
-            n,
+            figures: Figures::new(
+                name,
+                nodes,
+                (k, n),
+                (bytes_before, bytes_after),
+                self.rel_error,
+                (self.output_rel_error, self.heldout_output_rel_error),
+            ),
             vector: o.vector,
             centroids: o.centroids,
             residual: self.books.len() > 1,
             normalized: self.norm.is_some(),
             outlier_columns: self.outlier_columns,
-            bytes_before,
-            bytes_after,
-            bits_per_weight: 8.0 * bytes_after as f64 / (k * n) as f64,
-            rel_error: self.rel_error,
-            output_rel_error: self.output_rel_error,
             output_rel_error_nearest: self.output_rel_error_nearest,
-            heldout_output_rel_error: self.heldout_output_rel_error,
         }
     }
 }

@@ -13,7 +13,7 @@ use wcc_passes::structure::{discover, Structure, Sublayer};
 use wcc_runtime::{Backend, NamedArrays};
 
 use crate::error::Error;
-use crate::exec::{check_budget, run_on};
+use crate::exec::{check_budget, run_each};
 use crate::gate::Gate;
 use crate::verify::{compare_with, Failure, RemovedOutput};
 
@@ -277,17 +277,7 @@ fn search(
     report: &mut LayerDropReport,
 ) -> Result<Option<Candidate>, Error> {
     let (backend, batches) = (plan.backend, plan.batches);
-    let references = batches
-        .iter()
-        .map(|b| {
-            run_on(backend, model, b).map_err(|e| {
-                Error::Run(format!(
-                    "cannot search what to drop: {} cannot run the model: {e}",
-                    backend.label()
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let references = run_each(backend, model, batches, "search what to drop")?;
     // With --drop, its count is the most to try.
     let max = plan
         .spec

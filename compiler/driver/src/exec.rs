@@ -173,6 +173,27 @@ pub fn check_budget(m: &Model, inputs: &NamedArrays) -> Result<(), RunError> {
         .map_err(|e| RunError::Setup(e.to_string()))
 }
 
+/// `m` run on every batch (what searches compare their candidates with), or an `Error::Run`
+/// saying what could not be done (`doing`) and why.
+pub fn run_each(
+    backend: &Backend,
+    m: &Model,
+    batches: &[NamedArrays],
+    doing: &str,
+) -> Result<Vec<NamedArrays>, Error> {
+    batches
+        .iter()
+        .map(|b| {
+            run_on(backend, m, b).map_err(|e| {
+                Error::Run(format!(
+                    "cannot {doing}: {} cannot run the model: {e}",
+                    backend.label()
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Runs `m` on the arrays it takes from `inputs` (a model whose dropped layer's cache left its
 /// interface takes fewer), within the budget.
 pub fn run_on(backend: &Backend, m: &Model, inputs: &NamedArrays) -> Result<NamedArrays, RunError> {

@@ -344,7 +344,7 @@ pub fn optimize(
         // The planner fits on half the calibration inputs and judges on the other half.
         let split = calib::split(&batches);
         let references = if planned {
-            crate::planner::references(&model, &backend, &split.judge)?
+            crate::exec::run_each(&backend, &model, &split.judge, "plan the compression")?
         } else {
             vec![]
         };

@@ -46,10 +46,11 @@ use wcc_ir::Model;
 use wcc_passes::gptq::Gram;
 use wcc_passes::weight_int::{IntBits, IntMethod, IntOptions, WeightInt};
 use wcc_passes::weight_vq::{VqOptions, WeightVq};
-use wcc_runtime::{Backend, NamedArrays, OutputFidelity};
+use wcc_passes::Figures;
+use wcc_runtime::{NamedArrays, OutputFidelity};
 
 use crate::error::Error;
-use crate::exec::{run_on, ExecOptions};
+use crate::exec::ExecOptions;
 use crate::gate::Gate;
 use crate::verify::{compare_with, RemovedOutput};
 
@@ -152,24 +153,22 @@ struct LayerCost {
     error: f64,
 }
 
-impl LayerCost {
-    /// The error is the first of `outputs` known (held out, then fitted), else `weight`'s.
-    fn of(
-        weight: String,
-        (bytes_before, bytes_after): (u64, u64),
-        outputs: [Option<f64>; 2],
-        weight_error: f64,
-    ) -> Self {
+impl From<Figures> for LayerCost {
+    /// The error is the output error held out, else fitted, else the weight's.
+    fn from(f: Figures) -> Self {
         LayerCost {
-            weight,
-            bytes_before,
-            bytes_after,
-            error: outputs.into_iter().flatten().next().unwrap_or(weight_error),
+            error: f
+                .heldout_output_rel_error
+                .or(f.output_rel_error)
+                .unwrap_or(f.rel_error),
+            weight: f.weight,
+            bytes_before: f.bytes_before,
+            bytes_after: f.bytes_after,
         }
     }
 }
 
-/// Both weight passes' reports list their layers with the same fields.
+/// Both weight passes' reports give each layer's `Figures`.
 macro_rules! treatment_pass {
     ($pass:ty) => {
         impl TreatmentPass for $pass {
@@ -177,11 +176,7 @@ macro_rules! treatment_pass {
                 let (_, r) = self.apply(model)?;
                 Ok(r.layers
                     .into_iter()
-                    .map(|l| {
-                        let errors = [l.heldout_output_rel_error, l.output_rel_error];
-                        let bytes = (l.bytes_before, l.bytes_after);
-                        LayerCost::of(l.weight, bytes, errors, l.rel_error)
-                    })
+                    .map(|l| LayerCost::from(l.figures))
                     .collect())
             }
             fn boxed(self: Box<Self>) -> Box<dyn Pass> {
@@ -374,31 +369,25 @@ pub struct PlanInputs<'a> {
 
 /// The share of the gate outputs `fid` use (see the module); infinite for a NaN.
 pub fn share(gate: &Gate, fid: &[OutputFidelity]) -> f64 {
+    // `lost` of `allowed`: 0 for nothing lost, infinite for NaN or a loss where none is allowed.
+    let part = |lost: f64, allowed: f64| {
+        if lost.is_nan() {
+            f64::INFINITY
+        } else if lost <= 0.0 {
+            0.0
+        } else if allowed > 0.0 {
+            lost / allowed
+        } else {
+            f64::INFINITY
+        }
+    };
     let mut u: f64 = 0.0;
     for f in fid {
         if let Some(c) = gate.min_cosine {
-            let lost = 1.0 - f.cosine;
-            u = u.max(if f.cosine.is_nan() {
-                f64::INFINITY
-            } else if lost <= 0.0 {
-                0.0
-            } else if c < 1.0 {
-                lost / (1.0 - c)
-            } else {
-                f64::INFINITY
-            });
+            u = u.max(part(1.0 - f.cosine, 1.0 - c));
         }
         if let Some(r) = gate.max_rel_error {
-            let e = f.rel_l2_error;
-            u = u.max(if e.is_nan() {
-                f64::INFINITY
-            } else if e <= 0.0 {
-                0.0
-            } else if r > 0.0 {
-                (e / r).powi(2)
-            } else {
-                f64::INFINITY
-            });
+            u = u.max(part(f.rel_l2_error.powi(2), r * r));
         }
     }
     u
@@ -419,45 +408,28 @@ fn measure(cand: &Model, p: &PlanInputs) -> Result<(f64, f64, f64), String> {
     ))
 }
 
-/// The references for the planner: `model` run on every batch.
-pub fn references(
-    model: &Model,
-    backend: &Backend,
-    batches: &[NamedArrays],
-) -> Result<Vec<NamedArrays>, Error> {
-    batches
-        .iter()
-        .map(|b| {
-            run_on(backend, model, b).map_err(|e| {
-                Error::Run(format!(
-                    "cannot plan the compression: {} cannot run the model: {e}",
-                    backend.label()
-                ))
-            })
-        })
-        .collect()
-}
-
 /// Per weight, its options (smallest first, the float one last).
 struct Table {
     weights: Vec<PlannedWeight>,
 }
 
 impl Table {
+    /// The estimated share and the bytes of the weights with option `cur[i]` each.
+    fn total(&self, cur: &[usize]) -> (f64, u64) {
+        self.weights
+            .iter()
+            .zip(cur)
+            .fold((0.0, 0), |(s, b), (w, &i)| {
+                (s + w.options[i].share, b + w.options[i].bytes)
+            })
+    }
+
     /// The index of each weight's option under `budget` (`Objective::Smallest`) or within
     /// `size` bytes of weights (`Objective::Size`): the greedy knapsack of the module's step 4.
     fn choose(&self, budget: f64, size: Option<u64>) -> Vec<usize> {
         let mut cur = vec![0usize; self.weights.len()];
-        let total = |cur: &[usize]| -> (f64, u64) {
-            self.weights
-                .iter()
-                .zip(cur)
-                .fold((0.0, 0), |(s, b), (w, &i)| {
-                    (s + w.options[i].share, b + w.options[i].bytes)
-                })
-        };
         loop {
-            let (est, bytes) = total(&cur);
+            let (est, bytes) = self.total(&cur);
             if size.is_none() && est <= budget {
                 return self.settle(cur, budget);
             }
@@ -482,29 +454,14 @@ impl Table {
             }
         }
     }
-}
 
-/// What the planner did.
-pub struct Planned {
-    /// The passes that ran (for `wcc.passes`), and their records.
-    pub passes: Vec<&'static str>,
-    pub records: Vec<PassRecord>,
-    pub report: PlanReport,
-}
-
-impl Table {
     /// With `cur` within `budget`: the downgrades (to smaller options) that save the most bytes
     /// per share added, while the estimate stays within it. Upgrading from the smallest options
     /// may overshoot (one costly weight's upgrade frees more than was needed); this takes the
     /// slack back.
     fn settle(&self, mut cur: Vec<usize>, budget: f64) -> Vec<usize> {
         loop {
-            let est: f64 = self
-                .weights
-                .iter()
-                .zip(&cur)
-                .map(|(w, &i)| w.options[i].share)
-                .sum();
+            let (est, _) = self.total(&cur);
             let mut best: Option<(f64, usize, usize)> = None;
             for (wi, w) in self.weights.iter().enumerate() {
                 let from = &w.options[cur[wi]];
@@ -526,6 +483,14 @@ impl Table {
             }
         }
     }
+}
+
+/// What the planner did.
+pub struct Planned {
+    /// The passes that ran (for `wcc.passes`), and their records.
+    pub passes: Vec<&'static str>,
+    pub records: Vec<PassRecord>,
+    pub report: PlanReport,
 }
 
 /// Plans and applies the weight quantization of `-O compress` to `model` (already `-O1`, with
@@ -735,12 +700,7 @@ pub fn run(
         progress(Step::Plan(attempt + 1));
         let built = build(model, &table, &choice, p, (&grams, &heldout))?;
         let cand = &built.0;
-        let estimated: f64 = table
-            .weights
-            .iter()
-            .zip(&choice)
-            .map(|(w, &i)| w.options[i].share)
-            .sum();
+        let (estimated, _) = table.total(&choice);
         let bytes = wcc_ir::export::tensor_bytes(cand);
         let mut counts = BTreeMap::new();
         for (w, &i) in table.weights.iter().zip(&choice) {
