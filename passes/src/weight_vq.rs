@@ -358,9 +358,27 @@ struct Codec {
     /// `w[·, q] = scale_q · w'[·, q] + shift_q` (1 and 0 without normalization).
     scale: Vec<f32>,
     shift: Vec<f32>,
+    /// For the search: the first codebook's ordinary and outlier centroids, and the second
+    /// codebook (see `Codec::searched`).
+    search: [Option<kmeans::Book>; 3],
 }
 
 impl Codec {
+    /// `self` with its search books laid out (after its codebooks change).
+    fn searched(mut self) -> Self {
+        let v = self.v;
+        let k = self.books[0].len() / v;
+        let part = |r: std::ops::Range<usize>| {
+            (!r.is_empty()).then(|| kmeans::Book::new(&self.books[0][r.start * v..r.end * v], v))
+        };
+        self.search = [
+            part(0..self.main),
+            part(self.main..k),
+            self.books.get(1).map(|b| kmeans::Book::new(b, v)),
+        ];
+        self
+    }
+
     /// The centroid range of the first codebook column `q` draws from.
     fn range(&self, q: usize) -> std::ops::Range<usize> {
         if self.outlier[q] {
@@ -375,20 +393,22 @@ impl Codec {
     fn code(&self, q: usize, x: &mut [f32]) -> [u32; 2] {
         let v = self.v;
         let r = self.range(q);
-        let (i, _) = kmeans::nearest(x, &self.books[0][r.start * v..r.end * v], v);
-        let first = r.start + i;
+        let book = self.search[usize::from(self.outlier[q])]
+            .as_ref()
+            .expect("a column's part of the codebook is not empty");
+        let first = r.start + book.nearest(x).0;
         let c1 = &self.books[0][first * v..(first + 1) * v];
         let mut ids = [first as u32, 0];
-        match self.books.get(1) {
-            Some(b2) => {
+        match (self.books.get(1), &self.search[2]) {
+            (Some(b2), Some(book)) => {
                 let rest: Vec<f32> = x.iter().zip(c1).map(|(a, b)| a - b).collect();
-                let (second, _) = kmeans::nearest(&rest, b2, v);
+                let (second, _) = book.nearest(&rest);
                 ids[1] = second as u32;
                 for (t, y) in x.iter_mut().enumerate() {
                     *y = c1[t] + b2[second * v + t];
                 }
             }
-            None => x.copy_from_slice(c1),
+            _ => x.copy_from_slice(c1),
         }
         ids
     }
@@ -526,7 +546,9 @@ fn code(
         outlier,
         scale,
         shift,
-    };
+        search: [None, None, None],
+    }
+    .searched();
     if o.residual {
         // The second codebook fits what the first leaves, every vector at its nearest.
         let ids = codec.nearest(&points, k, per);
@@ -539,6 +561,7 @@ fn code(
         }
         let second = fit(&|_| true, &rest, o.centroids, o.seed ^ 2);
         codec.books.push(second);
+        codec = codec.searched();
     }
     let nearest = codec.nearest(&points, k, per);
     let (idx, w_hat, out_err, out_err_nearest) = match gram {
@@ -991,6 +1014,7 @@ mod tests {
             outlier: vec![false; k],
             scale: vec![1.0; k],
             shift: vec![0.0; k],
+            search: [None, None, None],
         };
         assert_eq!(codec.decode(&[idx], n, k), w);
     }
