@@ -976,6 +976,48 @@ fn vq_codebooks_run_as_decoded_and_error_feedback_beats_nearest_centroids() {
     }
 }
 
+#[test]
+fn vq_bits_mix_vector_lengths_to_meet_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut mixed = vec![];
+    for stem in ["bert.legacy", "gpt2.legacy", "llama.dynamo"] {
+        let (out, r) = optimize(stem, dir.path(), "vqb", -1.0, |o| {
+            o.vq = Some(VqOptions {
+                centroids: 16,
+                min_elements: 0,
+                ..VqOptions::for_bits(3.0).unwrap()
+            });
+        });
+        let d = vq_details(&r);
+        assert_eq!(d["budget_bits"].as_f64(), Some(3.0));
+        let layers = d["layers"].as_array().unwrap();
+        let weights: u64 = layers
+            .iter()
+            .map(|l| l["k"].as_u64().unwrap() * l["n"].as_u64().unwrap())
+            .sum();
+        // The file's bytes (indices, codebooks) are the report's, and within the budget unless
+        // the report says even the longest vectors are above it.
+        let m = wcc_ir::import::load(&out).unwrap();
+        let (float, bytes) = vq_decoded(&m);
+        assert_eq!(d["bytes_after"].as_u64(), Some(bytes), "{stem}");
+        let bits = 8.0 * bytes as f64 / weights as f64;
+        assert!(
+            bits <= 3.0 || d["budget_note"].is_string(),
+            "{stem}: {bits} bits"
+        );
+        let lengths: std::collections::BTreeSet<u64> = layers
+            .iter()
+            .map(|l| l["vector"].as_u64().unwrap())
+            .collect();
+        if lengths.len() > 1 && bits <= 3.0 {
+            mixed.push(stem);
+        }
+        runs_as_decoded(stem, stem, &m, &float);
+    }
+    // Somewhere the budget falls between two lengths and both are used.
+    assert!(!mixed.is_empty());
+}
+
 /// `-O compress` on `stem`'s default (random) calibration, every weight a candidate.
 fn compressed(
     stem: &str,

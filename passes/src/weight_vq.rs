@@ -30,6 +30,15 @@
 //! as uint8 for `k ≤ 256`, else uint16: `8/v` (or `16/v`) a codebook, plus the codebooks and two
 //! values per input column when normalized, amortized over the layer.
 //!
+//! # Budget
+//! `--vq-bits b` asks for `b` bits per weight over all the weights it quantizes, everything
+//! counted. Each layer is fitted with the two vector lengths that divide its outputs and whose
+//! bits per weight bracket `b` (with 256 centroids, `8/v` plus the codebook's and norms' share,
+//! which is larger for a small layer); every layer starts at the shorter-bit one, and upgrades
+//! are taken, most squared error removed per byte first (the layer's output error on the
+//! calibration inputs, else its weight error), while the total stays within `b`. The fit costs
+//! twice the time of a single vector length. Without a budget, every layer gets `vector`.
+//!
 //! # Emission
 //! In standard ONNX, in the layer's own `[K, N]` orientation: per codebook, `idx` `[K, N/v]`
 //! (uint8/uint16) → `Cast(to int32)` → `Gather(C [k, v], ·)` `[K, N/v, v]`; the two summed (`Add`)
@@ -69,8 +78,11 @@ use crate::linear_weights::{
 /// What `--vq-bits` quantizes and how.
 #[derive(Debug, Clone)]
 pub struct VqOptions {
-    /// Vector length `v`.
+    /// Vector length `v` (every layer's, without a `budget`).
     pub vector: usize,
+    /// Bits per weight, everything counted (indices, codebooks, norms): each layer's vector
+    /// length is chosen to meet it over all the weights quantized (see the module doc, *Budget*).
+    pub budget: Option<f64>,
     /// Centroids `k` (at most 65536).
     pub centroids: usize,
     /// A second codebook of `centroids` for what the first leaves (twice the index bits).
@@ -116,6 +128,7 @@ impl VqOptions {
         let vector = (8.0 / bits).ceil() as usize;
         Ok(VqOptions {
             vector,
+            budget: Some(bits),
             ..VqOptions::default()
         })
     }
@@ -128,9 +141,51 @@ impl VqOptions {
         Select {
             min_elements: self.min_elements,
             tables: self.tables,
-            row_multiple: self.vector,
+            row_multiple: if self.budget.is_some() {
+                1
+            } else {
+                self.vector
+            },
             only: self.only.clone(),
         }
+    }
+}
+
+impl VqOptions {
+    /// The vector lengths a layer of `k × n` (`n` along the vectors) is fitted with: `vector`;
+    /// with a budget of `b` bits, the two lengths dividing `n` (at most 8) whose bits per weight
+    /// (`Coded::bytes_of`) bracket `b` most closely, one at or above it and one below (one when
+    /// every length is on one side), shortest first. Empty when no length divides `n`.
+    fn lengths(&self, k: usize, n: usize, dtype_bytes: usize) -> Vec<usize> {
+        let Some(b) = self.budget else {
+            return if n.is_multiple_of(self.vector) {
+                vec![self.vector]
+            } else {
+                vec![]
+            };
+        };
+        let books = 1 + usize::from(self.residual);
+        let bits = |v: usize| {
+            8.0 * Coded::bytes_of(k, n, v, self.centroids, books, self.normalize, dtype_bytes)
+                as f64
+                / (k * n) as f64
+        };
+        let valid: Vec<(usize, f64)> = (1..=8.min(n))
+            .filter(|v| n.is_multiple_of(*v))
+            .map(|v| (v, bits(v)))
+            .collect();
+        // Bits need not fall as `v` grows: the codebook's share grows with it.
+        let above = valid
+            .iter()
+            .filter(|(_, x)| *x >= b)
+            .min_by(|a, c| a.1.total_cmp(&c.1));
+        let below = valid
+            .iter()
+            .filter(|(_, x)| *x < b)
+            .max_by(|a, c| a.1.total_cmp(&c.1).then(c.0.cmp(&a.0)));
+        let mut out: Vec<usize> = above.into_iter().chain(below).map(|(v, _)| *v).collect();
+        out.sort_unstable();
+        out
     }
 }
 
@@ -138,6 +193,7 @@ impl Default for VqOptions {
     fn default() -> Self {
         VqOptions {
             vector: 4,
+            budget: None,
             centroids: 256,
             residual: false,
             normalize: false,
@@ -183,6 +239,12 @@ pub struct VqLayer {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VqReport {
+    /// `--vq-bits`: the bits per weight each layer's vector length was chosen to meet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_bits: Option<f64>,
+    /// Why the budget was not met, when it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_note: Option<String>,
     /// `k-means` or `hessian-weighted k-means + gptq`.
     pub mode: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -197,6 +259,11 @@ pub struct VqReport {
 struct Coded {
     k: usize,
     n: usize,
+    /// The vector length and centroids of a codebook.
+    v: usize,
+    centroids: usize,
+    /// Bytes of a value of the weight's type (the codebooks' and norms').
+    dtype_bytes: usize,
     /// `[k, v]` each (see `Codec`).
     books: Vec<Vec<f32>>,
     /// Per codebook, `[K, N/v]`.
@@ -237,59 +304,85 @@ impl WeightVq {
     /// Runs the pass: what it did, and its report (also the outcome's details).
     pub fn apply(&self, model: &mut Model) -> Result<(PassOutcome, VqReport)> {
         let o = &self.opts;
-        if o.vector == 0 || o.centroids == 0 || o.centroids > 1 << 16 {
+        if o.vector == 0
+            || o.centroids == 0
+            || o.centroids > 1 << 16
+            || o.budget.is_some_and(|b| b.is_nan() || b <= 0.0)
+        {
             return Err(wcc_ir::IrError::Other(format!(
-                "vq: vector length {} and {} centroids (1 to 65536) do not make a codebook",
-                o.vector, o.centroids
+                "vq: vector length {}, {} centroids (1 to 65536) and a budget of {:?} bits per \
+                 weight do not make a codebook",
+                o.vector, o.centroids, o.budget
             )));
         }
         let opset = model.default_opset();
         let g = &mut model.graph;
         let (sites, mut skipped) = find_sites(g, opset, &o.select());
-        let mut weights: Vec<(String, Vec<Site>)> = vec![];
+        // Each weight with the vector lengths it is fitted with.
+        let mut weights: Vec<(String, Vec<Site>, Vec<usize>)> = vec![];
         for (w, s) in sites {
             let t = g
                 .initializer(&w)
                 .expect("a site's weight is an initializer");
-            let (_, n) = k_n(t, s[0].layout);
-            if s[0].layout != Layout::Rows && !n.is_multiple_of(o.vector) {
+            let (k, n) = k_n(t, s[0].layout);
+            let dtype_bytes = if t.dtype()? == DataType::F16 { 2 } else { 4 };
+            let lengths = o.lengths(k, n, dtype_bytes);
+            if lengths.is_empty() {
                 skipped.push(format!(
                     "{w}: {n} outputs, not a multiple of the vector length {}",
                     o.vector
                 ));
             } else {
-                weights.push((w, s));
+                weights.push((w, s, lengths));
             }
         }
         let group = 2 * rayon::current_num_threads().max(1);
         let mut layers = vec![];
         let mut changes = 0;
-        for chunk in weights.chunks(group) {
-            let coded: Vec<Result<Option<Coded>>> = chunk
+        // Without a budget every weight is emitted as soon as it is coded (a group at a time, so
+        // memory stays bounded); with one, every candidate is kept until the choice is made.
+        let mut candidates: Vec<(usize, Vec<Coded>)> = vec![];
+        for (c0, chunk) in weights.chunks(group).enumerate() {
+            let coded: Vec<Result<Vec<Coded>>> = chunk
                 .par_iter()
-                .map(|(name, s)| {
+                .map(|(name, s, lengths)| {
                     let t = g.initializer(name).expect("found as a constant");
                     let gram = o.grams.as_ref().and_then(|h| gram_of(g, s, h));
                     let held = o.heldout_grams.as_ref().and_then(|h| gram_of(g, s, h));
-                    code(t, s[0].layout, (gram.as_ref(), held.as_ref()), o)
+                    let mut out = vec![];
+                    for v in lengths {
+                        match code(t, s[0].layout, (gram.as_ref(), held.as_ref()), o, *v)? {
+                            Some(c) => out.push(c),
+                            None => return Ok(vec![]),
+                        }
+                    }
+                    Ok(out)
                 })
                 .collect();
-            for ((name, s), c) in chunk.iter().zip(coded) {
-                match c? {
-                    Some(c) if s[0].layout == Layout::Rows => {
-                        changes += s.len();
-                        layers.push(emit_table(g, name, s, c, o)?);
-                    }
-                    Some(c) => {
-                        changes += s.len();
-                        layers.push(emit(g, name, s, c, o)?);
-                    }
-                    None => skipped.push(format!("{name}: not finite")),
+            for (i, c) in coded.into_iter().enumerate() {
+                let (c, at) = (c?, c0 * group + i);
+                if c.is_empty() {
+                    skipped.push(format!("{}: not finite", weights[at].0));
+                } else if o.budget.is_some() {
+                    candidates.push((at, c));
+                } else {
+                    let c = c.into_iter().next().expect("one length");
+                    layers.push(self.emit_one(g, &weights[at], c, &mut changes)?);
                 }
+            }
+        }
+        let mut budget_note = None;
+        if let Some(b) = o.budget {
+            let (chosen, note) = choose(candidates, b);
+            budget_note = note;
+            for (at, c) in chosen {
+                layers.push(self.emit_one(g, &weights[at], c, &mut changes)?);
             }
         }
         wcc_ir::validate::topo_sort(g);
         let report = VqReport {
+            budget_bits: o.budget,
+            budget_note,
             mode: if o.grams.is_some() {
                 "hessian-weighted k-means + gptq"
             } else {
@@ -302,10 +395,25 @@ impl WeightVq {
         };
         let mut out = PassOutcome::changed(changes);
         if !report.layers.is_empty() {
+            let lengths: std::collections::BTreeMap<usize, usize> =
+                report.layers.iter().fold(Default::default(), |mut m, l| {
+                    *m.entry(l.vector).or_default() += 1;
+                    m
+                });
+            let lengths: Vec<String> = lengths
+                .iter()
+                .map(|(v, c)| {
+                    if lengths.len() == 1 {
+                        format!("{v}")
+                    } else {
+                        format!("{v} ×{c}")
+                    }
+                })
+                .collect();
             let line = format!(
                 "{} (v {}, k {}, {})",
                 report.totals.summary(report.layers.len()),
-                o.vector,
+                lengths.join(", "),
                 o.centroids,
                 report.mode
             );
@@ -319,9 +427,78 @@ impl WeightVq {
             );
             out.notes.push(line);
         }
+        if let Some(n) = &report.budget_note {
+            out.notes.push(n.clone());
+        }
         out.details = Some(serde_json::to_value(&report).expect("serializable"));
         Ok((out, report))
     }
+
+    /// Emits `c` for `weight` (a table's Gathers or a MatMul/Gemm's weight): its report line.
+    fn emit_one(
+        &self,
+        g: &mut Graph,
+        (name, sites, _): &(String, Vec<Site>, Vec<usize>),
+        c: Coded,
+        changes: &mut usize,
+    ) -> Result<VqLayer> {
+        *changes += sites.len();
+        if sites[0].layout == Layout::Rows {
+            emit_table(g, name, sites, c)
+        } else {
+            emit(g, name, sites, c)
+        }
+    }
+}
+
+/// Chooses one of each weight's candidates (by bytes, ascending) for the most faithful model
+/// within `bits` per weight: every weight starts at its smallest, then the upgrade that removes
+/// the most squared error per byte (the output error on the calibration inputs, else the
+/// weight's own) is taken while the total stays within the budget. A note when even the
+/// smallest candidates exceed it. The choice in the weights' order.
+fn choose(
+    mut candidates: Vec<(usize, Vec<Coded>)>,
+    bits: f64,
+) -> (Vec<(usize, Coded)>, Option<String>) {
+    let weights: u64 = candidates
+        .iter()
+        .map(|(_, c)| (c[0].k * c[0].n) as u64)
+        .sum();
+    let budget = bits * weights as f64 / 8.0;
+    for (_, c) in &mut candidates {
+        c.sort_by_key(|c| c.bytes());
+    }
+    let err = |c: &Coded| c.output_rel_error.unwrap_or(c.rel_error).powi(2);
+    let mut pick = vec![0usize; candidates.len()];
+    let mut total: u64 = candidates.iter().map(|(_, c)| c[0].bytes()).sum();
+    let note = (total as f64 > budget).then(|| {
+        format!(
+            "--vq-bits {bits}: the longest vectors give {:.3} bits per weight, above the budget",
+            8.0 * total as f64 / weights as f64
+        )
+    });
+    loop {
+        let best = candidates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, c))| {
+                let (now, next) = (c.get(pick[i])?, c.get(pick[i] + 1)?);
+                let extra = next.bytes().saturating_sub(now.bytes());
+                let gain = err(now) - err(next);
+                (gain > 0.0 && (total + extra) as f64 <= budget)
+                    .then(|| (i, gain / extra.max(1) as f64, extra))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+        let Some((i, _, extra)) = best else { break };
+        pick[i] += 1;
+        total += extra;
+    }
+    let chosen = candidates
+        .into_iter()
+        .zip(pick)
+        .map(|((at, c), p)| (at, c.into_iter().nth(p).expect("a candidate")))
+        .collect();
+    (chosen, note)
 }
 
 /// The values the weights `--vq-bits` would quantize multiply: what calibration must expose.
@@ -465,6 +642,7 @@ fn code(
     layout: Layout,
     (gram, held): (Option<&Gram>, Option<&Gram>),
     o: &VqOptions,
+    v: usize,
 ) -> Result<Option<Coded>> {
     // A table `E[V, D]` is coded as the weight `[K = V, N = D]`: its vectors run along a row, and
     // the indices `[K, N/v]` are the rows' codes.
@@ -477,7 +655,6 @@ fn code(
         return Ok(None);
     };
     let (k, n) = k_n(t, layout);
-    let v = o.vector;
     let per = n / v;
     let gram = gram.filter(|h| h.k == k);
     // Per input column: normalization, and how much its error costs (H_qq·scale², else 1).
@@ -587,6 +764,9 @@ fn code(
     Ok(Some(Coded {
         k,
         n,
+        v,
+        centroids: o.centroids,
+        dtype_bytes: if t.dtype()? == DataType::F16 { 2 } else { 4 },
         rel_error: rel_error(&w0, &w_hat),
         heldout_output_rel_error: heldout_error(&w0, &w_hat, held),
         outlier_columns: n_out,
@@ -686,14 +866,14 @@ fn add(g: &mut Graph, base: &str, dtype: DataType, dims: &[i64], raw: Vec<u8>) -
 
 /// Adds the codebooks, indices and norms of `name` and the nodes that decode it; the nodes at
 /// `sites` read the decoded weight.
-fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded, o: &VqOptions) -> Result<VqLayer> {
+fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded) -> Result<VqLayer> {
     let t = g.initializer(name).expect("found as a constant");
     let dtype = t.dtype()?;
     let bytes_before = t.byte_size();
     let (k, n) = (c.k, c.n);
     let mut nodes_out = vec![];
     // Per codebook: idx → Cast(int32) → Gather(codebook) `[K, N/v, v]`; summed.
-    let (books, mut bytes_after) = add_books(g, name, "idx", &c, o, dtype)?;
+    let (books, mut bytes_after) = add_books(g, name, "idx", &c, dtype)?;
     let mut sum: Option<String> = None;
     for Book {
         idx: idx_name,
@@ -752,7 +932,7 @@ fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded, o: &VqOptions) -> R
         nodes.push(node.name.clone());
     }
     g.nodes.extend(nodes_out);
-    Ok(c.layer(name, nodes, (k, n), o, (bytes_before, bytes_after)))
+    Ok(c.layer(name, nodes, (k, n), (bytes_before, bytes_after)))
 }
 
 /// A codebook's initializers: its indices, its centroids, and the tag its names end with.
@@ -776,10 +956,9 @@ fn add_books(
     name: &str,
     what: &str,
     c: &Coded,
-    o: &VqOptions,
     dtype: DataType,
 ) -> Result<(Vec<Book>, u64)> {
-    let (v, per) = (o.vector, c.n / o.vector);
+    let (v, per) = (c.v, c.n / c.v);
     let mut bytes = 0;
     let mut out = vec![];
     for (b, (book, idx)) in c.books.iter().zip(&c.idx).enumerate() {
@@ -788,7 +967,7 @@ fn add_books(
         } else {
             format!("{b}")
         };
-        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if o.centroids <= 256 {
+        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if c.centroids <= 256 {
             (DataType::U8, idx.iter().map(|i| *i as u8).collect())
         } else {
             (
@@ -844,13 +1023,41 @@ fn add_norms(g: &mut Graph, name: &str, c: &Coded, dtype: DataType) -> Result<(V
 }
 
 impl Coded {
+    /// Bytes of what `add_books` and `add_norms` write for a `k × n` weight coded with vectors of
+    /// `v`, `books` codebooks of `centroids`, values of `dtype_bytes`.
+    fn bytes_of(
+        k: usize,
+        n: usize,
+        v: usize,
+        centroids: usize,
+        books: usize,
+        normalized: bool,
+        dtype_bytes: usize,
+    ) -> u64 {
+        let idx = if centroids <= 256 { 1 } else { 2 };
+        let book = (k * (n / v) * idx + centroids * v * dtype_bytes) * books;
+        (book + if normalized { 2 * k * dtype_bytes } else { 0 }) as u64
+    }
+
+    /// Bytes of what emitting `self` writes.
+    fn bytes(&self) -> u64 {
+        Self::bytes_of(
+            self.k,
+            self.n,
+            self.v,
+            self.centroids,
+            self.books.len(),
+            self.norm.is_some(),
+            self.dtype_bytes,
+        )
+    }
+
     /// The report's line for the weight `name` (`(K, N)` as the report gives them).
     fn layer(
         &self,
         name: &str,
         nodes: Vec<String>,
         (k, n): (usize, usize),
-        o: &VqOptions,
         (bytes_before, bytes_after): (u64, u64),
     ) -> VqLayer {
         VqLayer {
@@ -862,8 +1069,8 @@ impl Coded {
                 self.rel_error,
                 (self.output_rel_error, self.heldout_output_rel_error),
             ),
-            vector: o.vector,
-            centroids: o.centroids,
+            vector: self.v,
+            centroids: self.centroids,
             residual: self.books.len() > 1,
             normalized: self.norm.is_some(),
             outlier_columns: self.outlier_columns,
@@ -877,19 +1084,13 @@ impl Coded {
 /// `Gather(codes, ids) → Cast(int32) → Gather(codebook)` `[ids…, D/v, v]`, summed;
 /// `Reshape(Concat(Shape(ids), [D]))`; normalized, `· Gather(scale [V, 1], ids) + Gather(shift
 /// [V, 1], ids)`. Only the gathered rows are decoded: the dense table never exists.
-fn emit_table(
-    g: &mut Graph,
-    name: &str,
-    sites: &[Site],
-    c: Coded,
-    o: &VqOptions,
-) -> Result<VqLayer> {
+fn emit_table(g: &mut Graph, name: &str, sites: &[Site], c: Coded) -> Result<VqLayer> {
     let t = g.initializer(name).expect("found as a constant");
     let dtype = t.dtype()?;
     let bytes_before = t.byte_size();
     let (rows, d) = (c.k, c.n);
     // The initializers every site shares.
-    let (books, book_bytes) = add_books(g, name, "codes", &c, o, dtype)?;
+    let (books, book_bytes) = add_books(g, name, "codes", &c, dtype)?;
     let (norms, norm_bytes) = add_norms(g, name, &c, dtype)?;
     let bytes_after = book_bytes + norm_bytes;
     let width = add(
@@ -991,7 +1192,7 @@ fn emit_table(
         nodes.push(old.name.clone());
     }
     // As int4 reports a table: K = D (a row's values), N = V (rows).
-    Ok(c.layer(name, nodes, (d, rows), o, (bytes_before, bytes_after)))
+    Ok(c.layer(name, nodes, (d, rows), (bytes_before, bytes_after)))
 }
 
 #[cfg(test)]
@@ -1017,6 +1218,73 @@ mod tests {
             search: [None, None, None],
         };
         assert_eq!(codec.decode(&[idx], n, k), w);
+    }
+
+    #[test]
+    fn a_budget_brackets_each_layer_between_two_lengths() {
+        let o = VqOptions::for_bits(3.0).unwrap();
+        // 384 × 384 in f32: v = 2 is 4.11 bits, v = 3 2.83.
+        assert_eq!(o.lengths(384, 384, 4), vec![2, 3]);
+        // 2 bits: v = 4 is 2.22 bits (the codebook's share), 5 does not divide 384, 6 is 1.67.
+        assert_eq!(
+            VqOptions::for_bits(2.0).unwrap().lengths(384, 384, 4),
+            vec![4, 6]
+        );
+        // 4 bits: v = 2 is just above (4.11).
+        assert_eq!(
+            VqOptions::for_bits(4.0).unwrap().lengths(384, 384, 4),
+            vec![2, 3]
+        );
+        // 64 × 7: only 1 and 7 divide 7, and the codebook outweighs the layer: v = 1 is 26 bits,
+        // v = 7 129, both above; the fewer bits.
+        assert_eq!(o.lengths(64, 7, 4), vec![1]);
+        // Without a budget, the one length (when it divides).
+        let fixed = VqOptions { budget: None, ..o };
+        assert_eq!(fixed.lengths(384, 384, 4), vec![3]);
+        assert!(fixed.lengths(384, 10, 4).is_empty());
+    }
+
+    /// A coded `k × n` weight with vectors of `v`, 256 centroids, and output error `e`.
+    fn coded(k: usize, n: usize, v: usize, e: f64) -> Coded {
+        Coded {
+            k,
+            n,
+            v,
+            centroids: 256,
+            dtype_bytes: 4,
+            books: vec![vec![0.0; 256 * v]],
+            idx: vec![vec![0; k * n / v]],
+            norm: None,
+            outlier_columns: 0,
+            rel_error: 1.0,
+            output_rel_error: Some(e),
+            output_rel_error_nearest: None,
+            heldout_output_rel_error: None,
+        }
+    }
+
+    #[test]
+    fn the_budget_buys_the_most_error_removed_per_byte() {
+        // Three 384 × 384 layers at v = 3 (2.83 bits) or v = 2 (4.11 bits); 3.3 bits pays for
+        // one upgrade. Layer 1 gains the most, layer 2 nothing (a longer vector no worse).
+        let layers = |e: [(f64, f64); 3]| {
+            e.iter()
+                .enumerate()
+                .map(|(i, (e3, e2))| (i, vec![coded(384, 384, 2, *e2), coded(384, 384, 3, *e3)]))
+                .collect::<Vec<_>>()
+        };
+        let (chosen, note) = choose(layers([(0.2, 0.1), (0.3, 0.1), (0.2, 0.2)]), 3.3);
+        assert!(note.is_none());
+        let v: Vec<(usize, usize)> = chosen.iter().map(|(at, c)| (*at, c.v)).collect();
+        assert_eq!(v, vec![(0, 3), (1, 2), (2, 3)]);
+        // 4.2 bits pays for all three, but layer 2's would remove nothing: it stays.
+        let (chosen, _) = choose(layers([(0.2, 0.1), (0.3, 0.1), (0.2, 0.2)]), 4.2);
+        let v: Vec<usize> = chosen.iter().map(|(_, c)| c.v).collect();
+        assert_eq!(v, vec![2, 2, 3]);
+        // Below what the longest vectors give: all at their longest, and a note says so.
+        let (chosen, note) = choose(layers([(0.2, 0.1), (0.3, 0.1), (0.2, 0.2)]), 2.5);
+        assert!(chosen.iter().all(|(_, c)| c.v == 3));
+        assert!(note.is_some_and(|n| n.contains("2.83")));
     }
 
     #[test]

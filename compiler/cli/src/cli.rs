@@ -169,10 +169,11 @@ pub struct OptimizeArgs {
     /// calibration inputs: --calib, else --inputs, else seeded random batches).
     #[arg(long, value_name = "rtn|gptq", default_value = "rtn", requires = "int")]
     pub int4_method: wcc_driver::IntMethod,
-    /// Vector quantization of MatMul/Gemm weights (VPTQ-style): a codebook of 256 centroids per
-    /// layer, vectors of 8/B weights along the outputs (2 -> 4, 3 -> 3, 4 -> 2), about B bits per
-    /// weight plus the codebook; with --calib, Hessian-weighted k-means and GPTQ error feedback.
-    /// Gated (default --min-cosine 0.99).
+    /// Vector quantization of MatMul/Gemm weights (VPTQ-style) at B bits per weight, indices,
+    /// codebooks and norms counted: a codebook of 256 centroids per layer, each layer's vector
+    /// length along the outputs (v weights per uint8 index) chosen between the two that bracket B
+    /// so that the layers together meet it, the most faithful choice first; with --calib,
+    /// Hessian-weighted k-means and GPTQ error feedback. Gated (default --min-cosine 0.99).
     #[arg(long, value_name = "B", conflicts_with = "int", value_parser = vq_bits)]
     pub vq_bits: Option<f64>,
     /// --vq-bits with a second (residual) codebook for what the first leaves: twice the index
