@@ -1018,6 +1018,72 @@ fn vq_bits_mix_vector_lengths_to_meet_the_budget() {
     assert!(!mixed.is_empty());
 }
 
+#[test]
+fn name_patterns_choose_the_weights_every_quantizer_and_the_planner_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = wcc_driver::NameFilter::new(
+        &["*/intermediate/*".into(), "*/output/dense/*".into()],
+        &["*layer.1*".into()],
+    )
+    .unwrap();
+    // bert.legacy's node names, as torch's exporter writes them: layer 0's three.
+    let want = [
+        "/encoder/layer.0/attention/output/dense/MatMul",
+        "/encoder/layer.0/intermediate/dense/MatMul",
+        "/encoder/layer.0/output/dense/MatMul",
+    ];
+    let nodes = |d: &serde_json::Value| {
+        let mut v: Vec<String> = d["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|l| l["nodes"].as_array().unwrap().clone())
+            .map(|n| n.as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let (_, r) = optimize("bert.legacy", dir.path(), "names-int4", -1.0, |o| {
+        o.int = Some(IntOptions {
+            min_elements: 0,
+            names: names.clone(),
+            ..IntOptions::default()
+        });
+    });
+    let d = int4_details(&r);
+    assert_eq!(nodes(d), want);
+    assert_eq!(
+        d["names"],
+        "include */intermediate/*, */output/dense/*; exclude *layer.1*"
+    );
+    let (_, r) = optimize("bert.legacy", dir.path(), "names-vq", -1.0, |o| {
+        o.vq = Some(VqOptions {
+            vector: 4,
+            centroids: 16,
+            min_elements: 0,
+            names: names.clone(),
+            ..VqOptions::default()
+        });
+    });
+    assert_eq!(nodes(vq_details(&r)), want);
+    // The planner plans only those weights.
+    let (_, r) = compressed("bert.legacy", dir.path(), "names-c", |o| {
+        o.quant_names = names.clone();
+    })
+    .unwrap();
+    let planned: Vec<&str> = r
+        .plan
+        .as_ref()
+        .unwrap()
+        .weights
+        .iter()
+        .map(|w| w.weight.as_str())
+        .collect();
+    assert_eq!(planned.len(), 3, "{planned:?}");
+    let (_, all) = compressed("bert.legacy", dir.path(), "all-c", |_| {}).unwrap();
+    assert!(all.plan.as_ref().unwrap().weights.len() > 3);
+}
+
 /// `-O compress` on `stem`'s default (random) calibration, every weight a candidate.
 fn compressed(
     stem: &str,

@@ -25,6 +25,75 @@ pub(crate) struct Select {
     pub row_multiple: usize,
     /// Only these weights, when given.
     pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
+    /// The user's include/exclude patterns.
+    pub names: NameFilter,
+}
+
+/// Which weights the user lets the weight passes touch (`--quant-include`, `--quant-exclude`):
+/// glob patterns (`*` any run of characters, `/` and `.` included; `?` one; `[ab]` a class)
+/// matched against a weight's initializer name and the names of the nodes that read it. A weight
+/// is taken when some name matches an include pattern (or none is given) and none matches an
+/// exclude pattern.
+#[derive(Debug, Clone, Default)]
+pub struct NameFilter {
+    include: Vec<String>,
+    exclude: Vec<String>,
+    sets: Option<(globset::GlobSet, globset::GlobSet)>,
+}
+
+impl NameFilter {
+    /// The filter of these patterns; an error names a pattern that is not a glob.
+    pub fn new(include: &[String], exclude: &[String]) -> std::result::Result<Self, String> {
+        if include.is_empty() && exclude.is_empty() {
+            return Ok(Self::default());
+        }
+        let set = |pats: &[String]| {
+            let mut b = globset::GlobSetBuilder::new();
+            for p in pats {
+                b.add(globset::Glob::new(p).map_err(|e| format!("pattern '{p}': {e}"))?);
+            }
+            b.build().map_err(|e| e.to_string())
+        };
+        Ok(NameFilter {
+            include: include.to_vec(),
+            exclude: exclude.to_vec(),
+            sets: Some((set(include)?, set(exclude)?)),
+        })
+    }
+
+    /// `p` when it is a glob pattern, else why not (for a command line's parser).
+    pub fn pattern(p: &str) -> std::result::Result<String, String> {
+        globset::Glob::new(p)
+            .map(|_| p.to_string())
+            .map_err(|e| format!("'{p}' is not a glob pattern: {e}"))
+    }
+
+    /// Whether the weight known by `names` is taken, and which include patterns matched it.
+    fn admits<'a>(&self, names: impl Iterator<Item = &'a str> + Clone) -> (bool, Vec<usize>) {
+        let Some((inc, exc)) = &self.sets else {
+            return (true, vec![]);
+        };
+        let mut hits: Vec<usize> = names.clone().flat_map(|n| inc.matches(n)).collect();
+        hits.sort_unstable();
+        hits.dedup();
+        let excluded = names.into_iter().any(|n| exc.is_match(n));
+        (
+            (self.include.is_empty() || !hits.is_empty()) && !excluded,
+            hits,
+        )
+    }
+
+    /// The patterns, for a report: `include a, b; exclude c`.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = vec![];
+        if !self.include.is_empty() {
+            parts.push(format!("include {}", self.include.join(", ")));
+        }
+        if !self.exclude.is_empty() {
+            parts.push(format!("exclude {}", self.exclude.join(", ")));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
 }
 
 /// How a node reads its weight.
@@ -113,6 +182,23 @@ pub(crate) fn find_sites(g: &Graph, opset: i64, sel: &Select) -> (Sites, Vec<Str
     for w in conflicting {
         sites.remove(&w);
         skipped.push(format!("{w}: read both as [K, N] and as [N, K]"));
+    }
+    // The user's patterns; an include pattern no candidate matched is said.
+    let mut matched = std::collections::BTreeSet::new();
+    sites.retain(|w, at| {
+        let names =
+            std::iter::once(w.as_str()).chain(at.iter().map(|s| g.nodes[s.node].name.as_str()));
+        let (keep, hits) = sel.names.admits(names);
+        matched.extend(hits);
+        keep
+    });
+    for (i, p) in sel.names.include.iter().enumerate() {
+        // (With `only`, a planner's subset, the others are not looked at.)
+        if !matched.contains(&i) && sel.only.is_none() {
+            skipped.push(format!(
+                "--quant-include '{p}' matches no weight this pass could take"
+            ));
+        }
     }
     (sites, skipped)
 }
@@ -320,5 +406,43 @@ impl Totals {
             self.bytes_after as f64 / 1e6,
             self.bits_per_weight
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NameFilter;
+
+    fn f(inc: &[&str], exc: &[&str]) -> NameFilter {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        NameFilter::new(&v(inc), &v(exc)).unwrap()
+    }
+
+    #[test]
+    fn patterns_match_the_weight_or_a_node_that_reads_it_and_exclusion_wins() {
+        let names = [
+            "onnx::MatMul_7",
+            "/encoder/layer.1/intermediate/dense/MatMul",
+        ];
+        let take = |n: &NameFilter| n.admits(names.iter().copied()).0;
+        assert!(take(&NameFilter::default()));
+        // `*` crosses `/` and `.`; the node's name matches where the weight's does not.
+        assert!(take(&f(&["*/intermediate/*"], &[])));
+        assert!(take(&f(&["onnx::MatMul_?"], &[])));
+        assert!(!take(&f(&["*attention*"], &[])));
+        assert!(!take(&f(&["*intermediate*"], &["*layer.1*"])));
+        assert!(!take(&f(&[], &["onnx::*"])));
+        // Which include patterns matched.
+        assert_eq!(
+            f(&["x", "*dense*", "onnx*"], &[])
+                .admits(names.iter().copied())
+                .1,
+            vec![1, 2]
+        );
+        assert_eq!(
+            f(&["a", "b"], &["c"]).describe().as_deref(),
+            Some("include a, b; exclude c")
+        );
+        assert!(NameFilter::pattern("[").is_err() && NameFilter::pattern("*.weight").is_ok());
     }
 }

@@ -115,6 +115,8 @@ pub struct IntOptions {
     pub block_size: usize,
     /// Weights with fewer elements are left in float (biases, tiny projections).
     pub min_elements: u64,
+    /// The user's include/exclude patterns (`--quant-include`, `--quant-exclude`).
+    pub names: crate::NameFilter,
     /// Only these weights (by initializer name), when given: how a planner quantizes weight by
     /// weight. The others are left as they are, unreported.
     pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
@@ -230,6 +232,7 @@ impl IntOptions {
             tables: self.tables && form != IntForm::DequantizeLinear,
             row_multiple: self.block_size,
             only: self.only.clone(),
+            names: self.names.clone(),
         }
     }
 }
@@ -240,6 +243,7 @@ impl Default for IntOptions {
             bits: IntBits::Four,
             block_size: 32,
             min_elements: 4096,
+            names: crate::NameFilter::default(),
             only: None,
             tables: true,
             form: IntForm::Auto,
@@ -276,6 +280,9 @@ pub struct IntReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<String>,
     pub form: &'static str,
+    /// The user's name patterns, when given (`--quant-include`, `--quant-exclude`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub names: Option<String>,
     pub layers: Vec<IntLayer>,
     #[serde(flatten)]
     pub totals: Totals,
@@ -406,6 +413,7 @@ impl WeightInt {
             method: self.opts.method.label(),
             calibration: self.opts.calibration.clone(),
             form: form.label(),
+            names: self.opts.names.describe(),
             totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,

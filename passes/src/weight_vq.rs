@@ -98,6 +98,8 @@ pub struct VqOptions {
     pub tables: bool,
     /// Weights with fewer elements are left in float.
     pub min_elements: u64,
+    /// The user's include/exclude patterns (`--quant-include`, `--quant-exclude`).
+    pub names: crate::NameFilter,
     /// Only these weights (by initializer name), when given: how a planner quantizes weight by
     /// weight. The others are left as they are, unreported.
     pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
@@ -147,6 +149,7 @@ impl VqOptions {
                 self.vector
             },
             only: self.only.clone(),
+            names: self.names.clone(),
         }
     }
 }
@@ -200,6 +203,7 @@ impl Default for VqOptions {
             outliers: 0.0,
             tables: false,
             min_elements: 4096,
+            names: crate::NameFilter::default(),
             only: None,
             iters: 25,
             seed: 0,
@@ -249,6 +253,9 @@ pub struct VqReport {
     pub mode: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<String>,
+    /// The user's name patterns, when given (`--quant-include`, `--quant-exclude`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub names: Option<String>,
     pub layers: Vec<VqLayer>,
     #[serde(flatten)]
     pub totals: Totals,
@@ -389,6 +396,7 @@ impl WeightVq {
                 "k-means"
             },
             calibration: o.calibration.clone(),
+            names: o.names.describe(),
             totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,

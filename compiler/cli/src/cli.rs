@@ -149,9 +149,6 @@ pub struct OptimizeArgs {
     /// --int4/--int8's block size along the reduction axis (a power of two, 16 or more).
     #[arg(long, value_name = "N", default_value_t = 32, requires = "int", value_parser = block_size)]
     pub int4_block: usize,
-    /// --int4 leaves weights with fewer elements than this in float.
-    #[arg(long, value_name = "N", default_value_t = 4096, requires = "int")]
-    pub int4_min_elements: u64,
     /// --int4 leaves the tables Gathers read (embeddings) in float: MatMul/Gemm weights only.
     #[arg(long, requires = "int")]
     pub int4_no_tables: bool,
@@ -196,9 +193,23 @@ pub struct OptimizeArgs {
     /// that keeps the gate; the gate is still checked (exit 1 when it fails).
     #[arg(long, value_name = "BYTES|P%")]
     pub target_size: Option<wcc_driver::planner::TargetSize>,
-    /// With -O compress: weights with fewer elements than this stay float.
-    #[arg(long, value_name = "N", default_value_t = 4096)]
+    /// Weights with fewer elements than this stay float (--int4, --int8, --vq-bits, -O compress).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 4096,
+        alias = "int4-min-elements"
+    )]
     pub quant_min_elements: u64,
+    /// Quantize only the weights whose initializer name, or the name of a node that reads them,
+    /// matches this glob (`*` any characters, `/` and `.` included), e.g.
+    /// '/encoder/layer.*/intermediate/*'; repeatable (--int4, --int8, --vq-bits, -O compress).
+    #[arg(long, value_name = "GLOB", value_parser = wcc_driver::NameFilter::pattern)]
+    pub quant_include: Vec<String>,
+    /// Leave in float the weights whose initializer name, or the name of a node that reads them,
+    /// matches this glob, e.g. '*pooler*'; repeatable, and wins over --quant-include.
+    #[arg(long, value_name = "GLOB", value_parser = wcc_driver::NameFilter::pattern)]
+    pub quant_exclude: Vec<String>,
     /// Calibration inputs (.npz, one array per graph input); else --inputs, else seeded random.
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
@@ -320,6 +331,8 @@ impl GateArgs {
 impl OptimizeArgs {
     /// The driver's options (without `--dump-after`'s printer, which the caller adds).
     pub fn options(&self) -> OptimizeOptions {
+        let names = wcc_driver::NameFilter::new(&self.quant_include, &self.quant_exclude)
+            .expect("patterns checked by clap");
         OptimizeOptions {
             output: self.output.clone(),
             level: self.level,
@@ -343,7 +356,8 @@ impl OptimizeArgs {
                     wcc_driver::IntBits::Four
                 },
                 block_size: self.int4_block,
-                min_elements: self.int4_min_elements,
+                min_elements: self.quant_min_elements,
+                names: names.clone(),
                 tables: !self.int4_no_tables,
                 form: self.int4_form,
                 method: self.int4_method,
@@ -354,10 +368,13 @@ impl OptimizeArgs {
                 normalize: self.vq_normalize,
                 outliers: self.vq_outliers.unwrap_or(0.0),
                 tables: self.vq_tables,
+                min_elements: self.quant_min_elements,
+                names: names.clone(),
                 ..wcc_driver::VqOptions::for_bits(b).expect("checked by clap")
             }),
             target_size: self.target_size,
             quant_min_elements: self.quant_min_elements,
+            quant_names: names,
             calib: self.calib.clone(),
             exec: self.exec.options(),
             gate: self.gate.gate(),

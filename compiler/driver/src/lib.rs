@@ -41,6 +41,8 @@ pub use wcc_passes::structure::Structure;
 pub use wcc_passes::weight_int::{IntBits, IntForm, IntMethod, IntOptions};
 /// What `--vq-bits` quantizes and how.
 pub use wcc_passes::weight_vq::VqOptions;
+/// Which weights the weight passes may take (`--quant-include`, `--quant-exclude`).
+pub use wcc_passes::NameFilter;
 /// A panic's message and where it was raised (for the binary's last-resort report).
 pub use wcc_runtime::guard::describe as describe_panic;
 /// Per-output fidelity figures.

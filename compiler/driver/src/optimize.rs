@@ -72,6 +72,8 @@ pub struct OptimizeOptions {
     pub target_size: Option<crate::planner::TargetSize>,
     /// `-O compress`'s planner leaves weights with fewer elements than this in float.
     pub quant_min_elements: u64,
+    /// `-O compress`'s planner quantizes only the weights these patterns let through.
+    pub quant_names: wcc_passes::NameFilter,
     /// Calibration inputs (`--calib`); else `exec.inputs`, else seeded random batches.
     pub calib: Option<PathBuf>,
     pub exec: ExecOptions,
@@ -105,6 +107,7 @@ impl OptimizeOptions {
             vq: None,
             target_size: None,
             quant_min_elements: 4096,
+            quant_names: wcc_passes::NameFilter::default(),
             calib: None,
             exec: ExecOptions::default(),
             gate: Gate::default(),
@@ -377,6 +380,7 @@ pub fn optimize(
                 gate,
                 objective,
                 min_elements: opts.quant_min_elements,
+                names: opts.quant_names.clone(),
                 references: &references,
                 removed: &dropped.removed_outputs,
             };

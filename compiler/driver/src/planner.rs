@@ -103,6 +103,7 @@ impl Treatment {
                     bits,
                     method,
                     only: only.clone(),
+                    names: p.names.clone(),
                     min_elements,
                     grams: Some(grams.clone()),
                     heldout_grams: Some(heldout.clone()),
@@ -118,6 +119,7 @@ impl Treatment {
                     normalize: true,
                     tables: true,
                     only: only.clone(),
+                    names: p.names.clone(),
                     min_elements,
                     grams: Some(grams.clone()),
                     heldout_grams: Some(heldout.clone()),
@@ -361,6 +363,8 @@ pub struct PlanInputs<'a> {
     pub objective: Objective,
     /// Weights with fewer elements stay float.
     pub min_elements: u64,
+    /// Only the weights these patterns let through are quantized.
+    pub names: wcc_passes::NameFilter,
     /// The outputs of the unquantized model on `batches` (the original's function).
     pub references: &'a [NamedArrays],
     /// Outputs the result lost on purpose (dropped KV caches).
@@ -548,6 +552,7 @@ pub fn run(
         model,
         &IntOptions {
             min_elements: p.min_elements,
+            names: p.names.clone(),
             ..IntOptions::default()
         },
     );
