@@ -29,6 +29,32 @@ pub(crate) struct Select {
     pub names: NameFilter,
 }
 
+/// Called by a weight pass as it finishes weights: (done, of). For a progress bar.
+#[derive(Clone, Default)]
+pub struct LayerProgress(Option<std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>>);
+
+impl LayerProgress {
+    pub fn new(f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
+        LayerProgress(Some(std::sync::Arc::new(f)))
+    }
+
+    pub(crate) fn tick(&self, done: usize, of: usize) {
+        if let Some(f) = &self.0 {
+            f(done, of);
+        }
+    }
+}
+
+impl std::fmt::Debug for LayerProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "LayerProgress(on)"
+        } else {
+            "LayerProgress(off)"
+        })
+    }
+}
+
 /// Which weights the user lets the weight passes touch (`--quant-include`, `--quant-exclude`):
 /// glob patterns (`*` any run of characters, `/` and `.` included; `?` one; `[ab]` a class)
 /// matched against a weight's initializer name and the names of the nodes that read it. A weight

@@ -117,6 +117,8 @@ pub struct IntOptions {
     pub min_elements: u64,
     /// The user's include/exclude patterns (`--quant-include`, `--quant-exclude`).
     pub names: crate::NameFilter,
+    /// Told as weights are done.
+    pub progress: crate::LayerProgress,
     /// Only these weights (by initializer name), when given: how a planner quantizes weight by
     /// weight. The others are left as they are, unreported.
     pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
@@ -244,6 +246,7 @@ impl Default for IntOptions {
             block_size: 32,
             min_elements: 4096,
             names: crate::NameFilter::default(),
+            progress: crate::LayerProgress::default(),
             only: None,
             tables: true,
             form: IntForm::Auto,
@@ -360,7 +363,7 @@ impl WeightInt {
         let group = 2 * rayon::current_num_threads().max(1);
         let mut layers = vec![];
         let mut changes = 0;
-        for chunk in weights.chunks(group) {
+        for (c0, chunk) in weights.chunks(group).enumerate() {
             let quantized: Vec<Result<Option<(Quantized, usize, usize)>>> = chunk
                 .par_iter()
                 .map(|(name, s)| {
@@ -389,6 +392,9 @@ impl WeightInt {
                     None => skipped.push(format!("{name}: not finite")),
                 }
             }
+            self.opts
+                .progress
+                .tick((c0 * group + chunk.len()).min(weights.len()), weights.len());
         }
         // Gemm's bias becomes an Add after; nodes were appended, so put the graph in order.
         wcc_ir::validate::topo_sort(g);

@@ -100,6 +100,8 @@ pub struct VqOptions {
     pub min_elements: u64,
     /// The user's include/exclude patterns (`--quant-include`, `--quant-exclude`).
     pub names: crate::NameFilter,
+    /// Told as weights are done.
+    pub progress: crate::LayerProgress,
     /// Only these weights (by initializer name), when given: how a planner quantizes weight by
     /// weight. The others are left as they are, unreported.
     pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
@@ -204,6 +206,7 @@ impl Default for VqOptions {
             tables: false,
             min_elements: 4096,
             names: crate::NameFilter::default(),
+            progress: crate::LayerProgress::default(),
             only: None,
             iters: 25,
             seed: 0,
@@ -377,6 +380,7 @@ impl WeightVq {
                     layers.push(self.emit_one(g, &weights[at], c, &mut changes)?);
                 }
             }
+            o.progress.tick(c0 * group + chunk.len(), weights.len());
         }
         let mut budget_note = None;
         if let Some(b) = o.budget {

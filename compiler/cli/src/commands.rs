@@ -3,19 +3,62 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use wcc_driver::{render, Error, Stage};
 
 use crate::cli::{Cli, Command, OptimizeArgs};
 
-fn progress(stage: Stage) {
-    if std::io::stderr().is_terminal() {
-        eprint!("\r\x1b[2K[wcc] {stage}…");
-    }
+/// `wcc optimize`'s progress on a terminal (nothing otherwise): a bar for a stage that counts
+/// (weights quantized, the planner's weights), a spinner for the others.
+struct Progress {
+    bar: Option<(ProgressBar, bool)>,
 }
 
-fn progress_done() {
-    if std::io::stderr().is_terminal() {
-        eprint!("\r\x1b[2K");
+impl Progress {
+    fn new() -> Self {
+        Progress { bar: None }
+    }
+
+    fn stage(&mut self, stage: Stage) {
+        if !std::io::stderr().is_terminal() {
+            return;
+        }
+        let counted = stage.count();
+        if self
+            .bar
+            .as_ref()
+            .is_some_and(|(_, c)| *c != counted.is_some())
+        {
+            self.done();
+        }
+        let (bar, _) = self.bar.get_or_insert_with(|| {
+            let bar = match counted {
+                Some(_) => ProgressBar::new(0).with_style(
+                    ProgressStyle::with_template(
+                        "[wcc] {msg} [{bar:30}] {pos}/{len} ({elapsed}, about {eta} left)",
+                    )
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+                ),
+                None => ProgressBar::new_spinner().with_style(
+                    ProgressStyle::with_template("[wcc] {spinner} {msg} ({elapsed})")
+                        .expect("a valid template"),
+                ),
+            };
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            (bar, counted.is_some())
+        });
+        if let Some((done, of)) = counted {
+            bar.set_length(of as u64);
+            bar.set_position(done as u64);
+        }
+        bar.set_message(stage.to_string());
+    }
+
+    fn done(&mut self) {
+        if let Some((bar, _)) = self.bar.take() {
+            bar.finish_and_clear();
+        }
     }
 }
 
@@ -118,8 +161,9 @@ fn optimize(a: OptimizeArgs) -> Result<ExitCode, Error> {
             Box::new(|pass: &str, text: &str| eprintln!("--- after {pass} ---\n{text}")),
         ));
     }
-    let result = wcc_driver::optimize(opts, &mut progress);
-    progress_done();
+    let mut p = Progress::new();
+    let result = wcc_driver::optimize(opts, &mut |s| p.stage(s));
+    p.done();
     let done = result?;
     eprint!("{}", render::optimize(&done.report));
     if let Some(rp) = &a.report {

@@ -34,6 +34,60 @@ pub enum Stage {
     Writing,
     /// `-O compress`'s planner, at this step.
     Planning(crate::planner::Step),
+    /// A weight pass (`--int4`, `--vq-bits`…), `done` of `of` weights.
+    Quantizing {
+        pass: &'static str,
+        done: usize,
+        of: usize,
+    },
+}
+
+impl Stage {
+    /// How far along a stage that counts is: (done, of); for a progress bar.
+    pub fn count(&self) -> Option<(usize, usize)> {
+        match *self {
+            Stage::Quantizing { done, of, .. }
+            | Stage::Planning(crate::planner::Step::Sensitivity { done, of })
+            | Stage::Planning(crate::planner::Step::Trying { done, of, .. }) => Some((done, of)),
+            _ => None,
+        }
+    }
+}
+
+/// Runs `work` on a scoped thread with a [`LayerProgress`] whose ticks reach `report` on this
+/// thread as they come: how a weight pass (parallel inside) tells a caller's progress callback,
+/// which need not be `Send`, how far it is.
+///
+/// [`LayerProgress`]: wcc_passes::LayerProgress
+pub(crate) fn with_layer_progress<T: Send>(
+    work: impl FnOnce(wcc_passes::LayerProgress) -> T + Send,
+    report: &mut dyn FnMut(usize, usize),
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tick = wcc_passes::LayerProgress::new(move |done, of| {
+        let _ = tx.send((done, of));
+    });
+    std::thread::scope(|s| {
+        let h = std::thread::Builder::new()
+            // The main thread's stack, for passes that recurse.
+            .stack_size(8 << 20)
+            .spawn_scoped(s, move || work(tick))
+            .expect("a thread can be started");
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok((d, o)) => report(d, o),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !h.is_finished() => {}
+                Err(_) => break,
+            }
+        }
+        while let Ok((d, o)) = rx.try_recv() {
+            report(d, o);
+        }
+        match h.join() {
+            Ok(t) => t,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
 }
 
 impl std::fmt::Display for Stage {
@@ -45,6 +99,7 @@ impl std::fmt::Display for Stage {
             Stage::Verifying => "verifying",
             Stage::Writing => "writing",
             Stage::Planning(s) => return write!(f, "planning: {s}"),
+            Stage::Quantizing { pass, .. } => return write!(f, "quantizing weights ({pass})"),
         })
     }
 }
@@ -418,7 +473,7 @@ pub fn optimize(
             opts.calib.as_deref(),
             &opts.exec,
             &backend,
-            &mut || progress(Stage::Calibrating),
+            progress,
         )?);
     }
     if quantize.is_some() || plan_report.is_some() {

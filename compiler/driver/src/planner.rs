@@ -94,7 +94,18 @@ impl Treatment {
         self,
         only: Option<Arc<BTreeSet<String>>>,
         p: &PlanInputs,
+        grams: (&Grams, &Grams),
+    ) -> Option<Box<dyn TreatmentPass>> {
+        self.pass_telling(only, p, grams, Default::default())
+    }
+
+    /// `pass`, telling `progress` as weights are done.
+    fn pass_telling(
+        self,
+        only: Option<Arc<BTreeSet<String>>>,
+        p: &PlanInputs,
         (grams, heldout): (&Grams, &Grams),
+        progress: wcc_passes::LayerProgress,
     ) -> Option<Box<dyn TreatmentPass>> {
         let (min_elements, calibration) = (p.min_elements, &p.calibration);
         let int = |bits, method| {
@@ -104,6 +115,7 @@ impl Treatment {
                     method,
                     only: only.clone(),
                     names: p.names.clone(),
+                    progress: progress.clone(),
                     min_elements,
                     grams: Some(grams.clone()),
                     heldout_grams: Some(heldout.clone()),
@@ -120,6 +132,7 @@ impl Treatment {
                     tables: true,
                     only: only.clone(),
                     names: p.names.clone(),
+                    progress: progress.clone(),
                     min_elements,
                     grams: Some(grams.clone()),
                     heldout_grams: Some(heldout.clone()),
@@ -195,8 +208,12 @@ treatment_pass!(WeightVq);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Calibrating,
-    /// Running a treatment over every weight.
-    Trying(Treatment),
+    /// Running a treatment over every weight: `done` of `of`.
+    Trying {
+        treatment: Treatment,
+        done: usize,
+        of: usize,
+    },
     /// Measuring weight `done` of `of`.
     Sensitivity {
         done: usize,
@@ -210,7 +227,7 @@ impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Step::Calibrating => f.write_str("calibrating"),
-            Step::Trying(t) => write!(f, "{t:?} on every weight"),
+            Step::Trying { treatment, .. } => write!(f, "{treatment:?} on every weight"),
             Step::Sensitivity { done, of } => write!(f, "sensitivity of weight {done}/{of}"),
             Step::Plan(n) => write!(f, "building plan {n}"),
         }
@@ -563,12 +580,29 @@ pub fn run(
     // 1. Every treatment over every weight.
     let mut costs: BTreeMap<String, WeightCosts> = BTreeMap::new();
     for t in Treatment::LOSSY {
-        progress(Step::Trying(t));
-        let pass = t
-            .pass(None, p, (&grams, &heldout))
-            .expect("a lossy treatment has a pass");
-        let mut copy = model.clone();
-        for l in pass.layers(&mut copy)? {
+        progress(Step::Trying {
+            treatment: t,
+            done: 0,
+            of: 0,
+        });
+        // On a thread of its own, so that its progress reaches `progress` as it goes.
+        let (model, grams, heldout) = (&*model, &grams, &heldout);
+        let layers = crate::optimize::with_layer_progress(
+            |tick| {
+                let pass = t
+                    .pass_telling(None, p, (grams, heldout), tick)
+                    .expect("a lossy treatment has a pass");
+                pass.layers(&mut model.clone())
+            },
+            &mut |done, of| {
+                progress(Step::Trying {
+                    treatment: t,
+                    done,
+                    of,
+                })
+            },
+        )?;
+        for l in layers {
             let e = costs.entry(l.weight).or_insert_with(|| WeightCosts {
                 bytes_before: l.bytes_before,
                 by: vec![],

@@ -41,7 +41,7 @@ pub fn run(
     calib_file: Option<&Path>,
     exec: &ExecOptions,
     backend: &Backend,
-    calibrating: &mut dyn FnMut(),
+    progress: &mut dyn FnMut(crate::Stage),
 ) -> Result<Vec<PassRecord>, Error> {
     let wants = match q {
         Quantize::Int(o) => o.method == IntMethod::Gptq || calib_file.is_some(),
@@ -49,7 +49,7 @@ pub fn run(
     };
     let mut stats = None;
     if wants {
-        calibrating();
+        progress(crate::Stage::Calibrating);
         let (batches, calibration) = calib::batches(model, calib_file, exec)?;
         let names = match q {
             Quantize::Int(o) => wcc_passes::weight_int::calibration_inputs(model, o),
@@ -58,22 +58,33 @@ pub fn run(
         let grams = calib::grams(model, backend, &batches, &names)?;
         stats = Some((Arc::new(grams), calibration));
     }
-    let pass: Box<dyn Pass> = match q.clone() {
-        Quantize::Int(mut o) => {
-            if let Some((g, c)) = stats {
-                o.grams = Some(g);
-                o.calibration = Some(c);
-            }
-            Box::new(WeightInt { opts: o })
-        }
-        Quantize::Vq(mut o) => {
-            if let Some((g, c)) = stats {
-                o.grams = Some(g);
-                o.calibration = Some(c);
-            }
-            Box::new(WeightVq { opts: o })
-        }
-    };
-    let pm = PassManager::new(vec![pass, Box::new(wcc_passes::dce::DeadCodeElimination)]);
-    Ok(wcc_passes::optimize_with(model, pm)?)
+    let pass = q.name();
+    let q = q.clone();
+    // The pass runs on its own thread so that its progress reaches `progress` as it goes.
+    let records = crate::optimize::with_layer_progress(
+        move |tick| {
+            let pass: Box<dyn Pass> = match q {
+                Quantize::Int(mut o) => {
+                    if let Some((g, c)) = stats {
+                        o.grams = Some(g);
+                        o.calibration = Some(c);
+                    }
+                    o.progress = tick;
+                    Box::new(WeightInt { opts: o })
+                }
+                Quantize::Vq(mut o) => {
+                    if let Some((g, c)) = stats {
+                        o.grams = Some(g);
+                        o.calibration = Some(c);
+                    }
+                    o.progress = tick;
+                    Box::new(WeightVq { opts: o })
+                }
+            };
+            let pm = PassManager::new(vec![pass, Box::new(wcc_passes::dce::DeadCodeElimination)]);
+            wcc_passes::optimize_with(model, pm)
+        },
+        &mut |done, of| progress(crate::Stage::Quantizing { pass, done, of }),
+    )?;
+    Ok(records)
 }
