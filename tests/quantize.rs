@@ -768,11 +768,45 @@ fn vq_details(r: &OptimizeReport) -> &serde_json::Value {
         .expect("weight-vq ran")
 }
 
+/// Bytes of the 4-bit codes of a `k × n` weight in vectors of 4: two a byte when a row's `n/4`
+/// codes are even, else a byte each.
+fn codes_bytes(k: u64, n: u64) -> u64 {
+    if (n / 4).is_multiple_of(2) {
+        k * n / 8
+    } else {
+        k * n / 4
+    }
+}
+
+/// The codes of `t` (`[rows, per]` uint8), and `per`; `packed`: two 4-bit codes a byte, a row's
+/// first half in the low nibbles and its second half in the high ones (`[rows, per/2]`).
+fn codes_of(t: &Tensor, packed: bool) -> (Vec<u8>, usize) {
+    let raw = t.raw_bytes().unwrap().to_vec();
+    if !packed {
+        return (raw, t.dims()[1] as usize);
+    }
+    let h = t.dims()[1] as usize;
+    let codes = raw
+        .chunks_exact(h)
+        .flat_map(|row| {
+            let lo = row.iter().map(|b| b & 15);
+            lo.chain(row.iter().map(|b| b >> 4)).collect::<Vec<_>>()
+        })
+        .collect();
+    (codes, 2 * h)
+}
+
 /// `m` with every decoded weight replaced by the float weight it stands for, decoded here:
 /// per codebook `Cast → Gather(codebook)`, summed by an `Add` when there are two (residual),
 /// `→ Reshape` (`W[q, j·v + t] = Σ codebook[idx[q, j], t]`), then, normalized, `Mul(scale [K, 1])
 /// → Add(shift [K, 1])`. Returns the model and the bytes the indices, codebooks and norms take.
 fn vq_decoded(m: &Model) -> (Model, u64) {
+    vq_decoded_telling(m).0
+}
+
+/// `vq_decoded`, and whether some codes were packed.
+fn vq_decoded_telling(m: &Model) -> ((Model, u64), bool) {
+    let mut any_packed = false;
     let mut out = m.clone();
     let g = &m.graph;
     let mut bytes = 0;
@@ -796,17 +830,30 @@ fn vq_decoded(m: &Model) -> (Model, u64) {
             assert!(gather.is("Gather"));
             let cast = producer(&gather.inputs[1]);
             assert!(cast.is("Cast"));
-            let (idx, book) = (
-                g.initializer(&cast.inputs[0]).unwrap(),
-                g.initializer(&gather.inputs[0]).unwrap(),
-            );
+            // The codes: an initializer, or 4-bit codes packed two a byte and unpacked by
+            // `Concat(BitShift(BitShift(p, 4, LEFT), 4, RIGHT), BitShift(p, 4, RIGHT))`.
+            let (idx, packed) = match g.initializer(&cast.inputs[0]) {
+                Some(t) => (t, false),
+                None => {
+                    let cat = producer(&cast.inputs[0]);
+                    assert!(cat.is("Concat"));
+                    let (lo, hi) = (producer(&cat.inputs[0]), producer(&cat.inputs[1]));
+                    let up = producer(&lo.inputs[0]);
+                    assert!([lo, hi, up].iter().all(|n| n.is("BitShift")));
+                    assert_eq!(up.inputs[0], hi.inputs[0]);
+                    decoding.extend([&cat.name, &lo.name, &hi.name, &up.name].map(String::from));
+                    any_packed = true;
+                    (g.initializer(&hi.inputs[0]).unwrap(), true)
+                }
+            };
+            let book = g.initializer(&gather.inputs[0]).unwrap();
             assert_eq!(idx.dtype().unwrap(), DataType::U8);
             bytes += idx.byte_size() + book.byte_size();
-            let per = idx.dims()[1] as usize;
             k = idx.dims()[0] as usize;
             let v = book.dims()[1] as usize;
+            let (ids, per) = codes_of(idx, packed);
             width = per * v;
-            let (ids, cb) = (idx.raw_bytes().unwrap().to_vec(), f32s(book));
+            let cb = f32s(book);
             w.resize(k * width, 0.0);
             for q in 0..k {
                 for j in 0..per {
@@ -841,7 +888,7 @@ fn vq_decoded(m: &Model) -> (Model, u64) {
             .initializers
             .push(f32_tensor(&name, &w, &[k as i64, width as i64]));
     }
-    (out, bytes)
+    ((out, bytes), any_packed)
 }
 
 #[test]
@@ -890,7 +937,7 @@ fn vq_refinements_run_as_decoded_and_a_residual_codebook_lowers_the_error() {
                 let norms = if edit.1 { 2 * kk * 4 } else { 0 };
                 assert_eq!(
                     l["bytes_after"].as_u64().unwrap(),
-                    books * (kk * n / 4 + 16 * 4 * 4) + norms,
+                    books * (codes_bytes(kk, n) + 16 * 4 * 4) + norms,
                     "{stem} {tag}"
                 );
                 // A second codebook for what the first leaves: a lower weight error.
@@ -946,13 +993,14 @@ fn vq_codebooks_run_as_decoded_and_error_feedback_beats_nearest_centroids() {
         for l in layers {
             assert!(m.graph.initializer(l["weight"].as_str().unwrap()).is_none());
         }
-        // The report's bytes are the file's: u8 indices, one per 4 weights, and 16 f32
-        // centroids of 4 per layer.
-        let (float, bytes) = vq_decoded(&m);
+        // The report's bytes are the file's: 4-bit indices (16 centroids), one per 4 weights,
+        // packed two a byte, and 16 f32 centroids of 4 per layer.
+        let ((float, bytes), packed) = vq_decoded_telling(&m);
+        assert!(packed, "{stem}: 16 centroids pack their codes");
         assert_eq!(d["bytes_after"].as_u64(), Some(bytes), "{stem}");
         let expected: u64 = layers
             .iter()
-            .map(|l| l["k"].as_u64().unwrap() * l["n"].as_u64().unwrap() / 4 + 16 * 4 * 4)
+            .map(|l| codes_bytes(l["k"].as_u64().unwrap(), l["n"].as_u64().unwrap()) + 16 * 4 * 4)
             .sum();
         assert_eq!(bytes, expected, "{stem}");
         // ONNX Runtime and tract compute what the decoded weights say.
@@ -1227,7 +1275,9 @@ fn vq_tables_decoded(m: &Model, tables: &[(&str, &str)]) -> Model {
     for (table, gather) in tables {
         let find = |suffix: &str| g.initializer(&format!("{table}_vq_{suffix}"));
         let codes = find("codes").unwrap();
-        let (rows, per) = (codes.dims()[0] as usize, codes.dims()[1] as usize);
+        let packed = find("four").is_some();
+        let rows = codes.dims()[0] as usize;
+        let per = codes_of(codes, packed).1;
         let v = find("codebook").unwrap().dims()[1] as usize;
         let d = per * v;
         let mut e = vec![0f32; rows * d];
@@ -1238,7 +1288,7 @@ fn vq_tables_decoded(m: &Model, tables: &[(&str, &str)]) -> Model {
             ) else {
                 continue;
             };
-            let (ids, cb) = (codes.raw_bytes().unwrap().to_vec(), f32s(book));
+            let (ids, cb) = (codes_of(codes, packed).0, f32s(book));
             for r in 0..rows {
                 for j in 0..per {
                     for t in 0..v {
@@ -1315,13 +1365,14 @@ fn vq_tables_are_decoded_row_by_row_by_two_gathers() {
                 m.graph.initializer(table).is_none(),
                 "{stem}: the dense table is gone"
             );
-            // Indices [V, D/4] a byte each, 16 centroids of 4 f32 per codebook, norms per row.
+            // Indices [V, D/4] (4-bit, packed), 16 centroids of 4 f32 per codebook, norms per
+            // row.
             let (dd, rows) = (l["k"].as_u64().unwrap(), l["n"].as_u64().unwrap());
             let books = if residual { 2 } else { 1 };
             let norms = if normalize { 2 * rows * 4 } else { 0 };
             assert_eq!(
                 l["bytes_after"].as_u64().unwrap(),
-                books * (rows * dd / 4 + 16 * 4 * 4) + norms
+                books * (codes_bytes(rows, dd) + 16 * 4 * 4) + norms
             );
             let gathers: Vec<(&str, &str)> = l["nodes"]
                 .as_array()

@@ -891,8 +891,19 @@ fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded) -> Result<VqLayer> 
         idx: idx_name,
         book: book_name,
         tag,
+        packed,
     } in books
     {
+        let idx_name = match packed {
+            Some(four) => unpack(
+                g,
+                &mut nodes_out,
+                &format!("{name}_vq_idx{tag}"),
+                idx_name,
+                &four,
+            ),
+            None => idx_name,
+        };
         let i32_name = fresh_name(g, &format!("{name}_vq_idx32{tag}"));
         let mut cast = Node::new(&i32_name, "Cast", vec![idx_name], vec![i32_name.clone()]);
         cast.attributes = vec![Attribute::int("to", DataType::I32.code() as i64)];
@@ -947,11 +958,40 @@ fn emit(g: &mut Graph, name: &str, sites: &[Site], c: Coded) -> Result<VqLayer> 
     Ok(c.layer(name, nodes, (k, n), (bytes_before, bytes_after)))
 }
 
-/// A codebook's initializers: its indices, its centroids, and the tag its names end with.
+/// A codebook's initializers: its indices, its centroids, and the tag its names end with; when
+/// the indices are packed two to a byte, the uint8 constant 4 that unpacks them (see `unpack`).
 struct Book {
     idx: String,
     book: String,
     tag: String,
+    packed: Option<String>,
+}
+
+/// Whether `c`'s indices are packed: 4-bit (at most 16 centroids) and an even number a row.
+fn packs(c: &Coded) -> bool {
+    c.centroids <= 16 && (c.n / c.v).is_multiple_of(2)
+}
+
+/// Appends to `chain` the nodes that unpack `packed` (`[…, h]` uint8, `h` half a row of codes:
+/// low nibbles the row's first half, high nibbles its second) into `[…, 2h]` uint8 codes, with
+/// standard ops of opset 11 that ONNX Runtime and tract run on uint8: `lo = (p << 4) >> 4`,
+/// `hi = p >> 4`, `Concat(lo, hi, axis −1)`. Returns the codes' name.
+fn unpack(g: &mut Graph, chain: &mut Vec<Node>, base: &str, packed: String, four: &str) -> String {
+    let shift = |g: &mut Graph, chain: &mut Vec<Node>, x: String, dir: &str, what: &str| {
+        let y = fresh_name(g, &format!("{base}_{what}"));
+        let mut n = Node::new(&y, "BitShift", vec![x, four.to_string()], vec![y.clone()]);
+        n.attributes = vec![Attribute::string("direction", dir)];
+        chain.push(n);
+        y
+    };
+    let hi = shift(g, chain, packed.clone(), "RIGHT", "hi");
+    let up = shift(g, chain, packed, "LEFT", "lo_up");
+    let lo = shift(g, chain, up, "RIGHT", "lo");
+    let codes = fresh_name(g, &format!("{base}_codes"));
+    let mut cat = Node::new(&codes, "Concat", vec![lo, hi], vec![codes.clone()]);
+    cat.attributes = vec![Attribute::int("axis", -1)];
+    chain.push(cat);
+    codes
 }
 
 /// A norm's initializer: `scale` or `shift`, its name, and the op that applies it.
@@ -979,7 +1019,16 @@ fn add_books(
         } else {
             format!("{b}")
         };
-        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if c.centroids <= 256 {
+        let packed = packs(c);
+        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if packed {
+            // Row by row: the first half's codes in the low nibbles, the second's in the high.
+            let h = per / 2;
+            let bytes = idx
+                .chunks_exact(per)
+                .flat_map(|row| (0..h).map(move |j| row[j] as u8 | (row[j + h] as u8) << 4))
+                .collect();
+            (DataType::U8, bytes)
+        } else if c.centroids <= 256 {
             (DataType::U8, idx.iter().map(|i| *i as u8).collect())
         } else {
             (
@@ -993,9 +1042,19 @@ fn add_books(
             g,
             &format!("{name}_vq_{what}{tag}"),
             idx_type,
-            &[c.k as i64, per as i64],
+            &[c.k as i64, if packed { per / 2 } else { per } as i64],
             idx_bytes,
         )?;
+        let packed = match packed {
+            true => Some(add(
+                g,
+                &format!("{name}_vq_four"),
+                DataType::U8,
+                &[1],
+                vec![4],
+            )?),
+            false => None,
+        };
         let book_name = add(
             g,
             &format!("{name}_vq_codebook{tag}"),
@@ -1007,6 +1066,7 @@ fn add_books(
             idx: idx_name,
             book: book_name,
             tag,
+            packed,
         });
     }
     Ok((out, bytes))
@@ -1046,8 +1106,15 @@ impl Coded {
         normalized: bool,
         dtype_bytes: usize,
     ) -> u64 {
-        let idx = if centroids <= 256 { 1 } else { 2 };
-        let book = (k * (n / v) * idx + centroids * v * dtype_bytes) * books;
+        let per = n / v;
+        let idx_bytes = if centroids <= 16 && per.is_multiple_of(2) {
+            k * per / 2
+        } else if centroids <= 256 {
+            k * per
+        } else {
+            2 * k * per
+        };
+        let book = (idx_bytes + centroids * v * dtype_bytes) * books;
         (book + if normalized { 2 * k * dtype_bytes } else { 0 }) as u64
     }
 
@@ -1123,15 +1190,20 @@ fn emit_table(g: &mut Graph, name: &str, sites: &[Site], c: Coded) -> Result<VqL
             idx: codes,
             book,
             tag,
+            packed,
         } in &books
         {
-            let picked = fresh(g, &format!("codes{tag}"));
+            let mut picked = fresh(g, &format!("codes{tag}"));
             chain.push(Node::new(
                 &picked,
                 "Gather",
                 vec![codes.clone(), ids.clone()],
                 vec![picked.clone()],
             ));
+            if let Some(four) = packed {
+                let base = format!("{}_vq_codes{tag}", old.name);
+                picked = unpack(g, &mut chain, &base, picked, four);
+            }
             let i32s = fresh(g, &format!("codes32{tag}"));
             let mut cast = Node::new(&i32s, "Cast", vec![picked], vec![i32s.clone()]);
             cast.attributes = vec![Attribute::int("to", DataType::I32.code() as i64)];

@@ -188,6 +188,12 @@ pub struct OptimizeArgs {
     /// Gathers (only the gathered rows are decoded).
     #[arg(long, requires = "vq_bits")]
     pub vq_tables: bool,
+    /// --vq-bits' codebook size per layer (2 to 65536): 16 or fewer store 4-bit indices packed two
+    /// to a byte (unpacked by BitShift and Concat), up to 256 a byte each, more two bytes each;
+    /// the budget then picks vector lengths for those index bits.
+    #[arg(long, value_name = "K", default_value_t = 256, requires = "vq_bits",
+          value_parser = clap::value_parser!(u32).range(2..=65536))]
+    pub vq_centroids: u32,
     /// With -O compress: plan the most faithful model whose tensors fit in this size (bytes:
     /// 20000000, 20MB, 19MiB; or a percentage of the input's tensors: 25%) instead of the smallest
     /// that keeps the gate; the gate is still checked (exit 1 when it fails).
@@ -368,6 +374,7 @@ impl OptimizeArgs {
                 normalize: self.vq_normalize,
                 outliers: self.vq_outliers.unwrap_or(0.0),
                 tables: self.vq_tables,
+                centroids: self.vq_centroids as usize,
                 min_elements: self.quant_min_elements,
                 names: names.clone(),
                 ..wcc_driver::VqOptions::for_bits(b).expect("checked by clap")

@@ -138,6 +138,18 @@ impl Attribute {
             graphs: vec![],
         }
     }
+    pub fn string(name: &str, v: &str) -> Self {
+        use onnx_protobuf::attribute_proto::AttributeType;
+        Attribute {
+            proto: AttributeProto {
+                name: name.into(),
+                s: v.as_bytes().to_vec(),
+                type_: AttributeType::STRING.into(),
+                ..Default::default()
+            },
+            graphs: vec![],
+        }
+    }
     pub fn tensor(name: &str, t: &Tensor) -> Self {
         use onnx_protobuf::attribute_proto::AttributeType;
         Attribute {
