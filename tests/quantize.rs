@@ -1132,6 +1132,93 @@ fn name_patterns_choose_the_weights_every_quantizer_and_the_planner_take() {
     assert!(all.plan.as_ref().unwrap().weights.len() > 3);
 }
 
+/// The groups and most MB of a report's `statistics` line.
+fn groups_of(line: &str) -> (usize, f64) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = |w: &str| words.iter().position(|x| *x == w).unwrap();
+    (
+        words[at("in") + 1].parse().unwrap(),
+        words[at("most") + 1].parse().unwrap(),
+    )
+}
+
+#[test]
+fn calibration_statistics_past_the_memory_cap_are_gathered_group_by_group() {
+    let dir = tempfile::tempdir().unwrap();
+    for stem in ["gpt2.legacy", "llama.dynamo"] {
+        // (16 centroids are a form test, not a fidelity one: no gate for VQ.)
+        let run = |tag: &str, cap: u64, vq: bool| {
+            optimize(stem, dir.path(), tag, if vq { -1.0 } else { 0.5 }, |o| {
+                if vq {
+                    o.vq = Some(VqOptions {
+                        vector: 4,
+                        centroids: 16,
+                        min_elements: 0,
+                        ..VqOptions::default()
+                    });
+                } else {
+                    o.int = Some(IntOptions {
+                        method: IntMethod::Gptq,
+                        min_elements: 0,
+                        ..IntOptions::default()
+                    });
+                }
+                calibrated(o, stem);
+                o.calib_memory_bytes = cap;
+            })
+        };
+        for vq in [false, true] {
+            let details = |r: &OptimizeReport| {
+                let d = if vq { vq_details(r) } else { int4_details(r) };
+                d.clone()
+            };
+            let (whole_out, whole) = run(&format!("w{vq}"), u64::MAX, vq);
+            let (a, streamed) = run(&format!("s{vq}"), 1, vq);
+            let (b, _) = run(&format!("s2{vq}"), 1, vq);
+            let (dw, ds) = (details(&whole), details(&streamed));
+            // All at once: one group; capped at a byte: a group per weight, each calibrated on
+            // the model as the earlier ones left it; the same weights either way.
+            assert!(dw["statistics"]
+                .as_str()
+                .unwrap()
+                .starts_with("gathered in 1 groups"));
+            let layers = dw["layers"].as_array().unwrap().len();
+            assert!(layers >= 4, "{stem}");
+            // (Tables, which no calibration input multiplies, need no statistics.)
+            let calibrated = dw["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|l| l["output_rel_error"].is_number())
+                .count();
+            // A group per weight, but for weights that share their input with the one before
+            // (the same statistics, no more memory): more than one, at most one per weight
+            // calibrated, each smaller than all of them at once.
+            let (groups, most) = groups_of(ds["statistics"].as_str().unwrap());
+            let (_, all) = groups_of(dw["statistics"].as_str().unwrap());
+            assert!(
+                groups > 1 && groups <= calibrated,
+                "{stem}: {}",
+                ds["statistics"]
+            );
+            assert!(most < all, "{stem}: {most} vs {all} MB");
+            assert_eq!(ds["layers"].as_array().unwrap().len(), layers);
+            assert_eq!(
+                std::fs::read(&a).unwrap(),
+                std::fs::read(&b).unwrap(),
+                "{stem}"
+            );
+            assert_ne!(
+                std::fs::read(&a).unwrap(),
+                std::fs::read(&whole_out).unwrap(),
+                "{stem}"
+            );
+            // Verified by the driver on the result (int4: gated at min cosine 0.5).
+            assert!(streamed.verification.is_some());
+        }
+    }
+}
+
 /// `-O compress` on `stem`'s default (random) calibration, every weight a candidate.
 fn compressed(
     stem: &str,

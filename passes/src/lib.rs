@@ -13,7 +13,7 @@ pub mod kmeans;
 pub mod layer_drop;
 pub(crate) mod linear_weights;
 /// What a weight pass reports of each weight it replaced.
-pub use linear_weights::{Figures, LayerProgress, NameFilter};
+pub use linear_weights::{Figures, GramSource, LayerProgress, NameFilter};
 pub mod miss_branch;
 pub mod noop;
 pub mod qk_fuse;

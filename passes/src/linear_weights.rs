@@ -29,6 +29,177 @@ pub(crate) struct Select {
     pub names: NameFilter,
 }
 
+/// What a [`GramSource`] computes: `H = XᵀX` of the values named, on the model as it is.
+pub type GramFn = dyn Fn(&wcc_ir::Model, &[String]) -> std::result::Result<HashMap<String, Gram>, String>
+    + Send
+    + Sync;
+
+/// Calibration statistics gathered a group of weights at a time, as a weight pass goes, instead
+/// of all at once beforehand: what is held is a group's `H` (`K²` values per input), not the
+/// model's. The weights are grouped, in order, so that a group's statistics take at most `cap`
+/// bytes (one weight at least); each group's are computed on the model as the pass has left it,
+/// earlier groups quantized (as GPTQ calibrates layer after layer).
+#[derive(Clone)]
+pub struct GramSource {
+    get: std::sync::Arc<GramFn>,
+    cap: u64,
+}
+
+impl GramSource {
+    pub fn new(
+        cap: u64,
+        get: impl Fn(&wcc_ir::Model, &[String]) -> std::result::Result<HashMap<String, Gram>, String>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        GramSource {
+            get: std::sync::Arc::new(get),
+            cap,
+        }
+    }
+}
+
+impl std::fmt::Debug for GramSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GramSource(cap {} bytes)", self.cap)
+    }
+}
+
+/// The inputs a weight's sites multiply and their widths `K` (a table's Gathers: none).
+fn input_widths(g: &Graph, w: &str, sites: &[Site]) -> Vec<(String, usize)> {
+    let Some(t) = g.initializer(w) else {
+        return vec![];
+    };
+    let mut out: Vec<(String, usize)> = sites
+        .iter()
+        .filter(|s| s.layout != Layout::Rows)
+        .map(|s| (g.nodes[s.node].inputs[0].clone(), k_n(t, s.layout).0))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// How a weight pass walks its weights (`weights`: name and sites, in order): groups of
+/// `size`, each with the statistics it uses: `grams` as given, or with a `source` groups whose
+/// statistics fit its cap, computed as the walk reaches them.
+pub(crate) struct Walk<'a> {
+    groups: Vec<std::ops::Range<usize>>,
+    grams: Option<std::sync::Arc<HashMap<String, Gram>>>,
+    source: Option<&'a GramSource>,
+    /// Groups computed by the source, and the most bytes of statistics held at once.
+    pub computed: usize,
+    pub most_bytes: u64,
+}
+
+impl<'a> Walk<'a> {
+    pub(crate) fn new(
+        g: &Graph,
+        weights: &[(&str, &[Site])],
+        size: usize,
+        grams: Option<&std::sync::Arc<HashMap<String, Gram>>>,
+        source: Option<&'a GramSource>,
+    ) -> Self {
+        let mut groups = vec![];
+        match source {
+            None => {
+                let mut at = 0;
+                while at < weights.len() {
+                    let end = (at + size.max(1)).min(weights.len());
+                    groups.push(at..end);
+                    at = end;
+                }
+            }
+            Some(src) => {
+                let (mut start, mut bytes) = (0, 0u64);
+                let mut seen = std::collections::BTreeSet::new();
+                let gram_bytes = |x: &[(String, usize)]| -> u64 {
+                    x.iter().map(|(_, k)| (k * k * 8) as u64).sum()
+                };
+                for (i, (w, s)) in weights.iter().enumerate() {
+                    let inputs = input_widths(g, w, s);
+                    // What it adds: the statistics of inputs the group does not have yet (a
+                    // weight that shares its input with the group's adds nothing).
+                    let new: Vec<(String, usize)> = inputs
+                        .iter()
+                        .filter(|(x, _)| !seen.contains(x))
+                        .cloned()
+                        .collect();
+                    let add = gram_bytes(&new);
+                    if i > start && add > 0 && bytes + add > src.cap {
+                        groups.push(start..i);
+                        (start, bytes) = (i, 0);
+                        seen.clear();
+                    }
+                    bytes += gram_bytes(
+                        &inputs
+                            .iter()
+                            .filter(|(x, _)| !seen.contains(x))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    );
+                    seen.extend(inputs.into_iter().map(|(x, _)| x));
+                }
+                if start < weights.len() {
+                    groups.push(start..weights.len());
+                }
+            }
+        }
+        Walk {
+            groups,
+            grams: grams.cloned(),
+            source,
+            computed: 0,
+            most_bytes: 0,
+        }
+    }
+
+    /// The groups, in order.
+    pub(crate) fn groups(&self) -> Vec<std::ops::Range<usize>> {
+        self.groups.clone()
+    }
+
+    /// The statistics for `group` of `weights`: those given, or the source's for its inputs, on
+    /// `model` as it is now.
+    pub(crate) fn grams(
+        &mut self,
+        model: &wcc_ir::Model,
+        weights: &[(&str, &[Site])],
+        group: std::ops::Range<usize>,
+    ) -> Result<Option<std::sync::Arc<HashMap<String, Gram>>>> {
+        let Some(src) = self.source else {
+            return Ok(self.grams.clone());
+        };
+        let mut names: Vec<String> = weights[group]
+            .iter()
+            .flat_map(|(w, s)| input_widths(&model.graph, w, s))
+            .map(|(x, _)| x)
+            .collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let grams = (src.get)(model, &names).map_err(wcc_ir::IrError::Other)?;
+        let bytes: u64 = grams.values().map(|h| (h.h.len() * 8) as u64).sum();
+        self.computed += 1;
+        self.most_bytes = self.most_bytes.max(bytes);
+        Ok(Some(std::sync::Arc::new(grams)))
+    }
+
+    /// For the report: how the statistics were gathered, when a source gathered them.
+    pub(crate) fn describe(&self) -> Option<String> {
+        self.source.map(|_| {
+            format!(
+                "gathered in {} groups of weights, at most {:.1} MB of statistics at once",
+                self.computed,
+                self.most_bytes as f64 / 1e6
+            )
+        })
+    }
+}
+
 /// Called by a weight pass as it finishes weights: (done, of). For a progress bar.
 #[derive(Clone, Default)]
 pub struct LayerProgress(Option<std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>>);

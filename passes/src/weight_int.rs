@@ -53,7 +53,7 @@ use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::linear_weights::{
     self, find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, to_f32,
-    Figures, Layout, Select, Site, Totals,
+    Figures, Layout, Select, Site, Totals, Walk,
 };
 
 /// The domain of ONNX Runtime's contrib ops.
@@ -133,6 +133,9 @@ pub struct IntOptions {
     /// `H = XᵀX` of the calibration inputs, by the name of the value a MatMul/Gemm multiplies
     /// (see [`calibration_inputs`]); GPTQ needs them.
     pub grams: Option<std::sync::Arc<std::collections::HashMap<String, Gram>>>,
+    /// Instead of `grams`: statistics gathered a group of weights at a time as the pass goes
+    /// (bounded memory; see `GramSource`).
+    pub gram_source: Option<crate::GramSource>,
     /// `H = XᵀX` of calibration inputs the fit does not use: each layer's output error on them
     /// is reported too (what `-O compress`'s planner judges by).
     pub heldout_grams: Option<std::sync::Arc<std::collections::HashMap<String, Gram>>>,
@@ -253,6 +256,7 @@ impl Default for IntOptions {
             method: IntMethod::Rtn,
             damp: crate::gptq::DEFAULT_DAMP,
             grams: None,
+            gram_source: None,
             heldout_grams: None,
             calibration: None,
         }
@@ -286,6 +290,9 @@ pub struct IntReport {
     /// The user's name patterns, when given (`--quant-include`, `--quant-exclude`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub names: Option<String>,
+    /// How the calibration statistics were gathered, when group by group (`gram_source`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<String>,
     pub layers: Vec<IntLayer>,
     #[serde(flatten)]
     pub totals: Totals,
@@ -363,39 +370,55 @@ impl WeightInt {
         let group = 2 * rayon::current_num_threads().max(1);
         let mut layers = vec![];
         let mut changes = 0;
-        for (c0, chunk) in weights.chunks(group).enumerate() {
-            let quantized: Vec<Result<Option<(Quantized, usize, usize)>>> = chunk
-                .par_iter()
-                .map(|(name, s)| {
-                    let t = g.initializer(name).expect("found as a constant");
-                    let gram = self.opts.grams.as_ref().and_then(|h| gram_of(g, s, h));
-                    let held = self
-                        .opts
-                        .heldout_grams
-                        .as_ref()
-                        .and_then(|h| gram_of(g, s, h));
-                    let grams = (gram.as_ref(), held.as_ref());
-                    match (self.opts.method, &gram) {
-                        (IntMethod::Gptq, Some(h)) if h.k == k_n(t, s[0].layout).0 => {
-                            quantize_gptq(t, s[0].layout, (b, bits), grams, self.opts.damp)
+        let list: Vec<(&str, &[Site])> = weights
+            .iter()
+            .map(|(w, s)| (w.as_str(), s.as_slice()))
+            .collect();
+        let mut walk = Walk::new(
+            g,
+            &list,
+            group,
+            self.opts.grams.as_ref(),
+            self.opts.gram_source.as_ref(),
+        );
+        let mut done = 0;
+        for range in walk.groups() {
+            let grams = walk.grams(model, &list, range.clone())?;
+            let g = &mut model.graph;
+            for chunk in weights[range].chunks(group) {
+                let quantized: Vec<Result<Option<(Quantized, usize, usize)>>> = chunk
+                    .par_iter()
+                    .map(|(name, s)| {
+                        let t = g.initializer(name).expect("found as a constant");
+                        let gram = grams.as_ref().and_then(|h| gram_of(g, s, h));
+                        let held = self
+                            .opts
+                            .heldout_grams
+                            .as_ref()
+                            .and_then(|h| gram_of(g, s, h));
+                        let grams = (gram.as_ref(), held.as_ref());
+                        match (self.opts.method, &gram) {
+                            (IntMethod::Gptq, Some(h)) if h.k == k_n(t, s[0].layout).0 => {
+                                quantize_gptq(t, s[0].layout, (b, bits), grams, self.opts.damp)
+                            }
+                            _ => quantize_tensor(t, s[0].layout, (b, bits), grams),
                         }
-                        _ => quantize_tensor(t, s[0].layout, (b, bits), grams),
+                    })
+                    .collect();
+                for ((name, s), q) in chunk.iter().zip(quantized) {
+                    match q? {
+                        Some((q, k, n)) => {
+                            changes += s.len();
+                            layers.push(emit(g, name, s, q, k, n, b, form)?);
+                        }
+                        None => skipped.push(format!("{name}: not finite")),
                     }
-                })
-                .collect();
-            for ((name, s), q) in chunk.iter().zip(quantized) {
-                match q? {
-                    Some((q, k, n)) => {
-                        changes += s.len();
-                        layers.push(emit(g, name, s, q, k, n, b, form)?);
-                    }
-                    None => skipped.push(format!("{name}: not finite")),
                 }
+                done += chunk.len();
+                self.opts.progress.tick(done, weights.len());
             }
-            self.opts
-                .progress
-                .tick((c0 * group + chunk.len()).min(weights.len()), weights.len());
         }
+        let g = &mut model.graph;
         // Gemm's bias becomes an Add after; nodes were appended, so put the graph in order.
         wcc_ir::validate::topo_sort(g);
         if changes > 0 && !model.opset_imports.iter().any(|(d, _)| d == MS_DOMAIN) {
@@ -420,6 +443,7 @@ impl WeightInt {
             calibration: self.opts.calibration.clone(),
             form: form.label(),
             names: self.opts.names.describe(),
+            statistics: walk.describe(),
             totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,

@@ -72,7 +72,7 @@ use crate::graph_util::fresh_name;
 use crate::kmeans::{self, KMeans};
 use crate::linear_weights::{
     find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, Figures, Layout,
-    Select, Site, Totals,
+    Select, Site, Totals, Walk,
 };
 
 /// What `--vq-bits` quantizes and how.
@@ -113,6 +113,9 @@ pub struct VqOptions {
     pub damp: f64,
     /// `H = XᵀX` of the calibration inputs, by the name of the value a weight multiplies.
     pub grams: Option<Arc<HashMap<String, Gram>>>,
+    /// Instead of `grams`: statistics gathered a group of weights at a time as the pass goes
+    /// (bounded memory; see `GramSource`).
+    pub gram_source: Option<crate::GramSource>,
     /// `H = XᵀX` of calibration inputs the fit does not use: each layer's output error on them
     /// is reported too.
     pub heldout_grams: Option<Arc<HashMap<String, Gram>>>,
@@ -213,6 +216,7 @@ impl Default for VqOptions {
             sample: 1 << 16,
             damp: crate::gptq::DEFAULT_DAMP,
             grams: None,
+            gram_source: None,
             heldout_grams: None,
             calibration: None,
         }
@@ -259,6 +263,9 @@ pub struct VqReport {
     /// The user's name patterns, when given (`--quant-include`, `--quant-exclude`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub names: Option<String>,
+    /// How the calibration statistics were gathered, when group by group (`gram_source`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<String>,
     pub layers: Vec<VqLayer>,
     #[serde(flatten)]
     pub totals: Totals,
@@ -352,36 +359,48 @@ impl WeightVq {
         // Without a budget every weight is emitted as soon as it is coded (a group at a time, so
         // memory stays bounded); with one, every candidate is kept until the choice is made.
         let mut candidates: Vec<(usize, Vec<Coded>)> = vec![];
-        for (c0, chunk) in weights.chunks(group).enumerate() {
-            let coded: Vec<Result<Vec<Coded>>> = chunk
-                .par_iter()
-                .map(|(name, s, lengths)| {
-                    let t = g.initializer(name).expect("found as a constant");
-                    let gram = o.grams.as_ref().and_then(|h| gram_of(g, s, h));
-                    let held = o.heldout_grams.as_ref().and_then(|h| gram_of(g, s, h));
-                    let mut out = vec![];
-                    for v in lengths {
-                        match code(t, s[0].layout, (gram.as_ref(), held.as_ref()), o, *v)? {
-                            Some(c) => out.push(c),
-                            None => return Ok(vec![]),
+        let list: Vec<(&str, &[Site])> = weights
+            .iter()
+            .map(|(w, s, _)| (w.as_str(), s.as_slice()))
+            .collect();
+        let mut walk = Walk::new(g, &list, group, o.grams.as_ref(), o.gram_source.as_ref());
+        let mut done = 0;
+        for range in walk.groups() {
+            let grams = walk.grams(model, &list, range.clone())?;
+            let g = &mut model.graph;
+            for (c0, chunk) in weights[range.clone()].chunks(group).enumerate() {
+                let coded: Vec<Result<Vec<Coded>>> = chunk
+                    .par_iter()
+                    .map(|(name, s, lengths)| {
+                        let t = g.initializer(name).expect("found as a constant");
+                        let gram = grams.as_ref().and_then(|h| gram_of(g, s, h));
+                        let held = o.heldout_grams.as_ref().and_then(|h| gram_of(g, s, h));
+                        let mut out = vec![];
+                        for v in lengths {
+                            match code(t, s[0].layout, (gram.as_ref(), held.as_ref()), o, *v)? {
+                                Some(c) => out.push(c),
+                                None => return Ok(vec![]),
+                            }
                         }
+                        Ok(out)
+                    })
+                    .collect();
+                for (i, c) in coded.into_iter().enumerate() {
+                    let (c, at) = (c?, range.start + c0 * group + i);
+                    if c.is_empty() {
+                        skipped.push(format!("{}: not finite", weights[at].0));
+                    } else if o.budget.is_some() {
+                        candidates.push((at, c));
+                    } else {
+                        let c = c.into_iter().next().expect("one length");
+                        layers.push(self.emit_one(g, &weights[at], c, &mut changes)?);
                     }
-                    Ok(out)
-                })
-                .collect();
-            for (i, c) in coded.into_iter().enumerate() {
-                let (c, at) = (c?, c0 * group + i);
-                if c.is_empty() {
-                    skipped.push(format!("{}: not finite", weights[at].0));
-                } else if o.budget.is_some() {
-                    candidates.push((at, c));
-                } else {
-                    let c = c.into_iter().next().expect("one length");
-                    layers.push(self.emit_one(g, &weights[at], c, &mut changes)?);
                 }
+                done += chunk.len();
+                o.progress.tick(done, weights.len());
             }
-            o.progress.tick(c0 * group + chunk.len(), weights.len());
         }
+        let g = &mut model.graph;
         let mut budget_note = None;
         if let Some(b) = o.budget {
             let (chosen, note) = choose(candidates, b);
@@ -394,13 +413,14 @@ impl WeightVq {
         let report = VqReport {
             budget_bits: o.budget,
             budget_note,
-            mode: if o.grams.is_some() {
+            mode: if o.grams.is_some() || o.gram_source.is_some() {
                 "hessian-weighted k-means + gptq"
             } else {
                 "k-means"
             },
             calibration: o.calibration.clone(),
             names: o.names.describe(),
+            statistics: walk.describe(),
             totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,
@@ -511,12 +531,6 @@ fn choose(
         .map(|((at, c), p)| (at, c.into_iter().nth(p).expect("a candidate")))
         .collect();
     (chosen, note)
-}
-
-/// The values the weights `--vq-bits` would quantize multiply: what calibration must expose.
-pub fn calibration_inputs(model: &Model, opts: &VqOptions) -> Vec<String> {
-    let (sites, _) = find_sites(&model.graph, model.default_opset(), &opts.select());
-    crate::linear_weights::calibration_inputs(&model.graph, &sites)
 }
 
 /// The vectors of `w` (`[N, K]`): for input column q, vector j is `w[j·v + t, q]`; in the

@@ -216,6 +216,11 @@ pub struct OptimizeArgs {
     /// matches this glob, e.g. '*pooler*'; repeatable, and wins over --quant-include.
     #[arg(long, value_name = "GLOB", value_parser = wcc_driver::NameFilter::pattern)]
     pub quant_exclude: Vec<String>,
+    /// The most memory, in GiB, the calibration statistics of --int4/--int8/--vq-bits may hold at
+    /// once (K² values per layer input): past it they are gathered a group of weights at a time,
+    /// each group on the model as the earlier ones left it (one calibration run per group).
+    #[arg(long, value_name = "GIB", default_value_t = wcc_driver::optimize::DEFAULT_CALIB_MEMORY_GIB)]
+    pub calib_memory: f64,
     /// Calibration inputs (.npz, one array per graph input); else --inputs, else seeded random.
     #[arg(long, value_name = "FILE")]
     pub calib: Option<PathBuf>,
@@ -382,6 +387,7 @@ impl OptimizeArgs {
             target_size: self.target_size,
             quant_min_elements: self.quant_min_elements,
             quant_names: names,
+            calib_memory_bytes: (self.calib_memory.max(0.0) * (1u64 << 30) as f64) as u64,
             calib: self.calib.clone(),
             exec: self.exec.options(),
             gate: self.gate.gate(),

@@ -129,6 +129,9 @@ pub struct OptimizeOptions {
     pub quant_min_elements: u64,
     /// `-O compress`'s planner quantizes only the weights these patterns let through.
     pub quant_names: wcc_passes::NameFilter,
+    /// The most bytes of calibration statistics `--int4`/`--vq-bits` hold at once
+    /// (`--calib-memory`): past it they are gathered a group of weights at a time.
+    pub calib_memory_bytes: u64,
     /// Calibration inputs (`--calib`); else `exec.inputs`, else seeded random batches.
     pub calib: Option<PathBuf>,
     pub exec: ExecOptions,
@@ -163,6 +166,7 @@ impl OptimizeOptions {
             target_size: None,
             quant_min_elements: 4096,
             quant_names: wcc_passes::NameFilter::default(),
+            calib_memory_bytes: (DEFAULT_CALIB_MEMORY_GIB * (1u64 << 30) as f64) as u64,
             calib: None,
             exec: ExecOptions::default(),
             gate: Gate::default(),
@@ -174,6 +178,9 @@ impl OptimizeOptions {
         }
     }
 }
+
+/// `--calib-memory`'s default, in GiB.
+pub const DEFAULT_CALIB_MEMORY_GIB: f64 = 2.0;
 
 /// `--verify-memory`'s default, in GiB. A lossless result is checked region by region, a few
 /// changed layers at a time within this (the 2.27 GB scale benchmark, whose every layer's weight
@@ -472,7 +479,7 @@ pub fn optimize(
             q,
             opts.calib.as_deref(),
             &opts.exec,
-            &backend,
+            opts.calib_memory_bytes,
             progress,
         )?);
     }

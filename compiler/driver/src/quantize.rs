@@ -3,13 +3,12 @@
 //! (`H = XᵀX` of every quantized layer's input, run on the backend), then runs the pass and DCE.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use wcc_ir::pass::{Pass, PassManager, PassRecord};
 use wcc_ir::Model;
 use wcc_passes::weight_int::{IntMethod, IntOptions, WeightInt};
 use wcc_passes::weight_vq::{VqOptions, WeightVq};
-use wcc_runtime::Backend;
+use wcc_passes::GramSource;
 
 use crate::calib;
 use crate::error::Error;
@@ -35,12 +34,15 @@ impl Quantize {
 /// Quantizes `model`'s weights. Calibration statistics are gathered when the method needs them
 /// (GPTQ) or when the user gave calibration inputs (`calib_file`): every layer's output error
 /// on them is then reported, and VQ weights its k-means and corrects its assignment with them.
+/// They are gathered as the pass goes, in groups of weights whose statistics (`K²` values per
+/// input) take at most `stats_bytes` (`--calib-memory`), each on the model as earlier groups
+/// left it: one group, before anything changes, when they all fit.
 pub fn run(
     model: &mut Model,
     q: &Quantize,
     calib_file: Option<&Path>,
     exec: &ExecOptions,
-    backend: &Backend,
+    stats_bytes: u64,
     progress: &mut dyn FnMut(crate::Stage),
 ) -> Result<Vec<PassRecord>, Error> {
     let wants = match q {
@@ -51,12 +53,16 @@ pub fn run(
     if wants {
         progress(crate::Stage::Calibrating);
         let (batches, calibration) = calib::batches(model, calib_file, exec)?;
-        let names = match q {
-            Quantize::Int(o) => wcc_passes::weight_int::calibration_inputs(model, o),
-            Quantize::Vq(o) => wcc_passes::weight_vq::calibration_inputs(model, o),
-        };
-        let grams = calib::grams(model, backend, &batches, &names)?;
-        stats = Some((Arc::new(grams), calibration));
+        // Each group's statistics on the model as it is then, on the backend that runs what
+        // the pass has made of it so far.
+        let (before, exec) = (model.clone(), exec.clone());
+        let source = GramSource::new(stats_bytes, move |m: &Model, names: &[String]| {
+            let mut m = m.clone();
+            wcc_ir::validate::topo_sort(&mut m.graph);
+            let backend = exec.backend_for_result(&before, &m);
+            calib::grams(&m, &backend, &batches, names).map_err(|e| e.to_string())
+        });
+        stats = Some((source, calibration));
     }
     let pass = q.name();
     let q = q.clone();
@@ -66,7 +72,7 @@ pub fn run(
             let pass: Box<dyn Pass> = match q {
                 Quantize::Int(mut o) => {
                     if let Some((g, c)) = stats {
-                        o.grams = Some(g);
+                        o.gram_source = Some(g);
                         o.calibration = Some(c);
                     }
                     o.progress = tick;
@@ -74,7 +80,7 @@ pub fn run(
                 }
                 Quantize::Vq(mut o) => {
                     if let Some((g, c)) = stats {
-                        o.grams = Some(g);
+                        o.gram_source = Some(g);
                         o.calibration = Some(c);
                     }
                     o.progress = tick;
