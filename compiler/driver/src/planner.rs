@@ -4,7 +4,7 @@
 //!
 //! Every weight the weight passes can take (MatMul/Gemm weights, gathered tables) gets one
 //! [`Treatment`]: float (as it is), int8 or int4 (block-wise, int4 with GPTQ: see
-//! `wcc_passes::weight_int`), or a VQ codebook at about 4, 3 or 2 bits a weight (see
+//! `wcc_passes::weight_int`), or a VQ codebook at about 3 or 2 bits a weight (see
 //! `wcc_passes::weight_vq`). Mixed precision chosen from per-layer sensitivities that add up, as
 //! in HAWQ ("HAWQ: Hessian AWare Quantization of Neural Networks with Mixed-Precision", Dong et
 //! al., arXiv 1905.03696), measured here by running the model instead of from its Hessian:
@@ -74,9 +74,6 @@ pub enum Treatment {
     /// Block-wise int4 (GPTQ where calibration inputs multiply the weight, else round to
     /// nearest).
     Int4,
-    /// VQ, vectors of 2, 256 centroids, input columns normalized (about 4.1 bits a weight: int4's
-    /// size less its scales, with less error than int4 on most of MiniLM's weights).
-    Vq2,
     /// VQ, vectors of 3, 256 centroids, input columns normalized (about 2.9 bits a weight).
     Vq3,
     /// VQ, vectors of 4, 256 centroids, input columns normalized (about 2.2 bits a weight).
@@ -85,10 +82,9 @@ pub enum Treatment {
 
 impl Treatment {
     /// The lossy treatments, tried over every weight.
-    const LOSSY: [Treatment; 5] = [
+    const LOSSY: [Treatment; 4] = [
         Treatment::Int8,
         Treatment::Int4,
-        Treatment::Vq2,
         Treatment::Vq3,
         Treatment::Vq4,
     ];
@@ -149,7 +145,6 @@ impl Treatment {
             Treatment::Float => None,
             Treatment::Int8 => Some(int(IntBits::Eight, IntMethod::Rtn)),
             Treatment::Int4 => Some(int(IntBits::Four, IntMethod::Gptq)),
-            Treatment::Vq2 => Some(vq(2)),
             Treatment::Vq3 => Some(vq(3)),
             Treatment::Vq4 => Some(vq(4)),
         }
