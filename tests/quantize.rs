@@ -665,6 +665,79 @@ fn at_opset_21_int4_is_standard_dequantize_linear_that_onnx_runtime_runs() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs opset 21"));
     assert!(!dir.path().join("no.onnx").exists());
+    // --target decides the form the user left to it: ONNX Runtime's MatMulNBits for ort-cpu and
+    // ort-cuda, DequantizeLinear for tensorrt (which refuses MatMulNBits, and needs opset 21).
+    for (target, form, extra) in [
+        ("ort-cuda", "MatMulNBits, GatherBlockQuantized", None),
+        ("ort-cpu", "MatMulNBits, GatherBlockQuantized", None),
+        ("tensorrt", "DequantizeLinear", None),
+        ("ort-cuda", "DequantizeLinear", Some("dq")),
+    ] {
+        let (out, rep) = (dir.path().join("t.onnx"), dir.path().join("t.json"));
+        let o = wcc()
+            .args([
+                "optimize",
+                src.to_str().unwrap(),
+                "--int4",
+                "--target",
+                target,
+            ])
+            .args(extra.map(|f| vec!["--int4-form", f]).unwrap_or_default())
+            .args([
+                "--quant-min-elements",
+                "0",
+                "--min-cosine",
+                "0.9",
+                "--report",
+            ])
+            .arg(&rep)
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{target}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+        assert_eq!(r["target"], target);
+        let d = r["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pass"] == "weight-int4")
+            .unwrap();
+        assert_eq!(d["details"]["form"], form, "{target}");
+    }
+    for (model, args, says) in [
+        (&src, vec!["--int4-form", "nbits"], "standard ONNX only"),
+        (&fixture_path("bert.legacy"), vec![], "needs opset 21"),
+        (
+            &fixture_path("bert.legacy"),
+            vec!["-O", "compress"],
+            "needs opset 21",
+        ),
+    ] {
+        let o = wcc()
+            .args(["optimize", model.to_str().unwrap(), "--target", "tensorrt"])
+            .args(if args.first() == Some(&"-O") {
+                args.clone()
+            } else {
+                [vec!["--int4"], args.clone()].concat()
+            })
+            .arg("-o")
+            .arg(dir.path().join("no.onnx"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("--target tensorrt") && err.contains(says),
+            "{err}"
+        );
+        assert!(!dir.path().join("no.onnx").exists());
+    }
 }
 
 /// `--int4` with `method`, calibrated, on ONNX Runtime.

@@ -194,6 +194,17 @@ pub struct OptimizeArgs {
     #[arg(long, value_name = "K", default_value_t = 256, requires = "vq_bits",
           value_parser = clap::value_parser!(u32).range(2..=65536))]
     pub vq_centroids: u32,
+    /// Where the result will run, which decides what it may contain: portable (standard ONNX;
+    /// int4 as DequantizeLinear at opset 21, else MatMulNBits), ort-cpu and ort-cuda (ONNX
+    /// Runtime's MatMulNBits/GatherBlockQuantized for int4/int8, fused 4-bit kernels on CUDA), or
+    /// tensorrt (standard ONNX only: int4 as symmetric block DequantizeLinear, opset 21).
+    /// --int4-form, when given, chooses instead.
+    #[arg(
+        long,
+        value_name = "portable|ort-cpu|ort-cuda|tensorrt",
+        default_value = "portable"
+    )]
+    pub target: wcc_driver::Target,
     /// With -O compress: plan the most faithful model whose tensors fit in this size (bytes:
     /// 20000000, 20MB, 19MiB; or a percentage of the input's tensors: 25%) instead of the smallest
     /// that keeps the gate; the gate is still checked (exit 1 when it fails).
@@ -384,6 +395,7 @@ impl OptimizeArgs {
                 names: names.clone(),
                 ..wcc_driver::VqOptions::for_bits(b).expect("checked by clap")
             }),
+            target: self.target,
             target_size: self.target_size,
             quant_min_elements: self.quant_min_elements,
             quant_names: names,

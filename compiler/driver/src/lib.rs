@@ -22,6 +22,7 @@ pub mod quantize;
 pub mod regions;
 pub mod render;
 pub mod report;
+pub mod target;
 pub mod verify;
 
 pub use commands::{bench, inspect, load, passes, print, run, structure, verify_models, write_npz};
@@ -32,6 +33,7 @@ pub use level::Level;
 pub use optimize::{optimize, DumpFn, OptimizeOptions, Optimized, Stage};
 pub use pipeline::{EgraphLimits, PassInfo, PipelineConfig};
 pub use report::{BenchReport, InspectReport, OptimizeReport, VerifyReport};
+pub use target::Target;
 pub use verify::{RemovedOutput, Verification};
 /// `--drop SPEC`: which sublayers, how many.
 pub use wcc_passes::layer_drop::DropSpec;

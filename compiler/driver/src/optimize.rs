@@ -122,6 +122,8 @@ pub struct OptimizeOptions {
     pub int: Option<wcc_passes::weight_int::IntOptions>,
     /// `--vq-bits`: vector quantization of MatMul/Gemm weights with a codebook per layer.
     pub vq: Option<wcc_passes::weight_vq::VqOptions>,
+    /// `--target`: where the result will run (what it may contain).
+    pub target: crate::Target,
     /// `--target-size`: `-O compress` plans the most faithful model within this size instead of
     /// the smallest within the gate.
     pub target_size: Option<crate::planner::TargetSize>,
@@ -163,6 +165,7 @@ impl OptimizeOptions {
             drop_iterative: false,
             int: None,
             vq: None,
+            target: crate::Target::default(),
             target_size: None,
             quant_min_elements: 4096,
             quant_names: wcc_passes::NameFilter::default(),
@@ -343,7 +346,12 @@ pub fn optimize(
                 "--int4 and --vq-bits are two ways to quantize the same weights: give one".into(),
             ))
         }
-        (Some(o), None) => Some(crate::quantize::Quantize::Int(o.clone())),
+        (Some(o), None) => Some(crate::quantize::Quantize::Int(
+            wcc_passes::weight_int::IntOptions {
+                form: opts.target.int_form(o.form).map_err(Error::Usage)?,
+                ..o.clone()
+            },
+        )),
         (None, Some(o)) => Some(crate::quantize::Quantize::Vq(o.clone())),
         (None, None) => None,
     };
@@ -353,6 +361,21 @@ pub fn optimize(
         .unwrap_or_else(|| default_output(&opts.model));
     progress(Stage::Reading);
     let original = load(&opts.model)?;
+    // The int form the target takes must exist at the model's opset (before any work).
+    let int_form = match &quantize {
+        Some(crate::quantize::Quantize::Int(o)) => Some(o.form),
+        Some(_) => None,
+        None => opts
+            .level
+            .lossy()
+            .then_some(wcc_passes::weight_int::IntForm::Auto),
+    };
+    if let Some(f) = int_form {
+        opts.target
+            .int_form(f)
+            .and_then(|f| f.resolve(original.default_opset()))
+            .map_err(|e| Error::Usage(format!("--target {}: {e}", opts.target.label())))?;
+    }
     // Refuse to write over the input before doing any work.
     check_not_input(&opts.model, &out_path)?;
     // Large tensors the passes make go to a scratch file beside the output (see wcc_ir::spill),
@@ -443,6 +466,10 @@ pub fn optimize(
                 objective,
                 min_elements: opts.quant_min_elements,
                 names: opts.quant_names.clone(),
+                int_form: opts
+                    .target
+                    .int_form(wcc_passes::weight_int::IntForm::Auto)
+                    .map_err(Error::Usage)?,
                 references: &references,
                 removed: &dropped.removed_outputs,
             };
@@ -665,6 +692,7 @@ pub fn optimize(
     progress(Stage::Writing);
     let summary = staged.commit()?;
     let report = OptimizeReport {
+        target: opts.target,
         wcc_version: crate::VERSION,
         input: opts.model.clone(),
         output: out_path,

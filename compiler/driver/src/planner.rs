@@ -113,6 +113,7 @@ impl Treatment {
                 opts: IntOptions {
                     bits,
                     method,
+                    form: p.int_form,
                     only: only.clone(),
                     names: p.names.clone(),
                     progress: progress.clone(),
@@ -382,6 +383,8 @@ pub struct PlanInputs<'a> {
     pub min_elements: u64,
     /// Only the weights these patterns let through are quantized.
     pub names: wcc_passes::NameFilter,
+    /// The int4/int8 form the target takes (`Target::int_form`).
+    pub int_form: wcc_passes::weight_int::IntForm,
     /// The outputs of the unquantized model on `batches` (the original's function).
     pub references: &'a [NamedArrays],
     /// Outputs the result lost on purpose (dropped KV caches).

@@ -21,6 +21,9 @@ pub struct OptimizeReport {
     pub output: PathBuf,
     /// `-O0`, `-O1` or `-O compress`.
     pub level: String,
+    /// `--target`, when not portable.
+    #[serde(skip_serializing_if = "is_portable")]
+    pub target: crate::Target,
     pub passes: Vec<PassRecord>,
     pub before: GraphStats,
     pub after: GraphStats,
@@ -43,6 +46,10 @@ pub struct OptimizeReport {
     pub external_data_in_place_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_data_file: Option<PathBuf>,
+}
+
+fn is_portable(t: &crate::Target) -> bool {
+    *t == crate::Target::Portable
 }
 
 fn is_zero(n: &u64) -> bool {
