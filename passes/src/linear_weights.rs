@@ -81,11 +81,17 @@ fn input_widths(g: &Graph, w: &str, sites: &[Site]) -> Vec<(String, usize)> {
     out
 }
 
+/// The most values of weights coded at once (see `Walk::chunks`): 2²⁵, a 4096 × 8192 layer.
+const CHUNK_VALUES: u64 = 1 << 25;
+
 /// How a weight pass walks its weights (`weights`: name and sites, in order): groups of
 /// `size`, each with the statistics it uses: `grams` as given, or with a `source` groups whose
 /// statistics fit its cap, computed as the walk reaches them.
 pub(crate) struct Walk<'a> {
     groups: Vec<std::ops::Range<usize>>,
+    /// Each weight's values, for `chunks`.
+    sizes: Vec<u64>,
+    size: usize,
     grams: Option<std::sync::Arc<HashMap<String, Gram>>>,
     source: Option<&'a GramSource>,
     /// Groups computed by the source, and the most bytes of statistics held at once.
@@ -148,6 +154,11 @@ impl<'a> Walk<'a> {
         }
         Walk {
             groups,
+            sizes: weights
+                .iter()
+                .map(|(w, _)| g.initializer(w).map_or(0, |t| t.numel()))
+                .collect(),
+            size,
             grams: grams.cloned(),
             source,
             computed: 0,
@@ -158,6 +169,27 @@ impl<'a> Walk<'a> {
     /// The groups, in order.
     pub(crate) fn groups(&self) -> Vec<std::ops::Range<usize>> {
         self.groups.clone()
+    }
+
+    /// `group` cut into the runs of weights worked on at once (in parallel): at most `size`
+    /// weights and `CHUNK_VALUES` values (one weight at least), so that the float copies a
+    /// weight's coding holds (a few of its size) stay bounded by the largest weight, not by
+    /// `size` of them.
+    pub(crate) fn chunks(&self, group: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
+        let mut out = vec![];
+        let (mut start, mut values) = (group.start, 0u64);
+        for i in group.clone() {
+            let n = self.sizes[i];
+            if i > start && (i - start >= self.size || values + n > CHUNK_VALUES) {
+                out.push(start..i);
+                (start, values) = (i, 0);
+            }
+            values += n;
+        }
+        if start < group.end {
+            out.push(start..group.end);
+        }
+        out
     }
 
     /// The statistics for `group` of `weights`: those given, or the source's for its inputs, on

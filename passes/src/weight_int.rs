@@ -385,7 +385,8 @@ impl WeightInt {
         for range in walk.groups() {
             let grams = walk.grams(model, &list, range.clone())?;
             let g = &mut model.graph;
-            for chunk in weights[range].chunks(group) {
+            for sub in walk.chunks(range) {
+                let chunk = &weights[sub];
                 let quantized: Vec<Result<Option<(Quantized, usize, usize)>>> = chunk
                     .par_iter()
                     .map(|(name, s)| {

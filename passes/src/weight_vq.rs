@@ -283,8 +283,9 @@ struct Coded {
     dtype_bytes: usize,
     /// `[k, v]` each (see `Codec`).
     books: Vec<Vec<f32>>,
-    /// Per codebook, `[K, N/v]`.
-    idx: Vec<Vec<u32>>,
+    /// Per codebook, the indices `[K, N/v]` as the file stores them (`index_tensor`): in the
+    /// scratch store when large, so that coded weights waiting to be emitted hold no memory.
+    codes: Vec<Tensor>,
     /// Per input column (scale, shift), when normalized.
     norm: Option<(Vec<f32>, Vec<f32>)>,
     outlier_columns: usize,
@@ -368,7 +369,8 @@ impl WeightVq {
         for range in walk.groups() {
             let grams = walk.grams(model, &list, range.clone())?;
             let g = &mut model.graph;
-            for (c0, chunk) in weights[range.clone()].chunks(group).enumerate() {
+            for sub in walk.chunks(range) {
+                let chunk = &weights[sub.clone()];
                 let coded: Vec<Result<Vec<Coded>>> = chunk
                     .par_iter()
                     .map(|(name, s, lengths)| {
@@ -386,7 +388,7 @@ impl WeightVq {
                     })
                     .collect();
                 for (i, c) in coded.into_iter().enumerate() {
-                    let (c, at) = (c?, range.start + c0 * group + i);
+                    let (c, at) = (c?, sub.start + i);
                     if c.is_empty() {
                         skipped.push(format!("{}: not finite", weights[at].0));
                     } else if o.budget.is_some() {
@@ -533,15 +535,15 @@ fn choose(
     (chosen, note)
 }
 
-/// The vectors of `w` (`[N, K]`): for input column q, vector j is `w[j·v + t, q]`; in the
-/// order (q, j).
-fn vectors(w: &[f32], n: usize, k: usize, v: usize) -> Vec<f32> {
+/// The vectors of `w` (`[N, K]`), each input column q normalized (`(w − shift_q) / scale_q`):
+/// for column q, vector j is `w[j·v + t, q]`; in the order (q, j).
+fn vectors(w: &[f32], n: usize, k: usize, v: usize, (shift, scale): (&[f32], &[f32])) -> Vec<f32> {
     let per = n / v;
     let mut out = Vec::with_capacity(n * k);
     for q in 0..k {
         for j in 0..per {
             for t in 0..v {
-                out.push(w[(j * v + t) * k + q]);
+                out.push((w[(j * v + t) * k + q] - shift[q]) / scale[q]);
             }
         }
     }
@@ -646,19 +648,28 @@ impl Codec {
     /// Every vector of `w'` (normalized, in `vectors`' order) coded to its nearest centroids.
     fn nearest(&self, points: &[f32], k: usize, per: usize) -> Vec<Vec<u32>> {
         let v = self.v;
-        let coded: Vec<[u32; 2]> = points
-            .par_chunks(per * v)
+        // Each codebook's indices, column by column (in parallel), straight into its own vector.
+        let mut out = vec![vec![0u32; k * per]; self.books.len()];
+        let mut cols: Vec<Vec<&mut [u32]>> = (0..k).map(|_| vec![]).collect();
+        for idx in &mut out {
+            for (q, c) in idx.chunks_mut(per).enumerate() {
+                cols[q].push(c);
+            }
+        }
+        cols.par_iter_mut()
+            .zip(points.par_chunks(per * v))
             .enumerate()
-            .flat_map_iter(|(q, col)| {
-                col.chunks_exact(v)
-                    .map(|x| self.code(q, &mut x.to_vec()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        debug_assert_eq!(coded.len(), k * per);
-        (0..self.books.len())
-            .map(|b| coded.iter().map(|c| c[b]).collect())
-            .collect()
+            .for_each(|(q, (dst, col))| {
+                let mut x = vec![0f32; v];
+                for (j, p) in col.chunks_exact(v).enumerate() {
+                    x.copy_from_slice(p);
+                    let ids = self.code(q, &mut x);
+                    for (b, d) in dst.iter_mut().enumerate() {
+                        d[j] = ids[b];
+                    }
+                }
+            });
+        out
     }
 }
 
@@ -689,12 +700,7 @@ fn code(
     } else {
         (vec![1.0; k], vec![0.0; k])
     };
-    let normalized: Vec<f32> = w0
-        .iter()
-        .enumerate()
-        .map(|(i, x)| (x - shift[i % k]) / scale[i % k])
-        .collect();
-    let points = vectors(&normalized, n, k, v);
+    let points = vectors(&w0, n, k, v, (&shift, &scale));
     let cost: Option<Vec<f64>> = gram.map(|h| column_costs(h, &scale));
     // Outlier columns: the costliest (else largest) `outliers` of them.
     let n_out = ((o.outliers * k as f64).ceil() as usize).min(k.saturating_sub(1));
@@ -799,8 +805,11 @@ fn code(
         norm: o
             .normalize
             .then(|| (codec.scale.clone(), codec.shift.clone())),
+        codes: idx
+            .iter()
+            .map(|i| index_tensor(i, k, per, o.centroids))
+            .collect::<Result<_>>()?,
         books: codec.books,
-        idx,
         output_rel_error: out_err,
         output_rel_error_nearest: out_err_nearest,
     }))
@@ -981,9 +990,30 @@ struct Book {
     packed: Option<String>,
 }
 
-/// Whether `c`'s indices are packed: 4-bit (at most 16 centroids) and an even number a row.
-fn packs(c: &Coded) -> bool {
-    c.centroids <= 16 && (c.n / c.v).is_multiple_of(2)
+/// Whether indices of `centroids` are packed, `per` a row: 4-bit (at most 16 centroids) and an
+/// even number a row.
+fn packs(centroids: usize, per: usize) -> bool {
+    centroids <= 16 && per.is_multiple_of(2)
+}
+
+/// Indices `idx` (`[k, per]`) as the file stores them: two a byte (a row's first half in the low
+/// nibbles, its second half in the high ones) for at most 16 centroids and an even `per`, a byte
+/// each up to 256, else two (little-endian). Named later (`add_books`).
+fn index_tensor(idx: &[u32], k: usize, per: usize, centroids: usize) -> Result<Tensor> {
+    let (dtype, width, bytes): (DataType, usize, Vec<u8>) = if packs(centroids, per) {
+        let h = per / 2;
+        let bytes = idx
+            .chunks_exact(per)
+            .flat_map(|row| (0..h).map(move |j| row[j] as u8 | (row[j + h] as u8) << 4))
+            .collect();
+        (DataType::U8, h, bytes)
+    } else if centroids <= 256 {
+        (DataType::U8, per, idx.iter().map(|i| *i as u8).collect())
+    } else {
+        let bytes = idx.iter().flat_map(|i| (*i as u16).to_le_bytes()).collect();
+        (DataType::U16, per, bytes)
+    };
+    Tensor::from_raw("vq_codes", dtype, &[k as i64, width as i64], bytes)
 }
 
 /// Appends to `chain` the nodes that unpack `packed` (`[…, h]` uint8, `h` half a row of codes:
@@ -1027,39 +1057,19 @@ fn add_books(
     let (v, per) = (c.v, c.n / c.v);
     let mut bytes = 0;
     let mut out = vec![];
-    for (b, (book, idx)) in c.books.iter().zip(&c.idx).enumerate() {
+    for (b, (book, codes)) in c.books.iter().zip(&c.codes).enumerate() {
         let tag = if b == 0 {
             String::new()
         } else {
             format!("{b}")
         };
-        let packed = packs(c);
-        let (idx_type, idx_bytes): (DataType, Vec<u8>) = if packed {
-            // Row by row: the first half's codes in the low nibbles, the second's in the high.
-            let h = per / 2;
-            let bytes = idx
-                .chunks_exact(per)
-                .flat_map(|row| (0..h).map(move |j| row[j] as u8 | (row[j + h] as u8) << 4))
-                .collect();
-            (DataType::U8, bytes)
-        } else if c.centroids <= 256 {
-            (DataType::U8, idx.iter().map(|i| *i as u8).collect())
-        } else {
-            (
-                DataType::U16,
-                idx.iter().flat_map(|i| (*i as u16).to_le_bytes()).collect(),
-            )
-        };
         let book_bytes = float_bytes(book, dtype);
-        bytes += (idx_bytes.len() + book_bytes.len()) as u64;
-        let idx_name = add(
-            g,
-            &format!("{name}_vq_{what}{tag}"),
-            idx_type,
-            &[c.k as i64, if packed { per / 2 } else { per } as i64],
-            idx_bytes,
-        )?;
-        let packed = match packed {
+        bytes += codes.byte_size() + book_bytes.len() as u64;
+        let idx_name = fresh_name(g, &format!("{name}_vq_{what}{tag}"));
+        let mut codes = codes.clone();
+        codes.proto.name = idx_name.clone();
+        g.initializers.push(codes);
+        let packed = match packs(c.centroids, per) {
             true => Some(add(
                 g,
                 &format!("{name}_vq_four"),
@@ -1121,7 +1131,7 @@ impl Coded {
         dtype_bytes: usize,
     ) -> u64 {
         let per = n / v;
-        let idx_bytes = if centroids <= 16 && per.is_multiple_of(2) {
+        let idx_bytes = if packs(centroids, per) {
             k * per / 2
         } else if centroids <= 256 {
             k * per
@@ -1301,7 +1311,7 @@ mod tests {
     fn vectors_and_decode_are_inverse_along_the_outputs() {
         let (n, k, v) = (6, 4, 3);
         let w: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
-        let pts = vectors(&w, n, k, v);
+        let pts = vectors(&w, n, k, v, (&[0.0; 4], &[1.0; 4]));
         // Column 1's first vector is W[0..3, 1].
         assert_eq!(&pts[2 * v..3 * v], &[1.0, 5.0, 9.0]);
         // Each vector its own centroid decodes back to W.
@@ -1351,7 +1361,7 @@ mod tests {
             centroids: 256,
             dtype_bytes: 4,
             books: vec![vec![0.0; 256 * v]],
-            idx: vec![vec![0; k * n / v]],
+            codes: vec![index_tensor(&vec![0; k * n / v], k, n / v, 256).unwrap()],
             norm: None,
             outlier_columns: 0,
             rel_error: 1.0,
