@@ -81,6 +81,31 @@ fn input_widths(g: &Graph, w: &str, sites: &[Site]) -> Vec<(String, usize)> {
     out
 }
 
+/// What both weight passes' reports say of where their weights and statistics came from
+/// (flattened into each report).
+#[derive(Debug, Clone, Serialize)]
+pub struct Sources {
+    /// Where the calibration inputs came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<String>,
+    /// The user's name patterns, when given (`--quant-include`, `--quant-exclude`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub names: Option<String>,
+    /// How the calibration statistics were gathered, when group by group (`gram_source`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<String>,
+}
+
+impl Sources {
+    pub(crate) fn of(calibration: &Option<String>, names: &NameFilter, walk: &Walk) -> Self {
+        Sources {
+            calibration: calibration.clone(),
+            names: names.describe(),
+            statistics: walk.describe(),
+        }
+    }
+}
+
 /// The most values of weights coded at once (see `Walk::chunks`): 2²⁵, a 4096 × 8192 layer.
 const CHUNK_VALUES: u64 = 1 << 25;
 

@@ -53,7 +53,7 @@ use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::linear_weights::{
     self, find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, to_f32,
-    Figures, Layout, Select, Site, Totals, Walk,
+    Figures, Layout, Select, Site, Sources, Totals, Walk,
 };
 
 /// The domain of ONNX Runtime's contrib ops.
@@ -283,16 +283,9 @@ pub struct IntLayer {
 pub struct IntReport {
     pub bits: IntBits,
     pub method: &'static str,
-    /// Where GPTQ's calibration inputs came from.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub calibration: Option<String>,
     pub form: &'static str,
-    /// The user's name patterns, when given (`--quant-include`, `--quant-exclude`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub names: Option<String>,
-    /// How the calibration statistics were gathered, when group by group (`gram_source`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub statistics: Option<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
     pub layers: Vec<IntLayer>,
     #[serde(flatten)]
     pub totals: Totals,
@@ -441,10 +434,8 @@ impl WeightInt {
         let report = IntReport {
             bits,
             method: self.opts.method.label(),
-            calibration: self.opts.calibration.clone(),
             form: form.label(),
-            names: self.opts.names.describe(),
-            statistics: walk.describe(),
+            sources: Sources::of(&self.opts.calibration, &self.opts.names, &walk),
             totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,

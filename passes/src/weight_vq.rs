@@ -72,7 +72,7 @@ use crate::graph_util::fresh_name;
 use crate::kmeans::{self, KMeans};
 use crate::linear_weights::{
     find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, Figures, Layout,
-    Select, Site, Totals, Walk,
+    Select, Site, Sources, Totals, Walk,
 };
 
 /// What `--vq-bits` quantizes and how.
@@ -258,14 +258,8 @@ pub struct VqReport {
     pub budget_note: Option<String>,
     /// `k-means` or `hessian-weighted k-means + gptq`.
     pub mode: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub calibration: Option<String>,
-    /// The user's name patterns, when given (`--quant-include`, `--quant-exclude`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub names: Option<String>,
-    /// How the calibration statistics were gathered, when group by group (`gram_source`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub statistics: Option<String>,
+    #[serde(flatten)]
+    pub sources: Sources,
     pub layers: Vec<VqLayer>,
     #[serde(flatten)]
     pub totals: Totals,
@@ -420,9 +414,7 @@ impl WeightVq {
             } else {
                 "k-means"
             },
-            calibration: o.calibration.clone(),
-            names: o.names.describe(),
-            statistics: walk.describe(),
+            sources: Sources::of(&o.calibration, &o.names, &walk),
             totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,
