@@ -27,8 +27,9 @@
 //!   index bits.
 //!
 //! Bits per weight: `(bytes of the indices + codebooks + norms) · 8 / (K·N)`, the indices stored
-//! as uint8 for `k ≤ 256`, else uint16: `8/v` (or `16/v`) a codebook, plus the codebooks and two
-//! values per input column when normalized, amortized over the layer.
+//! two to a byte for `k ≤ 16` (when a row holds an even number), as uint8 for `k ≤ 256`, else
+//! uint16: `4/v`, `8/v` or `16/v` a codebook, plus the codebooks and two values per input column
+//! when normalized, amortized over the layer.
 //!
 //! # Budget
 //! `--vq-bits b` asks for `b` bits per weight over all the weights it quantizes, everything
@@ -41,7 +42,8 @@
 //!
 //! # Emission
 //! In standard ONNX, in the layer's own `[K, N]` orientation: per codebook, `idx` `[K, N/v]`
-//! (uint8/uint16) → `Cast(to int32)` → `Gather(C [k, v], ·)` `[K, N/v, v]`; the two summed (`Add`)
+//! (uint8/uint16; packed, `[K, N/2v]` uint8 unpacked by `Concat(BitShift(BitShift(p, 4, LEFT), 4,
+//! RIGHT), BitShift(p, 4, RIGHT))`, a row's first half in the low nibbles) → `Cast(to int32)` → `Gather(C [k, v], ·)` `[K, N/v, v]`; the two summed (`Add`)
 //! with a residual codebook; → `Reshape([K, N])`; normalized, `Mul(σ [K, 1])` → `Add(μ [K, 1])`;
 //! → the MatMul's (or Gemm's, then with `transB = 0`) weight input. A table `E[V, D]` that an
 //! axis-0 Gather reads (with `tables`) is coded as the weight `[K = V, N = D]`, so its vectors run
