@@ -95,13 +95,8 @@ fn dist2(a: &[f32], b: &[f32]) -> f64 {
         .sum()
 }
 
-/// The nearest of `centroids` (`[k, dim]`) to `x`, ties to the lowest index, and its squared
-/// distance. For many points against one codebook, [`Book`] is faster.
-pub fn nearest(x: &[f32], centroids: &[f32], dim: usize) -> (usize, f64) {
-    Book::new(centroids, dim).nearest(x)
-}
-
-/// A codebook laid out for nearest-centroid search: transposed (`[dim, k]`) with every
+/// A codebook laid out for nearest-centroid search (the nearest centroid, ties to the lowest
+/// index, and its squared distance): transposed (`[dim, k]`) with every
 /// centroid's squared norm, so the search computes `‖c‖² − 2·x·c` for a block of centroids at
 /// once, a loop the compiler vectorizes, rather than one distance after another.
 #[derive(Debug, Clone)]
@@ -439,7 +434,7 @@ mod tests {
         let x = blobs(&centers, 500);
         let fit = opts(4, 2).fit(&x, None);
         for c in &centers {
-            let (_, d) = nearest(c, &fit.centroids, 2);
+            let (_, d) = Book::new(&fit.centroids, 2).nearest(c);
             assert!(
                 d < 0.01,
                 "{c:?} has no centroid near it: {:?}",
@@ -505,7 +500,7 @@ mod tests {
                 ..opts(8, 2)
             }
             .fit(&x, None);
-            let (_, d) = nearest(&[40.0, x[2 * 12_345 + 1]], &fit.centroids, 2);
+            let (_, d) = Book::new(&fit.centroids, 2).nearest(&[40.0, x[2 * 12_345 + 1]]);
             assert!(d < 1e-6, "seed {seed}: {:?}", fit.centroids);
         }
     }

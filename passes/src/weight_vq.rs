@@ -373,14 +373,8 @@ impl WeightVq {
                         let t = g.initializer(name).expect("found as a constant");
                         let gram = grams.as_ref().and_then(|h| gram_of(g, s, h));
                         let held = o.heldout_grams.as_ref().and_then(|h| gram_of(g, s, h));
-                        let mut out = vec![];
-                        for v in lengths {
-                            match code(t, s[0].layout, (gram.as_ref(), held.as_ref()), o, *v)? {
-                                Some(c) => out.push(c),
-                                None => return Ok(vec![]),
-                            }
-                        }
-                        Ok(out)
+                        let grams = (gram.as_ref(), held.as_ref());
+                        Ok(code(t, s[0].layout, grams, o, lengths)?.unwrap_or_default())
                     })
                     .collect();
                 for (i, c) in coded.into_iter().enumerate() {
@@ -667,14 +661,15 @@ impl Codec {
     }
 }
 
-/// Fits the codebooks of `t` and codes it; `None` when `t` is not finite.
+/// Fits the codebooks of `t` and codes it, once per vector length in `lengths`; `None` when `t`
+/// is not finite.
 fn code(
     t: &Tensor,
     layout: Layout,
     (gram, held): (Option<&Gram>, Option<&Gram>),
     o: &VqOptions,
-    v: usize,
-) -> Result<Option<Coded>> {
+    lengths: &[usize],
+) -> Result<Option<Vec<Coded>>> {
     // A table `E[V, D]` is coded as the weight `[K = V, N = D]`: its vectors run along a row, and
     // the indices `[K, N/v]` are the rows' codes.
     let layout = if layout == Layout::Rows {
@@ -686,127 +681,133 @@ fn code(
         return Ok(None);
     };
     let (k, n) = k_n(t, layout);
-    let per = n / v;
+    let dtype_bytes = if t.dtype()? == DataType::F16 { 2 } else { 4 };
     let gram = gram.filter(|h| h.k == k);
-    // Per input column: normalization, and how much its error costs (H_qq·scale², else 1).
+    // Per input column: normalization, and how much its error costs (H_qq·scale², else 1); the
+    // same for every vector length, like the weight itself, read once.
     let (scale, shift) = if o.normalize {
         column_norms(&w0, n, k)
     } else {
         (vec![1.0; k], vec![0.0; k])
     };
-    let points = vectors(&w0, n, k, v, (&shift, &scale));
     let cost: Option<Vec<f64>> = gram.map(|h| column_costs(h, &scale));
-    // Outlier columns: the costliest (else largest) `outliers` of them.
-    let n_out = ((o.outliers * k as f64).ceil() as usize).min(k.saturating_sub(1));
-    let mut outlier = vec![false; k];
-    if n_out > 0 {
-        let score: Vec<f64> = match &cost {
-            Some(c) => c.clone(),
-            None => (0..k)
-                .map(|q| (0..n).map(|r| (w0[r * k + q] as f64).powi(2)).sum())
-                .collect(),
-        };
-        let mut order: Vec<usize> = (0..k).collect();
-        order.sort_by(|a, b| score[*b].total_cmp(&score[*a]).then(a.cmp(b)));
-        order.iter().take(n_out).for_each(|q| outlier[*q] = true);
-    }
-    let k_out = if n_out > 0 {
-        (o.centroids / 8).clamp(1, n_out * per)
-    } else {
-        0
-    };
-    let main = o.centroids - k_out;
-    let weight_of = |q: usize| cost.as_ref().map_or(1.0, |c| c[q] as f32);
-    let fit = |keep: &dyn Fn(usize) -> bool, pts: &[f32], centroids: usize, seed: u64| {
-        let mut sel = vec![];
-        let mut w = vec![];
-        for (i, x) in pts.chunks_exact(v).enumerate() {
-            let q = i / per;
-            if keep(q) {
-                sel.extend_from_slice(x);
-                w.push(weight_of(q));
-            }
-        }
-        KMeans {
-            k: centroids,
-            dim: v,
-            iters: o.iters,
-            tol: 1e-4,
-            seed,
-            sample: o.sample,
-        }
-        .fit(&sel, cost.as_ref().map(|_| w.as_slice()))
-        .centroids
-    };
-    let mut first = fit(&|q| !outlier[q], &points, main, o.seed);
-    if k_out > 0 {
-        first.extend(fit(&|q| outlier[q], &points, k_out, o.seed ^ 1));
-    }
-    let mut codec = Codec {
-        v,
-        books: vec![first],
-        main,
-        outlier,
-        scale,
-        shift,
-        search: [None, None, None],
-    }
-    .searched();
-    if o.residual {
-        // The second codebook fits what the first leaves, every vector at its nearest.
-        let ids = codec.nearest(&points, k, per);
-        let mut rest = points.clone();
-        for (i, x) in rest.chunks_exact_mut(v).enumerate() {
-            let c = ids[0][i] as usize;
-            for (t, y) in x.iter_mut().enumerate() {
-                *y -= codec.books[0][c * v + t];
-            }
-        }
-        let second = fit(&|_| true, &rest, o.centroids, o.seed ^ 2);
-        codec.books.push(second);
-        codec = codec.searched();
-    }
-    let nearest = codec.nearest(&points, k, per);
-    let (idx, w_hat, out_err, out_err_nearest) = match gram {
-        Some(h) => {
-            let plain = codec.decode(&nearest, n, k);
-            let mut w = w0.clone();
-            let mut r = VqRounding {
-                codec: &codec,
-                idx: vec![vec![0; k * per]; codec.books.len()],
+    let mut out = vec![];
+    for &v in lengths {
+        let per = n / v;
+        let points = vectors(&w0, n, k, v, (&shift, &scale));
+        // Outlier columns: the costliest (else largest) `outliers` of them.
+        let n_out = ((o.outliers * k as f64).ceil() as usize).min(k.saturating_sub(1));
+        let mut outlier = vec![false; k];
+        if n_out > 0 {
+            let score: Vec<f64> = match &cost {
+                Some(c) => c.clone(),
+                None => (0..k)
+                    .map(|q| (0..n).map(|r| (w0[r * k + q] as f64).powi(2)).sum())
+                    .collect(),
             };
-            gptq::quantize(&mut w, n, h, o.damp, &mut r).map_err(wcc_ir::IrError::Other)?;
-            let idx = r.idx;
-            let w_hat = codec.decode(&idx, n, k);
-            let error = h.output_error(&w0);
-            let (e, e0) = (error(&w_hat), error(&plain));
-            (idx, w_hat, Some(e), Some(e0))
+            let mut order: Vec<usize> = (0..k).collect();
+            order.sort_by(|a, b| score[*b].total_cmp(&score[*a]).then(a.cmp(b)));
+            order.iter().take(n_out).for_each(|q| outlier[*q] = true);
         }
-        None => {
-            let w_hat = codec.decode(&nearest, n, k);
-            (nearest, w_hat, None, None)
+        let k_out = if n_out > 0 {
+            (o.centroids / 8).clamp(1, n_out * per)
+        } else {
+            0
+        };
+        let main = o.centroids - k_out;
+        let weight_of = |q: usize| cost.as_ref().map_or(1.0, |c| c[q] as f32);
+        let fit = |keep: &dyn Fn(usize) -> bool, pts: &[f32], centroids: usize, seed: u64| {
+            let mut sel = vec![];
+            let mut w = vec![];
+            for (i, x) in pts.chunks_exact(v).enumerate() {
+                let q = i / per;
+                if keep(q) {
+                    sel.extend_from_slice(x);
+                    w.push(weight_of(q));
+                }
+            }
+            KMeans {
+                k: centroids,
+                dim: v,
+                iters: o.iters,
+                tol: 1e-4,
+                seed,
+                sample: o.sample,
+            }
+            .fit(&sel, cost.as_ref().map(|_| w.as_slice()))
+            .centroids
+        };
+        let mut first = fit(&|q| !outlier[q], &points, main, o.seed);
+        if k_out > 0 {
+            first.extend(fit(&|q| outlier[q], &points, k_out, o.seed ^ 1));
         }
-    };
-    Ok(Some(Coded {
-        k,
-        n,
-        v,
-        centroids: o.centroids,
-        dtype_bytes: if t.dtype()? == DataType::F16 { 2 } else { 4 },
-        rel_error: rel_error(&w0, &w_hat),
-        heldout_output_rel_error: heldout_error(&w0, &w_hat, held),
-        outlier_columns: n_out,
-        norm: o
-            .normalize
-            .then(|| (codec.scale.clone(), codec.shift.clone())),
-        codes: idx
-            .iter()
-            .map(|i| index_tensor(i, k, per, o.centroids))
-            .collect::<Result<_>>()?,
-        books: codec.books,
-        output_rel_error: out_err,
-        output_rel_error_nearest: out_err_nearest,
-    }))
+        let mut codec = Codec {
+            v,
+            books: vec![first],
+            main,
+            outlier,
+            scale: scale.clone(),
+            shift: shift.clone(),
+            search: [None, None, None],
+        }
+        .searched();
+        if o.residual {
+            // The second codebook fits what the first leaves, every vector at its nearest.
+            let ids = codec.nearest(&points, k, per);
+            let mut rest = points.clone();
+            for (i, x) in rest.chunks_exact_mut(v).enumerate() {
+                let c = ids[0][i] as usize;
+                for (t, y) in x.iter_mut().enumerate() {
+                    *y -= codec.books[0][c * v + t];
+                }
+            }
+            let second = fit(&|_| true, &rest, o.centroids, o.seed ^ 2);
+            codec.books.push(second);
+            codec = codec.searched();
+        }
+        let nearest = codec.nearest(&points, k, per);
+        let (idx, w_hat, out_err, out_err_nearest) = match gram {
+            Some(h) => {
+                let plain = codec.decode(&nearest, n, k);
+                let mut w = w0.clone();
+                let mut r = VqRounding {
+                    codec: &codec,
+                    idx: vec![vec![0; k * per]; codec.books.len()],
+                };
+                gptq::quantize(&mut w, n, h, o.damp, &mut r).map_err(wcc_ir::IrError::Other)?;
+                let idx = r.idx;
+                let w_hat = codec.decode(&idx, n, k);
+                let error = h.output_error(&w0);
+                let (e, e0) = (error(&w_hat), error(&plain));
+                (idx, w_hat, Some(e), Some(e0))
+            }
+            None => {
+                let w_hat = codec.decode(&nearest, n, k);
+                (nearest, w_hat, None, None)
+            }
+        };
+        out.push(Coded {
+            k,
+            n,
+            v,
+            centroids: o.centroids,
+            dtype_bytes,
+            rel_error: rel_error(&w0, &w_hat),
+            heldout_output_rel_error: heldout_error(&w0, &w_hat, held),
+            outlier_columns: n_out,
+            norm: o
+                .normalize
+                .then(|| (codec.scale.clone(), codec.shift.clone())),
+            codes: idx
+                .iter()
+                .map(|i| index_tensor(i, k, per, o.centroids))
+                .collect::<Result<_>>()?,
+            books: codec.books,
+            output_rel_error: out_err,
+            output_rel_error_nearest: out_err_nearest,
+        });
+    }
+    Ok(Some(out))
 }
 
 /// Per input column of `w` (`[N, K]`): its standard deviation over the outputs (1 for a constant
