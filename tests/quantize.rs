@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use wcc_driver::{
-    Gate, IntBits, IntMethod, IntOptions, OptimizeOptions, OptimizeReport, VqOptions,
+    Gate, IntBits, IntMethod, IntOptions, OptimizeOptions, OptimizeReport, Scope, VqOptions,
 };
 use wcc_ir::{DataType, Graph, Model, Node, Tensor};
 use wcc_runtime::{Backend, NamedArrays};
@@ -60,7 +60,7 @@ fn int_n(stem: &str, dir: &Path, bits: IntBits) -> (PathBuf, OptimizeReport) {
     optimize(stem, dir, &format!("int{}", bits.bits()), 0.5, |o| {
         o.int = Some(IntOptions {
             bits,
-            min_elements: 0,
+            scope: every(true),
             ..IntOptions::default()
         })
     })
@@ -749,7 +749,7 @@ fn int4_calibrated(
 ) -> (PathBuf, OptimizeReport) {
     optimize(stem, dir, tag, 0.5, |o| {
         o.int = Some(IntOptions {
-            min_elements: 0,
+            scope: every(true),
             method,
             ..IntOptions::default()
         });
@@ -823,7 +823,7 @@ fn vq(stem: &str, dir: &Path, calib: bool, tag: &str) -> (PathBuf, OptimizeRepor
         o.vq = Some(VqOptions {
             vector: 4,
             centroids: 16,
-            min_elements: 0,
+            scope: every(false),
             ..VqOptions::default()
         });
         calibrated(o, stem);
@@ -981,7 +981,7 @@ fn vq_refinements_run_as_decoded_and_a_residual_codebook_lowers_the_error() {
                 o.vq = Some(VqOptions {
                     vector: 4,
                     centroids: 16,
-                    min_elements: 0,
+                    scope: every(false),
                     residual: edit.0,
                     normalize: edit.1,
                     outliers: edit.2,
@@ -1105,7 +1105,7 @@ fn vq_bits_mix_vector_lengths_to_meet_the_budget() {
         let (out, r) = optimize(stem, dir.path(), "vqb", -1.0, |o| {
             o.vq = Some(VqOptions {
                 centroids: 16,
-                min_elements: 0,
+                scope: every(false),
                 ..VqOptions::for_bits(3.0).unwrap()
             });
         });
@@ -1166,8 +1166,10 @@ fn name_patterns_choose_the_weights_every_quantizer_and_the_planner_take() {
     };
     let (_, r) = optimize("bert.legacy", dir.path(), "names-int4", -1.0, |o| {
         o.int = Some(IntOptions {
-            min_elements: 0,
-            names: names.clone(),
+            scope: Scope {
+                names: names.clone(),
+                ..every(true)
+            },
             ..IntOptions::default()
         });
     });
@@ -1181,15 +1183,17 @@ fn name_patterns_choose_the_weights_every_quantizer_and_the_planner_take() {
         o.vq = Some(VqOptions {
             vector: 4,
             centroids: 16,
-            min_elements: 0,
-            names: names.clone(),
+            scope: Scope {
+                names: names.clone(),
+                ..every(false)
+            },
             ..VqOptions::default()
         });
     });
     assert_eq!(nodes(vq_details(&r)), want);
     // The planner plans only those weights.
     let (_, r) = compressed("bert.legacy", dir.path(), "names-c", |o| {
-        o.quant_names = names.clone();
+        o.quant_scope.names = names.clone();
     })
     .unwrap();
     let planned: Vec<&str> = r
@@ -1226,13 +1230,13 @@ fn calibration_statistics_past_the_memory_cap_are_gathered_group_by_group() {
                     o.vq = Some(VqOptions {
                         vector: 4,
                         centroids: 16,
-                        min_elements: 0,
+                        scope: every(false),
                         ..VqOptions::default()
                     });
                 } else {
                     o.int = Some(IntOptions {
                         method: IntMethod::Gptq,
-                        min_elements: 0,
+                        scope: every(true),
                         ..IntOptions::default()
                     });
                 }
@@ -1303,7 +1307,7 @@ fn compressed(
     let mut opts = OptimizeOptions::new(fixture_path(stem));
     opts.output = Some(out.clone());
     opts.level = wcc_driver::Level::Compress;
-    opts.quant_min_elements = 0;
+    opts.quant_scope.min_elements = 0;
     if let Backend::Ort { lib, .. } = ort() {
         opts.exec.ort_lib = lib;
     }
@@ -1506,10 +1510,9 @@ fn vq_tables_are_decoded_row_by_row_by_two_gathers() {
                 o.vq = Some(VqOptions {
                     vector: 4,
                     centroids: 16,
-                    min_elements: 0,
+                    scope: every(true),
                     residual,
                     normalize,
-                    tables: true,
                     ..VqOptions::default()
                 });
             });
@@ -1543,5 +1546,14 @@ fn vq_tables_are_decoded_row_by_row_by_two_gathers() {
             let (float, _) = vq_decoded(&vq_tables_decoded(&m, &gathers));
             runs_as_decoded(&format!("{stem} {tag}"), stem, &m, &float);
         }
+    }
+}
+
+/// Every weight the pass can take, however small; embedding tables too when `tables`.
+fn every(tables: bool) -> Scope {
+    Scope {
+        tables,
+        min_elements: 0,
+        ..Scope::default()
     }
 }

@@ -15,7 +15,9 @@
 //! there are fewer), a stratified sample: the `sample/8` points farthest from the weighted mean
 //! (largest `ω_p‖x_p − μ‖²`) all, each with its own weight, and the others drawn uniformly
 //! without replacement, each standing for `(m − top)/(sample − top)` of them (its weight scaled
-//! by that), so the sample's inertia estimates the whole one without bias. A uniform draw alone
+//! by that), so the sample's inertia estimates the whole one without bias. What sampling holds
+//! is the sample (a heap of the farthest, then the uniform draw by Floyd's algorithm), never a
+//! value per point, so a layer's fit needs no copy of its points ([`Points`] is a view). A uniform draw alone
 //! misses a weight's rare, far points: one element of 175σ in a 1536×384 layer of MiniLM is left
 //! out of a 65536-point sample four times in five, and without a centroid of its own it is most
 //! of the layer's output error. [`assign`] then labels every point.
@@ -51,6 +53,56 @@ pub struct Fit {
     pub centroids: Vec<f32>,
     /// Weighted inertia on the fitted points, after each iteration (non-increasing).
     pub inertia: Vec<f64>,
+}
+
+/// The points a fit sees, by index `0..len()`, each of `dim` values and with a weight.
+pub trait Points: Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn point(&self, i: usize) -> &[f32];
+    fn weight(&self, i: usize) -> f32;
+}
+
+/// Points stored one after another, with weights or without (1 each).
+struct Slice<'a> {
+    points: &'a [f32],
+    weights: Option<&'a [f32]>,
+    dim: usize,
+}
+
+impl Points for Slice<'_> {
+    fn len(&self) -> usize {
+        self.points.len() / self.dim
+    }
+    fn point(&self, i: usize) -> &[f32] {
+        &self.points[i * self.dim..(i + 1) * self.dim]
+    }
+    fn weight(&self, i: usize) -> f32 {
+        self.weights.map_or(1.0, |w| w[i])
+    }
+}
+
+/// A point's spread and index, ordered so that the heap's greatest is the least far (smaller
+/// spread, then higher index): the one `stratified` drops first.
+struct Far(f64, usize);
+
+impl PartialEq for Far {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o).is_eq()
+    }
+}
+impl Eq for Far {}
+impl PartialOrd for Far {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Far {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.0.total_cmp(&self.0).then(self.1.cmp(&o.1))
+    }
 }
 
 /// SplitMix64: the seeded source of every random draw.
@@ -195,69 +247,30 @@ impl KMeans {
     /// all 1).
     pub fn fit(&self, points: &[f32], weights: Option<&[f32]>) -> Fit {
         let dim = self.dim.max(1);
-        let m = points.len() / dim;
+        self.fit_points(&Slice {
+            points,
+            weights,
+            dim,
+        })
+    }
+
+    /// `fit` on points seen through `pts` (a subset of a larger array, weights computed as
+    /// asked): what is held is the sample, not a copy of the points.
+    pub fn fit_points(&self, pts: &impl Points) -> Fit {
+        let dim = self.dim.max(1);
+        let m = pts.len();
         let mut rng = Rng(self.seed);
         // The fitting sample: every point, or the stratified sample of `sample` (see the module
         // doc), its indices sorted so the order is the points'.
-        let weight = |i: usize| weights.map_or(1.0, |w| w[i].max(0.0) as f64);
+        let weight = |i: usize| pts.weight(i).max(0.0) as f64;
         let (idx, w): (Vec<usize>, Vec<f64>) = if m <= self.sample {
             ((0..m).collect(), (0..m).map(weight).collect())
         } else {
-            let top = self.sample / 8;
-            let mut mean = vec![0f64; dim];
-            let mut total = 0f64;
-            for i in 0..m {
-                let wi = weight(i);
-                total += wi;
-                for (a, x) in mean.iter_mut().zip(&points[i * dim..(i + 1) * dim]) {
-                    *a += wi * *x as f64;
-                }
-            }
-            if total > 0.0 {
-                mean.iter_mut().for_each(|a| *a /= total);
-            }
-            let spread: Vec<f64> = (0..m)
-                .map(|i| {
-                    let x = &points[i * dim..(i + 1) * dim];
-                    weight(i)
-                        * x.iter()
-                            .zip(&mean)
-                            .map(|(a, b)| (*a as f64 - b).powi(2))
-                            .sum::<f64>()
-                })
-                .collect();
-            let mut all: Vec<usize> = (0..m).collect();
-            // The `top` largest spreads first (ties to the lower index), then the rest shuffled.
-            let far = |a: &usize, b: &usize| spread[*b].total_cmp(&spread[*a]).then(a.cmp(b));
-            if top > 0 {
-                all.select_nth_unstable_by(top - 1, far);
-            }
-            let rest = m - top;
-            for i in top..self.sample {
-                let j = i + (rng.next() % (m - i) as u64) as usize;
-                all.swap(i, j);
-            }
-            let scale = rest as f64 / (self.sample - top) as f64;
-            let mut s: Vec<(usize, f64)> = all[..self.sample]
-                .iter()
-                .enumerate()
-                .map(|(r, &i)| {
-                    (
-                        i,
-                        if r < top {
-                            weight(i)
-                        } else {
-                            weight(i) * scale
-                        },
-                    )
-                })
-                .collect();
-            s.sort_unstable_by_key(|p| p.0);
-            s.into_iter().unzip()
+            self.stratified(pts, &mut rng).into_iter().unzip()
         };
         let x: Vec<f32> = idx
             .iter()
-            .flat_map(|&i| points[i * dim..(i + 1) * dim].iter().copied())
+            .flat_map(|&i| pts.point(i).iter().copied())
             .collect();
         let n = idx.len();
         if n == 0 {
@@ -304,6 +317,69 @@ impl KMeans {
             centroids: c,
             inertia,
         }
+    }
+
+    /// The stratified sample of `sample` points out of more (see the module doc), by index, with
+    /// each point's weight in it; sorted by index. Held: the sample, not a value per point.
+    fn stratified(&self, pts: &impl Points, rng: &mut Rng) -> Vec<(usize, f64)> {
+        let (dim, m) = (self.dim.max(1), pts.len());
+        let weight = |i: usize| pts.weight(i).max(0.0) as f64;
+        let top = self.sample / 8;
+        let mut mean = vec![0f64; dim];
+        let mut total = 0f64;
+        for i in 0..m {
+            let wi = weight(i);
+            total += wi;
+            for (a, x) in mean.iter_mut().zip(pts.point(i)) {
+                *a += wi * *x as f64;
+            }
+        }
+        if total > 0.0 {
+            mean.iter_mut().for_each(|a| *a /= total);
+        }
+        // The `top` largest spreads (ties to the lower index), kept in a heap whose least is
+        // the first to go.
+        let mut far = std::collections::BinaryHeap::with_capacity(top + 1);
+        for i in 0..m {
+            let d: f64 = pts
+                .point(i)
+                .iter()
+                .zip(&mean)
+                .map(|(a, b)| (*a as f64 - b).powi(2))
+                .sum();
+            far.push(Far(weight(i) * d, i));
+            if far.len() > top {
+                far.pop();
+            }
+        }
+        let mut tops: Vec<usize> = far.into_iter().map(|f| f.1).collect();
+        tops.sort_unstable();
+        // The rest: `sample − top` of the other `m − top` by rank among them, drawn without
+        // replacement (Floyd's algorithm), then mapped to indices skipping the top ones.
+        let rest = m - top;
+        let draw = self.sample - top;
+        let mut chosen = std::collections::HashSet::with_capacity(draw);
+        for j in rest - draw..rest {
+            let r = (rng.next() % (j + 1) as u64) as usize;
+            if !chosen.insert(r) {
+                chosen.insert(j);
+            }
+        }
+        let mut ranks: Vec<usize> = chosen.into_iter().collect();
+        ranks.sort_unstable();
+        let scale = rest as f64 / draw as f64;
+        let mut out: Vec<(usize, f64)> = tops.iter().map(|&i| (i, weight(i))).collect();
+        let mut skipped = 0;
+        for r in ranks {
+            // The index of rank r among those not in `tops` (both ascending).
+            while skipped < tops.len() && tops[skipped] <= r + skipped {
+                skipped += 1;
+            }
+            let i = r + skipped;
+            out.push((i, weight(i) * scale));
+        }
+        out.sort_unstable_by_key(|p| p.0);
+        out
     }
 
     /// k-means++ seeding on the sample; fewer distinct points than `k` leaves the extra

@@ -13,10 +13,11 @@ pub mod kmeans;
 pub mod layer_drop;
 pub(crate) mod linear_weights;
 /// What a weight pass reports of each weight it replaced.
-pub use linear_weights::{Figures, GramSource, LayerProgress, NameFilter};
+pub use linear_weights::{Figures, GramSource, LayerProgress, NameFilter, Scope, Statistics};
 pub mod miss_branch;
 pub mod noop;
 pub mod qk_fuse;
+pub mod shared_atoms;
 pub mod structure;
 pub mod weight_int;
 pub mod weight_vq;

@@ -15,18 +15,66 @@ use crate::gptq::Gram;
 /// Weights by name, each with the nodes that read it.
 pub(crate) type Sites = BTreeMap<String, Vec<Site>>;
 
-/// What a weight pass looks at.
-pub(crate) struct Select {
-    /// Weights with fewer elements are left alone.
-    pub min_elements: u64,
-    /// Also the tables axis-0 Gathers read.
+/// Which weights a weight pass (`weight_int`, `weight_vq`) takes: the options both share.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// Also the tables axis-0 Gathers read (embeddings).
     pub tables: bool,
-    /// A table's rows must be a multiple of this (a block, a vector).
-    pub row_multiple: usize,
-    /// Only these weights, when given.
-    pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
-    /// The user's include/exclude patterns.
+    /// Weights with fewer elements are left in float (biases, tiny projections).
+    pub min_elements: u64,
+    /// The user's include/exclude patterns (`--quant-include`, `--quant-exclude`).
     pub names: NameFilter,
+    /// Only these weights (by initializer name), when given: how a planner quantizes weight by
+    /// weight. The others are left as they are, unreported.
+    pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope {
+            tables: false,
+            min_elements: 4096,
+            names: NameFilter::default(),
+            only: None,
+        }
+    }
+}
+
+/// The calibration statistics a weight pass fits with and reports by: the options both share.
+#[derive(Debug, Clone)]
+pub struct Statistics {
+    /// `H = XᵀX` of the calibration inputs, by the name of the value a weight multiplies (see
+    /// `calibration_inputs`).
+    pub grams: Option<std::sync::Arc<HashMap<String, Gram>>>,
+    /// Instead of `grams`: statistics gathered a group of weights at a time as the pass goes
+    /// (bounded memory; see [`GramSource`]).
+    pub gram_source: Option<GramSource>,
+    /// `H = XᵀX` of calibration inputs the fit does not use: each layer's output error on them
+    /// is reported too (what `-O compress`'s planner judges by).
+    pub heldout_grams: Option<std::sync::Arc<HashMap<String, Gram>>>,
+    /// Where the calibration inputs came from, for the report.
+    pub calibration: Option<String>,
+    /// GPTQ's damping (a fraction of the Hessian's mean diagonal).
+    pub damp: f64,
+}
+
+impl Default for Statistics {
+    fn default() -> Self {
+        Statistics {
+            grams: None,
+            gram_source: None,
+            heldout_grams: None,
+            calibration: None,
+            damp: crate::gptq::DEFAULT_DAMP,
+        }
+    }
+}
+
+impl Statistics {
+    /// Whether the fit has calibration statistics (given, or gathered as it goes).
+    pub(crate) fn calibrated(&self) -> bool {
+        self.grams.is_some() || self.gram_source.is_some()
+    }
 }
 
 /// What a [`GramSource`] computes: `H = XᵀX` of the values named, on the model as it is.
@@ -97,10 +145,10 @@ pub struct Sources {
 }
 
 impl Sources {
-    pub(crate) fn of(calibration: &Option<String>, names: &NameFilter, walk: &Walk) -> Self {
+    pub(crate) fn of(stats: &Statistics, scope: &Scope, walk: &Walk) -> Self {
         Sources {
-            calibration: calibration.clone(),
-            names: names.describe(),
+            calibration: stats.calibration.clone(),
+            names: scope.names.describe(),
             statistics: walk.describe(),
         }
     }
@@ -129,9 +177,9 @@ impl<'a> Walk<'a> {
         g: &Graph,
         weights: &[(&str, &[Site])],
         size: usize,
-        grams: Option<&std::sync::Arc<HashMap<String, Gram>>>,
-        source: Option<&'a GramSource>,
+        stats: &'a Statistics,
     ) -> Self {
+        let (grams, source) = (stats.grams.as_ref(), stats.gram_source.as_ref());
         let mut groups = vec![];
         match source {
             None => {
@@ -370,9 +418,14 @@ pub(crate) struct Site {
 /// replace, by weight name (sorted, so the order is the same every run), and the weights looked
 /// at and left alone with why: a 2-D f32/f16 constant of at least `sel.min_elements`, read by a
 /// MatMul, a Gemm with alpha = beta = 1 and transA = 0 whose input has a known rank of 2 or
-/// more, or an axis-0 Gather whose rows are a multiple of `sel.row_multiple`; a weight read
+/// more, or an axis-0 Gather whose rows are a multiple of `row_multiple`; a weight read
 /// both as `[K, N]` and as `[N, K]` is left alone.
-pub(crate) fn find_sites(g: &Graph, opset: i64, sel: &Select) -> (Sites, Vec<String>) {
+pub(crate) fn find_sites(
+    g: &Graph,
+    opset: i64,
+    sel: &Scope,
+    row_multiple: usize,
+) -> (Sites, Vec<String>) {
     let types = infer_graph(g, opset, None);
     let consts = g.constants();
     let mut sites = Sites::new();
@@ -412,11 +465,11 @@ pub(crate) fn find_sites(g: &Graph, opset: i64, sel: &Select) -> (Sites, Vec<Str
             continue;
         }
         if layout == Layout::Rows {
-            if t.dims()[1] % sel.row_multiple.max(1) as i64 != 0 {
+            if t.dims()[1] % row_multiple.max(1) as i64 != 0 {
                 skipped.push(format!(
                     "{w}: rows of {} values, not a multiple of {}",
                     t.dims()[1],
-                    sel.row_multiple
+                    row_multiple
                 ));
                 continue;
             }
@@ -466,19 +519,37 @@ pub(crate) fn k_n(t: &Tensor, layout: Layout) -> (usize, usize) {
     }
 }
 
-/// The weight as `[N, K]` f32 (one row per output), whole; `None` when it is not finite.
+/// The weight as `[N, K]` f32 (one row per output), whole; `None` when it is not finite. Read
+/// in chunks straight into place (external data with positioned reads, not through the mmap):
+/// what is held is the f32 weight, not also its bytes or an untransposed copy.
 pub(crate) fn read_nk(t: &Tensor, layout: Layout) -> Result<Option<Vec<f32>>> {
     let dtype = t.dtype()?;
     let (d0, d1) = (t.dims()[0] as usize, t.dims()[1] as usize);
-    let v = to_f32(&t.raw_bytes()?, dtype);
-    if v.iter().any(|x| !x.is_finite()) {
-        return Ok(None);
+    let mut out = vec![0f32; d0 * d1];
+    let (mut at, mut finite) = (0usize, true);
+    t.for_each_chunk(&mut |bytes| {
+        // Chunks hold whole elements (4 MiB at a time); a count short of the whole is an error.
+        for x in to_f32(bytes, dtype) {
+            finite &= x.is_finite();
+            let i = match layout {
+                // Element (r, c) of [K, N] is (c, r) of [N, K].
+                Layout::KN => (at % d1) * d0 + at / d1,
+                Layout::NK | Layout::Rows => at,
+            };
+            if let Some(o) = out.get_mut(i) {
+                *o = x;
+            }
+            at += 1;
+        }
+        Ok(())
+    })?;
+    if at != d0 * d1 {
+        return Err(wcc_ir::IrError::tensor(
+            t.name(),
+            format!("read {at} values of {}", d0 * d1),
+        ));
     }
-    Ok(Some(match layout {
-        // [K, N] → [N, K]
-        Layout::KN => (0..d0 * d1).map(|i| v[(i % d0) * d1 + i / d0]).collect(),
-        Layout::NK | Layout::Rows => v,
-    }))
+    Ok(finite.then_some(out))
 }
 
 /// The calibration Gram of the value `sites` multiply (summed over distinct ones, for a weight

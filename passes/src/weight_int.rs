@@ -53,7 +53,7 @@ use crate::gptq::{self, ColumnRounding, Gram};
 use crate::graph_util::fresh_name;
 use crate::linear_weights::{
     self, find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, to_f32,
-    Figures, Layout, Select, Site, Sources, Totals, Walk,
+    Figures, Layout, Site, Sources, Totals, Walk,
 };
 
 /// The domain of ONNX Runtime's contrib ops.
@@ -113,34 +113,16 @@ pub struct IntOptions {
     pub bits: IntBits,
     /// Rows of a block along K (a power of two, 16 or more; ONNX Runtime's default is 32).
     pub block_size: usize,
-    /// Weights with fewer elements are left in float (biases, tiny projections).
-    pub min_elements: u64,
-    /// The user's include/exclude patterns (`--quant-include`, `--quant-exclude`).
-    pub names: crate::NameFilter,
+    /// Which weights (embedding tables by default too).
+    pub scope: crate::Scope,
     /// Told as weights are done.
     pub progress: crate::LayerProgress,
-    /// Only these weights (by initializer name), when given: how a planner quantizes weight by
-    /// weight. The others are left as they are, unreported.
-    pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
-    /// Also quantize the tables axis-0 Gathers read (embeddings).
-    pub tables: bool,
     /// What the quantized weights become.
     pub form: IntForm,
     /// How the codes are chosen.
     pub method: IntMethod,
-    /// GPTQ's damping (a fraction of the Hessian's mean diagonal).
-    pub damp: f64,
-    /// `H = XᵀX` of the calibration inputs, by the name of the value a MatMul/Gemm multiplies
-    /// (see [`calibration_inputs`]); GPTQ needs them.
-    pub grams: Option<std::sync::Arc<std::collections::HashMap<String, Gram>>>,
-    /// Instead of `grams`: statistics gathered a group of weights at a time as the pass goes
-    /// (bounded memory; see `GramSource`).
-    pub gram_source: Option<crate::GramSource>,
-    /// `H = XᵀX` of calibration inputs the fit does not use: each layer's output error on them
-    /// is reported too (what `-O compress`'s planner judges by).
-    pub heldout_grams: Option<std::sync::Arc<std::collections::HashMap<String, Gram>>>,
-    /// Where the calibration inputs came from, for the report.
-    pub calibration: Option<String>,
+    /// Calibration statistics: GPTQ needs them.
+    pub stats: crate::Statistics,
 }
 
 /// How the int4 codes are chosen.
@@ -231,13 +213,10 @@ pub const DQ_OPSET: i64 = 21;
 impl IntOptions {
     /// What the pass looks at in `form`: tables only in MatMulNBits' form, rows a multiple of
     /// the block.
-    fn select(&self, form: IntForm) -> Select {
-        Select {
-            min_elements: self.min_elements,
-            tables: self.tables && form != IntForm::DequantizeLinear,
-            row_multiple: self.block_size,
-            only: self.only.clone(),
-            names: self.names.clone(),
+    fn select(&self, form: IntForm) -> crate::Scope {
+        crate::Scope {
+            tables: self.scope.tables && form != IntForm::DequantizeLinear,
+            ..self.scope.clone()
         }
     }
 }
@@ -247,18 +226,14 @@ impl Default for IntOptions {
         IntOptions {
             bits: IntBits::Four,
             block_size: 32,
-            min_elements: 4096,
-            names: crate::NameFilter::default(),
+            scope: crate::Scope {
+                tables: true,
+                ..crate::Scope::default()
+            },
             progress: crate::LayerProgress::default(),
-            only: None,
-            tables: true,
             form: IntForm::Auto,
             method: IntMethod::Rtn,
-            damp: crate::gptq::DEFAULT_DAMP,
-            grams: None,
-            gram_source: None,
-            heldout_grams: None,
-            calibration: None,
+            stats: crate::Statistics::default(),
         }
     }
 }
@@ -352,8 +327,9 @@ impl WeightInt {
             .resolve(opset)
             .map_err(wcc_ir::IrError::Other)?;
         let g = &mut model.graph;
-        let (sites, mut skipped) = find_sites(g, opset, &self.opts.select(form));
-        if self.opts.tables && form == IntForm::DequantizeLinear {
+        let (sites, mut skipped) =
+            find_sites(g, opset, &self.opts.select(form), self.opts.block_size);
+        if self.opts.scope.tables && form == IntForm::DequantizeLinear {
             skipped.push("gathered tables stay float in the DequantizeLinear form".into());
         }
         // Quantize the weights a few at a time (in parallel, each read band by band) and hand
@@ -367,13 +343,7 @@ impl WeightInt {
             .iter()
             .map(|(w, s)| (w.as_str(), s.as_slice()))
             .collect();
-        let mut walk = Walk::new(
-            g,
-            &list,
-            group,
-            self.opts.grams.as_ref(),
-            self.opts.gram_source.as_ref(),
-        );
+        let mut walk = Walk::new(g, &list, group, &self.opts.stats);
         let mut done = 0;
         for range in walk.groups() {
             let grams = walk.grams(model, &list, range.clone())?;
@@ -387,13 +357,20 @@ impl WeightInt {
                         let gram = grams.as_ref().and_then(|h| gram_of(g, s, h));
                         let held = self
                             .opts
+                            .stats
                             .heldout_grams
                             .as_ref()
                             .and_then(|h| gram_of(g, s, h));
                         let grams = (gram.as_ref(), held.as_ref());
                         match (self.opts.method, &gram) {
                             (IntMethod::Gptq, Some(h)) if h.k == k_n(t, s[0].layout).0 => {
-                                quantize_gptq(t, s[0].layout, (b, bits), grams, self.opts.damp)
+                                quantize_gptq(
+                                    t,
+                                    s[0].layout,
+                                    (b, bits),
+                                    grams,
+                                    self.opts.stats.damp,
+                                )
                             }
                             _ => quantize_tensor(t, s[0].layout, (b, bits), grams),
                         }
@@ -435,7 +412,7 @@ impl WeightInt {
             bits,
             method: self.opts.method.label(),
             form: form.label(),
-            sources: Sources::of(&self.opts.calibration, &self.opts.names, &walk),
+            sources: Sources::of(&self.opts.stats, &self.opts.scope, &walk),
             totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,
@@ -793,7 +770,12 @@ pub fn calibration_inputs(model: &Model, opts: &IntOptions) -> Vec<String> {
     let Ok(form) = opts.form.resolve(model.default_opset()) else {
         return vec![];
     };
-    let (sites, _) = find_sites(&model.graph, model.default_opset(), &opts.select(form));
+    let (sites, _) = find_sites(
+        &model.graph,
+        model.default_opset(),
+        &opts.select(form),
+        opts.block_size,
+    );
     linear_weights::calibration_inputs(&model.graph, &sites)
 }
 

@@ -60,9 +60,6 @@
 //! and with `tables` axis-0 Gathers' tables whose rows are; every node that reads the weight
 //! reads the decoded one.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use rayon::prelude::*;
 use serde::Serialize;
 use wcc_ir::model::Attribute;
@@ -74,7 +71,7 @@ use crate::graph_util::fresh_name;
 use crate::kmeans::{self, KMeans};
 use crate::linear_weights::{
     find_sites, float_bytes, gram_of, heldout_error, k_n, read_nk, rel_error, Figures, Layout,
-    Select, Site, Sources, Totals, Walk,
+    Site, Sources, Totals, Walk,
 };
 
 /// What `--vq-bits` quantizes and how.
@@ -95,34 +92,18 @@ pub struct VqOptions {
     /// This fraction of the input columns, the costliest (largest `H_qq·scale²`; without
     /// calibration the largest), is coded from its own eighth of the codebook.
     pub outliers: f64,
-    /// Also the tables axis-0 Gathers read (embeddings), coded row by row and decoded by two
-    /// Gathers (the rows' codes by id, then the codebook).
-    pub tables: bool,
-    /// Weights with fewer elements are left in float.
-    pub min_elements: u64,
-    /// The user's include/exclude patterns (`--quant-include`, `--quant-exclude`).
-    pub names: crate::NameFilter,
+    /// Which weights: MatMul/Gemm weights, and with `scope.tables` the tables axis-0 Gathers
+    /// read (embeddings), coded row by row and decoded by two Gathers (the rows' codes by id,
+    /// then the codebook).
+    pub scope: crate::Scope,
     /// Told as weights are done.
     pub progress: crate::LayerProgress,
-    /// Only these weights (by initializer name), when given: how a planner quantizes weight by
-    /// weight. The others are left as they are, unreported.
-    pub only: Option<std::sync::Arc<std::collections::BTreeSet<String>>>,
     /// k-means: most Lloyd iterations, seed, most vectors fitted on.
     pub iters: usize,
     pub seed: u64,
     pub sample: usize,
-    /// GPTQ's damping.
-    pub damp: f64,
-    /// `H = XᵀX` of the calibration inputs, by the name of the value a weight multiplies.
-    pub grams: Option<Arc<HashMap<String, Gram>>>,
-    /// Instead of `grams`: statistics gathered a group of weights at a time as the pass goes
-    /// (bounded memory; see `GramSource`).
-    pub gram_source: Option<crate::GramSource>,
-    /// `H = XᵀX` of calibration inputs the fit does not use: each layer's output error on them
-    /// is reported too.
-    pub heldout_grams: Option<Arc<HashMap<String, Gram>>>,
-    /// Where the calibration inputs came from, for the report.
-    pub calibration: Option<String>,
+    /// Calibration statistics: `H = XᵀX` weights the fit (see the module doc).
+    pub stats: crate::Statistics,
 }
 
 impl VqOptions {
@@ -144,19 +125,12 @@ impl VqOptions {
 }
 
 impl VqOptions {
-    /// What the pass looks at: MatMul/Gemm weights, and with `tables` the tables axis-0 Gathers
-    /// read whose rows are a multiple of the vector.
-    fn select(&self) -> Select {
-        Select {
-            min_elements: self.min_elements,
-            tables: self.tables,
-            row_multiple: if self.budget.is_some() {
-                1
-            } else {
-                self.vector
-            },
-            only: self.only.clone(),
-            names: self.names.clone(),
+    /// A table's rows must be a multiple of this (any length, with a `budget`).
+    fn row_multiple(&self) -> usize {
+        if self.budget.is_some() {
+            1
+        } else {
+            self.vector
         }
     }
 }
@@ -208,19 +182,12 @@ impl Default for VqOptions {
             residual: false,
             normalize: false,
             outliers: 0.0,
-            tables: false,
-            min_elements: 4096,
-            names: crate::NameFilter::default(),
+            scope: crate::Scope::default(),
             progress: crate::LayerProgress::default(),
-            only: None,
             iters: 25,
             seed: 0,
             sample: 1 << 16,
-            damp: crate::gptq::DEFAULT_DAMP,
-            grams: None,
-            gram_source: None,
-            heldout_grams: None,
-            calibration: None,
+            stats: crate::Statistics::default(),
         }
     }
 }
@@ -331,7 +298,7 @@ impl WeightVq {
         }
         let opset = model.default_opset();
         let g = &mut model.graph;
-        let (sites, mut skipped) = find_sites(g, opset, &o.select());
+        let (sites, mut skipped) = find_sites(g, opset, &o.scope, o.row_multiple());
         // Each weight with the vector lengths it is fitted with.
         let mut weights: Vec<(String, Vec<Site>, Vec<usize>)> = vec![];
         for (w, s) in sites {
@@ -360,7 +327,7 @@ impl WeightVq {
             .iter()
             .map(|(w, s, _)| (w.as_str(), s.as_slice()))
             .collect();
-        let mut walk = Walk::new(g, &list, group, o.grams.as_ref(), o.gram_source.as_ref());
+        let mut walk = Walk::new(g, &list, group, &o.stats);
         let mut done = 0;
         for range in walk.groups() {
             let grams = walk.grams(model, &list, range.clone())?;
@@ -372,7 +339,11 @@ impl WeightVq {
                     .map(|(name, s, lengths)| {
                         let t = g.initializer(name).expect("found as a constant");
                         let gram = grams.as_ref().and_then(|h| gram_of(g, s, h));
-                        let held = o.heldout_grams.as_ref().and_then(|h| gram_of(g, s, h));
+                        let held = o
+                            .stats
+                            .heldout_grams
+                            .as_ref()
+                            .and_then(|h| gram_of(g, s, h));
                         let grams = (gram.as_ref(), held.as_ref());
                         Ok(code(t, s[0].layout, grams, o, lengths)?.unwrap_or_default())
                     })
@@ -405,12 +376,12 @@ impl WeightVq {
         let report = VqReport {
             budget_bits: o.budget,
             budget_note,
-            mode: if o.grams.is_some() || o.gram_source.is_some() {
+            mode: if o.stats.calibrated() {
                 "hessian-weighted k-means + gptq"
             } else {
                 "k-means"
             },
-            sources: Sources::of(&o.calibration, &o.names, &walk),
+            sources: Sources::of(&o.stats, &o.scope, &walk),
             totals: Totals::of(layers.iter().map(|l| &l.figures)),
             layers,
             skipped,
@@ -536,6 +507,30 @@ fn vectors(w: &[f32], n: usize, k: usize, v: usize, (shift, scale): (&[f32], &[f
         }
     }
     out
+}
+
+/// The vectors of some input columns of `w'` (laid out as `vectors` makes them), as k-means
+/// sees them: each weighted by its column's cost (1 without calibration), none copied.
+struct Columns<'a> {
+    points: &'a [f32],
+    columns: Vec<usize>,
+    per: usize,
+    v: usize,
+    cost: Option<&'a [f64]>,
+}
+
+impl kmeans::Points for Columns<'_> {
+    fn len(&self) -> usize {
+        self.columns.len() * self.per
+    }
+    fn point(&self, i: usize) -> &[f32] {
+        let at = self.columns[i / self.per] * self.per + i % self.per;
+        &self.points[at * self.v..(at + 1) * self.v]
+    }
+    fn weight(&self, i: usize) -> f32 {
+        self.cost
+            .map_or(1.0, |c| c[self.columns[i / self.per]] as f32)
+    }
 }
 
 /// How a layer's vectors are coded: its codebooks, which centroids of the first a column may
@@ -715,17 +710,14 @@ fn code(
             0
         };
         let main = o.centroids - k_out;
-        let weight_of = |q: usize| cost.as_ref().map_or(1.0, |c| c[q] as f32);
         let fit = |keep: &dyn Fn(usize) -> bool, pts: &[f32], centroids: usize, seed: u64| {
-            let mut sel = vec![];
-            let mut w = vec![];
-            for (i, x) in pts.chunks_exact(v).enumerate() {
-                let q = i / per;
-                if keep(q) {
-                    sel.extend_from_slice(x);
-                    w.push(weight_of(q));
-                }
-            }
+            let view = Columns {
+                points: pts,
+                columns: (0..k).filter(|q| keep(*q)).collect(),
+                per,
+                v,
+                cost: cost.as_deref(),
+            };
             KMeans {
                 k: centroids,
                 dim: v,
@@ -734,7 +726,7 @@ fn code(
                 seed,
                 sample: o.sample,
             }
-            .fit(&sel, cost.as_ref().map(|_| w.as_slice()))
+            .fit_points(&view)
             .centroids
         };
         let mut first = fit(&|q| !outlier[q], &points, main, o.seed);
@@ -774,7 +766,8 @@ fn code(
                     codec: &codec,
                     idx: vec![vec![0; k * per]; codec.books.len()],
                 };
-                gptq::quantize(&mut w, n, h, o.damp, &mut r).map_err(wcc_ir::IrError::Other)?;
+                gptq::quantize(&mut w, n, h, o.stats.damp, &mut r)
+                    .map_err(wcc_ir::IrError::Other)?;
                 let idx = r.idx;
                 let w_hat = codec.decode(&idx, n, k);
                 let error = h.output_error(&w0);

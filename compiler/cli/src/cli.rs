@@ -194,6 +194,21 @@ pub struct OptimizeArgs {
     #[arg(long, value_name = "K", default_value_t = 256, requires = "vq_bits",
           value_parser = clap::value_parser!(u32).range(2..=65536))]
     pub vq_centroids: u32,
+    /// Shared attention atoms (MASA): every block's Q, K, V and O projection (or fused QKV) as a
+    /// combination of S matrix atoms shared by all the blocks, plus the blocks' mean. SPEC is
+    /// `all:S` (or `S`) for every type, or per type `q:S,k:S,v:S,o:S,qkv:S`; S is a count or a
+    /// fraction of the blocks (0.5). Gated (default --min-cosine 0.99).
+    #[arg(long, value_name = "SPEC")]
+    pub share_atoms: Option<wcc_driver::AtomSpec>,
+    /// --share-atoms' per-block low-rank refinement of what the atoms leave, whitened by the
+    /// calibration inputs (--calib, else random inputs): R for Q, O and QKV and ⌈R/2⌉ for K and
+    /// V, or per type `q:R,k:R,…`; 0 (the default) for none.
+    #[arg(long, value_name = "R", requires = "share_atoms")]
+    pub share_refine_rank: Option<wcc_driver::RankSpec>,
+    /// --share-atoms without the mean atom (the atoms then span the blocks' weights themselves,
+    /// not their differences from the mean).
+    #[arg(long, requires = "share_atoms")]
+    pub share_no_mean: bool,
     /// Where the result will run, which decides what it may contain: portable (standard ONNX;
     /// int4 as DequantizeLinear at opset 21, else MatMulNBits), ort-cpu and ort-cuda (ONNX
     /// Runtime's MatMulNBits/GatherBlockQuantized for int4/int8, fused 4-bit kernels on CUDA), or
@@ -353,8 +368,12 @@ impl GateArgs {
 impl OptimizeArgs {
     /// The driver's options (without `--dump-after`'s printer, which the caller adds).
     pub fn options(&self) -> OptimizeOptions {
-        let names = wcc_driver::NameFilter::new(&self.quant_include, &self.quant_exclude)
-            .expect("patterns checked by clap");
+        let scope = wcc_driver::Scope {
+            min_elements: self.quant_min_elements,
+            names: wcc_driver::NameFilter::new(&self.quant_include, &self.quant_exclude)
+                .expect("patterns checked by clap"),
+            ..Default::default()
+        };
         OptimizeOptions {
             output: self.output.clone(),
             level: self.level,
@@ -378,9 +397,10 @@ impl OptimizeArgs {
                     wcc_driver::IntBits::Four
                 },
                 block_size: self.int4_block,
-                min_elements: self.quant_min_elements,
-                names: names.clone(),
-                tables: !self.int4_no_tables,
+                scope: wcc_driver::Scope {
+                    tables: !self.int4_no_tables,
+                    ..scope.clone()
+                },
                 form: self.int4_form,
                 method: self.int4_method,
                 ..Default::default()
@@ -389,16 +409,25 @@ impl OptimizeArgs {
                 residual: self.vq_residual,
                 normalize: self.vq_normalize,
                 outliers: self.vq_outliers.unwrap_or(0.0),
-                tables: self.vq_tables,
                 centroids: self.vq_centroids as usize,
-                min_elements: self.quant_min_elements,
-                names: names.clone(),
+                scope: wcc_driver::Scope {
+                    tables: self.vq_tables,
+                    ..scope.clone()
+                },
                 ..wcc_driver::VqOptions::for_bits(b).expect("checked by clap")
             }),
+            share: self
+                .share_atoms
+                .clone()
+                .map(|atoms| wcc_driver::ShareOptions {
+                    atoms,
+                    mean: !self.share_no_mean,
+                    refine: self.share_refine_rank.clone().unwrap_or_default(),
+                    ..Default::default()
+                }),
             target: self.target,
             target_size: self.target_size,
-            quant_min_elements: self.quant_min_elements,
-            quant_names: names,
+            quant_scope: scope,
             calib_memory_bytes: (self.calib_memory.max(0.0) * (1u64 << 30) as f64) as u64,
             calib: self.calib.clone(),
             exec: self.exec.options(),

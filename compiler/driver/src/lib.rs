@@ -22,6 +22,7 @@ pub mod quantize;
 pub mod regions;
 pub mod render;
 pub mod report;
+pub mod share;
 pub mod target;
 pub mod verify;
 
@@ -37,14 +38,15 @@ pub use target::Target;
 pub use verify::{RemovedOutput, Verification};
 /// `--drop SPEC`: which sublayers, how many.
 pub use wcc_passes::layer_drop::DropSpec;
+/// What `--vq-bits` quantizes and how.
+pub use wcc_passes::shared_atoms::{AtomSpec, RankSpec, ShareOptions};
 /// What structure discovery found (`wcc inspect --structure`).
 pub use wcc_passes::structure::Structure;
 /// What `--int4` quantizes and how.
 pub use wcc_passes::weight_int::{IntBits, IntForm, IntMethod, IntOptions};
-/// What `--vq-bits` quantizes and how.
 pub use wcc_passes::weight_vq::VqOptions;
 /// Which weights the weight passes may take (`--quant-include`, `--quant-exclude`).
-pub use wcc_passes::NameFilter;
+pub use wcc_passes::{NameFilter, Scope};
 /// A panic's message and where it was raised (for the binary's last-resort report).
 pub use wcc_runtime::guard::describe as describe_panic;
 /// Per-output fidelity figures.

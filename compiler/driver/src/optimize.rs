@@ -48,6 +48,7 @@ impl Stage {
         match *self {
             Stage::Quantizing { done, of, .. }
             | Stage::Planning(crate::planner::Step::Sensitivity { done, of })
+            | Stage::Planning(crate::planner::Step::Sharing { done, of })
             | Stage::Planning(crate::planner::Step::Trying { done, of, .. }) => Some((done, of)),
             _ => None,
         }
@@ -122,15 +123,16 @@ pub struct OptimizeOptions {
     pub int: Option<wcc_passes::weight_int::IntOptions>,
     /// `--vq-bits`: vector quantization of MatMul/Gemm weights with a codebook per layer.
     pub vq: Option<wcc_passes::weight_vq::VqOptions>,
+    /// `--share-atoms`: attention projections as combinations of atoms shared across blocks.
+    pub share: Option<wcc_passes::shared_atoms::ShareOptions>,
     /// `--target`: where the result will run (what it may contain).
     pub target: crate::Target,
     /// `--target-size`: `-O compress` plans the most faithful model within this size instead of
     /// the smallest within the gate.
     pub target_size: Option<crate::planner::TargetSize>,
-    /// `-O compress`'s planner leaves weights with fewer elements than this in float.
-    pub quant_min_elements: u64,
-    /// `-O compress`'s planner quantizes only the weights these patterns let through.
-    pub quant_names: wcc_passes::NameFilter,
+    /// The weights `-O compress`'s planner may quantize: at least `min_elements`, let through by
+    /// `names` (whether tables are among them is each treatment's to say).
+    pub quant_scope: wcc_passes::Scope,
     /// The most bytes of calibration statistics `--int4`/`--vq-bits` hold at once
     /// (`--calib-memory`): past it they are gathered a group of weights at a time.
     pub calib_memory_bytes: u64,
@@ -165,10 +167,10 @@ impl OptimizeOptions {
             drop_iterative: false,
             int: None,
             vq: None,
+            share: None,
             target: crate::Target::default(),
             target_size: None,
-            quant_min_elements: 4096,
-            quant_names: wcc_passes::NameFilter::default(),
+            quant_scope: wcc_passes::Scope::default(),
             calib_memory_bytes: (DEFAULT_CALIB_MEMORY_GIB * (1u64 << 30) as f64) as u64,
             calib: None,
             exec: ExecOptions::default(),
@@ -409,12 +411,24 @@ pub fn optimize(
     // gate).
     let gate = opts
         .gate
-        .for_lossy(opts.level.lossy() || quantize.is_some());
+        .for_lossy(opts.level.lossy() || quantize.is_some() || opts.share.is_some());
+    // Lossy: shared attention atoms (`--share-atoms`), first, on the -O1 result.
+    if let Some(share) = &opts.share {
+        pass_names.push(wcc_passes::shared_atoms::SharedAtoms::NAME);
+        records.extend(crate::share::run(
+            &mut model,
+            share,
+            opts.calib.as_deref(),
+            &opts.exec,
+            progress,
+        )?);
+    }
     let backend = opts.exec.backend_for(&original);
     // Lossy: sublayer dropping (`--drop`, `-O compress`), on the -O1 result; then, for
     // `-O compress` without `--int4`/`--vq-bits`, the planner's weight quantization.
     let mut layer_drop = None;
     let mut plan_report = None;
+    let mut share_search = None;
     // A planned result calibrated on the user's inputs is verified on those held out from the
     // fit, unless `--inputs` are given (random inputs say little about a model of language).
     let mut verify_inputs: Option<(wcc_runtime::NamedArrays, String)> = None;
@@ -464,8 +478,7 @@ pub fn optimize(
                 calibration: format!("{calibration}, {}", split.how),
                 gate,
                 objective,
-                min_elements: opts.quant_min_elements,
-                names: opts.quant_names.clone(),
+                scope: opts.quant_scope.clone(),
                 int_form: opts
                     .target
                     .int_form(wcc_passes::weight_int::IntForm::Auto)
@@ -473,6 +486,18 @@ pub fn optimize(
                 references: &references,
                 removed: &dropped.removed_outputs,
             };
+            // Shared atoms, unless the user chose them (`--share-atoms`): a quarter of the
+            // gate at most, on what dropping left.
+            if opts.share.is_none() {
+                let (searched, shared) = crate::share::search(&mut model, &inputs, &mut |s| {
+                    progress(Stage::Planning(s))
+                })?;
+                if !shared.is_empty() {
+                    pass_names.push(wcc_passes::shared_atoms::SharedAtoms::NAME);
+                    records.extend(shared);
+                }
+                share_search = Some(searched);
+            }
             let planned =
                 crate::planner::run(&mut model, &inputs, &mut |s| progress(Stage::Planning(s)))?;
             if opts.calib.is_some()
@@ -510,12 +535,13 @@ pub fn optimize(
             progress,
         )?);
     }
-    if quantize.is_some() || plan_report.is_some() {
+    if quantize.is_some() || plan_report.is_some() || opts.share.is_some() {
         backend = opts.exec.backend_for_result(&original, &model);
     }
     let pass_list = pass_names.join(",");
     // A lossy result is checked whole, end to end (regions check only exact rewrites).
-    let lossy = layer_drop.is_some() || quantize.is_some() || plan_report.is_some();
+    let lossy =
+        layer_drop.is_some() || quantize.is_some() || plan_report.is_some() || opts.share.is_some();
     let optimize_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !pass_list.is_empty() {
         model.set_metadata("wcc.version", crate::VERSION);
@@ -523,14 +549,12 @@ pub fn optimize(
     }
     let after = GraphStats::of(&model);
     let measured = |fid: Option<&[wcc_runtime::OutputFidelity]>| {
-        let mut s = render::table(&records, &before, &after, fid);
-        if let Some(r) = &layer_drop {
-            s += &render::layer_drop(r);
-        }
-        if let Some(r) = &plan_report {
-            s += &render::plan(r);
-        }
-        s
+        render::table(&records, &before, &after, fid)
+            + &render::lossy(
+                layer_drop.as_ref(),
+                share_search.as_ref(),
+                plan_report.as_ref(),
+            )
     };
 
     // Verification (run original and result on the same inputs) and writing go side by side:
@@ -704,6 +728,7 @@ pub fn optimize(
         verification,
         not_verified,
         layer_drop,
+        share_search,
         plan: plan_report,
         output_bytes: summary.model_bytes,
         external_data_bytes: summary.external_bytes,

@@ -107,20 +107,26 @@ impl Treatment {
         (grams, heldout): (&Grams, &Grams),
         progress: wcc_passes::LayerProgress,
     ) -> Option<Box<dyn TreatmentPass>> {
-        let (min_elements, calibration) = (p.min_elements, &p.calibration);
+        let scope = wcc_passes::Scope {
+            tables: true,
+            only: only.clone(),
+            ..p.scope.clone()
+        };
+        let stats = wcc_passes::Statistics {
+            grams: Some(grams.clone()),
+            heldout_grams: Some(heldout.clone()),
+            calibration: Some(p.calibration.clone()),
+            ..Default::default()
+        };
         let int = |bits, method| {
             Box::new(WeightInt {
                 opts: IntOptions {
                     bits,
                     method,
                     form: p.int_form,
-                    only: only.clone(),
-                    names: p.names.clone(),
+                    scope: scope.clone(),
                     progress: progress.clone(),
-                    min_elements,
-                    grams: Some(grams.clone()),
-                    heldout_grams: Some(heldout.clone()),
-                    calibration: Some(calibration.to_string()),
+                    stats: stats.clone(),
                     ..IntOptions::default()
                 },
             }) as Box<dyn TreatmentPass>
@@ -130,14 +136,9 @@ impl Treatment {
                 opts: VqOptions {
                     vector,
                     normalize: true,
-                    tables: true,
-                    only: only.clone(),
-                    names: p.names.clone(),
+                    scope: scope.clone(),
                     progress: progress.clone(),
-                    min_elements,
-                    grams: Some(grams.clone()),
-                    heldout_grams: Some(heldout.clone()),
-                    calibration: Some(calibration.to_string()),
+                    stats: stats.clone(),
                     ..VqOptions::default()
                 },
             }) as Box<dyn TreatmentPass>
@@ -209,6 +210,11 @@ treatment_pass!(WeightVq);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Calibrating,
+    /// Trying shared-atom setting `done` of `of` (see `share::search`).
+    Sharing {
+        done: usize,
+        of: usize,
+    },
     /// Running a treatment over every weight: `done` of `of`.
     Trying {
         treatment: Treatment,
@@ -228,6 +234,7 @@ impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Step::Calibrating => f.write_str("calibrating"),
+            Step::Sharing { done, of } => write!(f, "shared-atom setting {done}/{of}"),
             Step::Trying { treatment, .. } => write!(f, "{treatment:?} on every weight"),
             Step::Sensitivity { done, of } => write!(f, "sensitivity of weight {done}/{of}"),
             Step::Plan(n) => write!(f, "building plan {n}"),
@@ -379,10 +386,9 @@ pub struct PlanInputs<'a> {
     pub calibration: String,
     pub gate: Gate,
     pub objective: Objective,
-    /// Weights with fewer elements stay float.
-    pub min_elements: u64,
-    /// Only the weights these patterns let through are quantized.
-    pub names: wcc_passes::NameFilter,
+    /// Which weights may be quantized (the least elements, the user's name patterns); each
+    /// treatment says whether embedding tables are among them, and which weights it takes.
+    pub scope: wcc_passes::Scope,
     /// The int4/int8 form the target takes (`Target::int_form`).
     pub int_form: wcc_passes::weight_int::IntForm,
     /// The outputs of the unquantized model on `batches` (the original's function).
@@ -419,7 +425,7 @@ pub fn share(gate: &Gate, fid: &[OutputFidelity]) -> f64 {
 
 /// A model run on every batch against the references: (share, min cosine, max rel error), or
 /// why it could not be.
-fn measure(cand: &Model, p: &PlanInputs) -> Result<(f64, f64, f64), String> {
+pub(crate) fn measure(cand: &Model, p: &PlanInputs) -> Result<(f64, f64, f64), String> {
     let backend = p.exec.backend_for_result(p.original, cand);
     let mut fid = vec![];
     for (b, r) in p.batches.iter().zip(p.references) {
@@ -571,8 +577,10 @@ pub fn run(
     let names = wcc_passes::weight_int::calibration_inputs(
         model,
         &IntOptions {
-            min_elements: p.min_elements,
-            names: p.names.clone(),
+            scope: wcc_passes::Scope {
+                tables: true,
+                ..p.scope.clone()
+            },
             ..IntOptions::default()
         },
     );

@@ -72,16 +72,16 @@ pub fn run(
             let pass: Box<dyn Pass> = match q {
                 Quantize::Int(mut o) => {
                     if let Some((g, c)) = stats {
-                        o.gram_source = Some(g);
-                        o.calibration = Some(c);
+                        o.stats.gram_source = Some(g);
+                        o.stats.calibration = Some(c);
                     }
                     o.progress = tick;
                     Box::new(WeightInt { opts: o })
                 }
                 Quantize::Vq(mut o) => {
                     if let Some((g, c)) = stats {
-                        o.gram_source = Some(g);
-                        o.calibration = Some(c);
+                        o.stats.gram_source = Some(g);
+                        o.stats.calibration = Some(c);
                     }
                     o.progress = tick;
                     Box::new(WeightVq { opts: o })

@@ -147,6 +147,69 @@ pub fn layer_drop(r: &LayerDropReport) -> String {
     s
 }
 
+/// `-O compress`'s search over shared atoms: per type the settings tried alone, the
+/// combinations measured, what was chosen or why nothing was.
+pub fn share_search(r: &crate::share::ShareSearch) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "shared atoms search (calibration: {}; sharing may add {:.0}% of the gate, {:.1}% used \
+         before; {:.1} s):",
+        r.calibration,
+        r.budget * 100.0,
+        r.base_share * 100.0,
+        r.seconds
+    );
+    for k in &r.kinds {
+        let tried: Vec<String> = k
+            .tried
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}+mean r{}: {:.0}% of the bytes, {}",
+                    t.atoms,
+                    t.refine_rank,
+                    100.0 * t.bytes_after as f64 / k.bytes_before.max(1) as f64,
+                    t.share
+                        .map(|u| format!("{:.1}% of the gate", u * 100.0))
+                        .unwrap_or_else(|| "cannot run".into())
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "  {} ({} blocks): {} → {}",
+            k.kind.label(),
+            k.blocks,
+            tried.join("; "),
+            k.chosen
+                .map(|(a, r)| format!("{a} atoms + mean, rank {r}"))
+                .unwrap_or_else(|| "left alone".into())
+        );
+    }
+    for (i, t) in r.tries.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "  try {}: budget {:.1}%, [{}], estimated {:.1}%, measured {:.1}% of the gate, {:.2} \
+             MB saved → {}",
+            i + 1,
+            t.budget * 100.0,
+            t.choice.join(", "),
+            t.estimated_share * 100.0,
+            t.measured_share * 100.0,
+            t.bytes_saved as f64 / 1e6,
+            if t.passed { "kept" } else { "over" }
+        );
+    }
+    if let Some(c) = &r.chosen {
+        let _ = writeln!(s, "  chosen: {c}");
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "  note: {n}");
+    }
+    s
+}
+
 /// `-O compress`'s weight plan: its tries, what it chose per weight.
 pub fn plan(r: &crate::planner::PlanReport) -> String {
     let mb = |b: u64| b as f64 / 1e6;
@@ -235,6 +298,26 @@ fn regions_line(f: &[OutputFidelity], g: &crate::regions::RegionSummary) -> Stri
     )
 }
 
+/// `-O compress`'s sections, in the order they ran: layer dropping, the shared-atoms search, the
+/// weight plan.
+pub fn lossy(
+    ld: Option<&crate::compress::LayerDropReport>,
+    ss: Option<&crate::share::ShareSearch>,
+    pr: Option<&crate::planner::PlanReport>,
+) -> String {
+    let mut s = String::new();
+    if let Some(ld) = ld {
+        s += &layer_drop(ld);
+    }
+    if let Some(ss) = ss {
+        s += &share_search(ss);
+    }
+    if let Some(pr) = pr {
+        s += &plan(pr);
+    }
+    s
+}
+
 /// What `wcc optimize` prints after writing: the table, layer dropping, outputs removed on
 /// purpose, the verification (or why there was none), and where the result went.
 pub fn optimize(r: &OptimizeReport) -> String {
@@ -251,12 +334,11 @@ pub fn optimize(r: &OptimizeReport) -> String {
     if let (Some(v), Some(g)) = (&r.verification, by_regions) {
         s += &regions_line(&v.outputs, g);
     }
-    if let Some(ld) = &r.layer_drop {
-        s += &layer_drop(ld);
-    }
-    if let Some(pr) = &r.plan {
-        s += &plan(pr);
-    }
+    s += &lossy(
+        r.layer_drop.as_ref(),
+        r.share_search.as_ref(),
+        r.plan.as_ref(),
+    );
     if let Some(v) = &r.verification {
         for o in &v.removed_outputs {
             let _ = writeln!(s, "output {} removed on purpose: {}", o.name, o.reason);

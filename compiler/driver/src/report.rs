@@ -35,6 +35,9 @@ pub struct OptimizeReport {
     pub not_verified: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer_drop: Option<LayerDropReport>,
+    /// `-O compress`'s search over shared attention atoms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_search: Option<crate::share::ShareSearch>,
     /// `-O compress`'s weight quantization plan.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan: Option<crate::planner::PlanReport>,
