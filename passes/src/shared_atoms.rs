@@ -589,7 +589,12 @@ impl ShareReport {
 }
 
 /// Values `at..at + len` of every block's weight, as f32.
-fn read_chunk(tensors: &[&Tensor], dtype: DataType, at: usize, len: usize) -> Result<Vec<Vec<f32>>> {
+fn read_chunk(
+    tensors: &[&Tensor],
+    dtype: DataType,
+    at: usize,
+    len: usize,
+) -> Result<Vec<Vec<f32>>> {
     tensors
         .iter()
         .map(|t| read_values(t, dtype, at, len))
