@@ -37,6 +37,11 @@ pub fn run(
         opts.stats.grams = Some(Arc::new(calib::grams(model, &backend, &batches, &names)?));
         opts.stats.calibration = Some(calibration);
     }
+    apply(model, opts)
+}
+
+/// The pass as `opts` says, through a pass manager (validated), then DCE: the records.
+fn apply(model: &mut Model, opts: ShareOptions) -> Result<Vec<PassRecord>, Error> {
     let pm = PassManager::new(vec![
         Box::new(SharedAtoms { opts }),
         Box::new(wcc_passes::dce::DeadCodeElimination),
@@ -198,7 +203,8 @@ pub fn search(
         match &s.why_not {
             Some(why) => report.notes.push(format!("{}: {why}", s.kind.label())),
             None => {
-                if settings(s.blocks, &s.shape).is_empty() {
+                let tries = settings(s.blocks, &s.shape);
+                if tries.is_empty() {
                     report.notes.push(format!(
                         "{}: {} blocks: no number of atoms (with the mean) stores fewer \
                          parameters than the blocks",
@@ -206,7 +212,7 @@ pub fn search(
                         s.blocks
                     ));
                 } else {
-                    able.push(s);
+                    able.push((s, tries));
                 }
             }
         }
@@ -225,7 +231,8 @@ pub fn search(
         return done(report);
     }
     // The refinement's statistics, on the half the fits use.
-    let every: BTreeMap<Kind, (usize, usize)> = able.iter().map(|s| (s.kind, (1, 1))).collect();
+    let every: BTreeMap<Kind, (usize, usize)> =
+        able.iter().map(|(s, _)| (s.kind, (1, 1))).collect();
     let names = calibration_inputs(model, &options_for(&every, &Statistics::default()));
     let backend = p.exec.backend_for(p.original);
     let stats = Statistics {
@@ -234,12 +241,9 @@ pub fn search(
         ..Statistics::default()
     };
     // Every setting of every type, alone.
-    let total: usize = able
-        .iter()
-        .map(|s| settings(s.blocks, &s.shape).len())
-        .sum();
+    let total: usize = able.iter().map(|(_, t)| t.len()).sum();
     let mut n = 0;
-    for s in &able {
+    for (s, tries) in &able {
         let mut k = KindSearch {
             kind: s.kind,
             blocks: s.blocks,
@@ -249,7 +253,7 @@ pub fn search(
         };
         // Per rank, more atoms only until one costs next to nothing of the gate.
         let mut settled = std::collections::BTreeSet::new();
-        for (atoms, rank) in settings(s.blocks, &s.shape) {
+        for &(atoms, rank) in tries {
             n += 1;
             progress(Step::Sharing { done: n, of: total });
             if settled.contains(&rank) {
@@ -333,14 +337,7 @@ pub fn search(
                 k.chosen = picks.get(&k.kind).copied();
             }
             report.chosen = Some(r.summary());
-            // Applied through a pass manager (validated, DCE after), for the records.
-            let pm = PassManager::new(vec![
-                Box::new(SharedAtoms {
-                    opts: options_for(&picks, &stats),
-                }),
-                Box::new(wcc_passes::dce::DeadCodeElimination),
-            ]);
-            let records = wcc_passes::optimize_with(model, pm)?;
+            let records = apply(model, options_for(&picks, &stats))?;
             report.seconds = t0.elapsed().as_secs_f64();
             return Ok((report, records));
         }
