@@ -21,8 +21,12 @@
 //!   (`[r, N]`). Without calibration statistics `S = I` (plain truncated SVD). A single rank `R`
 //!   gives Q, O and QKV rank `R` and K, V rank `⌈R/2⌉`, as the paper gives more of it to Q and O.
 //!
-//! Layer groups (the paper's optional grouping of consecutive blocks) are not implemented: one
-//! dictionary spans all the blocks of a type.
+//! - **Layer groups** (`groups` = G > 1): G runs of consecutive blocks, each of at least two,
+//!   with a mean and atoms of their own. The paper forms the groups where the blocks' hidden
+//!   states are similar, a proxy for where the weights share; here the split is the one whose
+//!   atoms leave the least of the stack, `Σ_g (tr G_g − Σ_{s≤S} λ_s(G_g))` with `G_g` the
+//!   centred Gram of group `g` (double-centred from the one uncentred Gram), found exactly by
+//!   dynamic programming over the split points.
 //!
 //! # What it touches
 //! The constant weights of the projections `structure::discover` finds in attention sublayers,
@@ -33,7 +37,11 @@
 //! plus `MatMul(A_l, B_l)` (transposed for a weight stored `[N, K]`) with refinement. The
 //! consumers are untouched. Everything is constant: ONNX Runtime folds the synthesis at session
 //! start (the saving is on disk) unless constant folding is off, and the model's metadata says
-//! so.
+//! so. Alternatively (`Emission::Project`) a `MatMul(x, W_l)` becomes
+//! `Σ_s c_ls (x·D_s)`: `x` times the atoms side by side (`[K, S'·N]`), mixed by `c_l`, which
+//! keeps the saving in memory under ONNX Runtime's defaults at `S'` times the multiply-adds; the
+//! cost model ([`Cost`]) chooses it only when it also costs fewer multiply-adds per call than
+//! the synthesis run every call (a handful of rows per call).
 //!
 //! # Memory
 //! The Gram and the atoms are computed in chunks of `CHUNK` values of every block's weight
@@ -213,6 +221,108 @@ pub struct ShareOptions {
     pub refine: RankSpec,
     /// Calibration statistics (`H = XᵀX` of each projection's input) that whiten the refinement.
     pub stats: crate::Statistics,
+    /// Runs of consecutive blocks with a dictionary each (1: one for all the blocks).
+    pub groups: usize,
+    /// How the weights reach their projections (the cost model's choice by default).
+    pub emit: ShareEmit,
+}
+
+/// How a shared type's weights reach their projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Emission {
+    /// Each block's weight computed from the atoms (`MatMul(c_l, D) → Reshape`), read by the
+    /// projection as before.
+    Synthesize,
+    /// The projection's input multiplied by the atoms side by side, the products mixed by the
+    /// block's coefficients: no block's weight exists, at `S'` times the multiply-adds.
+    Project,
+}
+
+/// `--share-emit`: an emission, or the cost model's choice ([`Cost`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShareEmit {
+    #[default]
+    Auto,
+    Synthesize,
+    Project,
+}
+
+impl std::str::FromStr for ShareEmit {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(ShareEmit::Auto),
+            "synthesize" => Ok(ShareEmit::Synthesize),
+            "project" => Ok(ShareEmit::Project),
+            _ => Err(format!("'{s}': give auto, synthesize or project")),
+        }
+    }
+}
+
+/// The emission cost model: multiply-adds per call of a shared projection in each form, the
+/// synthesis counted as run every call (constant folding off, the only way a synthesized form
+/// keeps its saving in session memory; with folding on it is free and the weight dense).
+/// With `T` rows of `x` per call, `S'` atoms (the mean included), refinement rank `r`:
+/// synthesize `S'·K·N (+ r·K·N + K·N) + T·K·N`; project `T·K·S'·N + T·S'·N (+ T·r·(K+N) + T·N)`.
+/// Projecting is cheaper only for a few rows per call (a decoder's one-token step) and is
+/// chosen when it is; rows unknown (symbolic dims) or an input that cannot be projected
+/// synthesize.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Cost {
+    /// Whether every block's projection is a `MatMul(x, W)` with `x` of known rank ≥ 2.
+    pub projectable: bool,
+    /// Rows of `x` per call, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synthesize_macs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project_macs: Option<u64>,
+}
+
+impl Cost {
+    fn of(rows: Option<Option<u64>>, s: usize, k: usize, n: usize, r: usize) -> Cost {
+        let (s, k, n, r) = (s as u64, k as u64, n as u64, r as u64);
+        let t = rows.flatten();
+        let refine = r > 0;
+        Cost {
+            projectable: rows.is_some(),
+            rows: t,
+            synthesize_macs: t
+                .map(|t| s * k * n + if refine { r * k * n + k * n } else { 0 } + t * k * n),
+            project_macs: t.map(|t| {
+                t * k * s * n + t * s * n + if refine { t * r * (k + n) + t * n } else { 0 }
+            }),
+        }
+    }
+
+    /// The cheaper form (synthesize unless projecting is known to cost less).
+    pub fn choice(&self) -> Emission {
+        match (self.project_macs, self.synthesize_macs) {
+            (Some(p), Some(s)) if p < s => Emission::Project,
+            _ => Emission::Synthesize,
+        }
+    }
+
+    /// Why: the figures the choice came from.
+    pub fn why(&self) -> String {
+        match (self.rows, self.project_macs, self.synthesize_macs) {
+            _ if !self.projectable => NOT_PROJECTABLE.to_string(),
+            (Some(t), Some(p), Some(s)) => format!(
+                "{t} rows per call: project {p} multiply-adds, synthesize {s} (folding off)"
+            ),
+            _ => "rows per call unknown (symbolic dims)".to_string(),
+        }
+    }
+}
+
+/// One layer group of a shared type, for the report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ShareGroup {
+    pub blocks: Vec<usize>,
+    pub atoms: usize,
+    pub energy_kept: f64,
 }
 
 impl Default for ShareOptions {
@@ -222,6 +332,8 @@ impl Default for ShareOptions {
             mean: true,
             refine: PerKind::default(),
             stats: crate::Statistics::default(),
+            groups: 1,
+            emit: ShareEmit::Auto,
         }
     }
 }
@@ -270,6 +382,14 @@ pub struct ShareKind {
     pub bytes_after: u64,
     /// The share of the eigenvalue mass (of the centred stack with the mean) the atoms keep.
     pub energy_kept: f64,
+    /// The layer groups (one when not grouped), each with its own atoms: as many as asked, or
+    /// as make groups of two blocks.
+    pub groups_asked: usize,
+    pub groups: Vec<ShareGroup>,
+    /// How the weights reach their projections, and the cost model's figures (the first
+    /// group's).
+    pub emission: Emission,
+    pub cost: Cost,
     pub layers: Vec<ShareLayer>,
 }
 
@@ -290,7 +410,8 @@ pub struct ShareReport {
 const FOLDING: &str = "every synthesized weight is constant: ONNX Runtime folds it into a dense \
                        weight at session start (the saving is on disk, not in session memory) \
                        unless constant folding is off (Python: InferenceSession(path, \
-                       disabled_optimizers=['ConstantFolding']))";
+                       disabled_optimizers=['ConstantFolding'])); a type emitted as an input \
+                       projection has nothing to fold";
 
 /// Values of each block's weight read at once.
 const CHUNK: usize = 1 << 18;
@@ -552,7 +673,43 @@ impl ShareKind {
             shared,
             after,
             output
-        )
+        ) + &self.describe_groups()
+            + &format!(
+                "; {}: {}",
+                match self.emission {
+                    Emission::Synthesize => "weights synthesized",
+                    Emission::Project => "input projected onto the atoms",
+                },
+                self.cost.why()
+            )
+    }
+
+    /// The layer groups, when more than one: `; groups 0-5 (3 atoms, 98.1%), 6-11 (…)`.
+    fn describe_groups(&self) -> String {
+        if self.groups.len() < 2 {
+            return if self.groups_asked > 1 {
+                format!(
+                    "; one group ({} asked, groups need two blocks each)",
+                    self.groups_asked
+                )
+            } else {
+                String::new()
+            };
+        }
+        let parts: Vec<String> = self
+            .groups
+            .iter()
+            .map(|g| {
+                format!(
+                    "{}-{} ({} atoms, {:.1}%)",
+                    g.blocks.first().copied().unwrap_or(0),
+                    g.blocks.last().copied().unwrap_or(0),
+                    g.atoms,
+                    100.0 * g.energy_kept
+                )
+            })
+            .collect();
+        format!("; groups {}", parts.join(", "))
     }
 }
 
@@ -566,7 +723,14 @@ impl ShareReport {
                 format!(
                     "{} {}{} atoms{}",
                     k.kind.label(),
-                    k.atoms,
+                    match k.groups.len() {
+                        0 | 1 => k.atoms.to_string(),
+                        g => {
+                            let each: Vec<String> =
+                                k.groups.iter().map(|x| x.atoms.to_string()).collect();
+                            format!("{g} groups of {}", each.join("/"))
+                        }
+                    },
                     if k.mean { "+mean" } else { "" },
                     if k.refine_rank > 0 {
                         format!(" rank {}", k.refine_rank)
@@ -614,6 +778,26 @@ fn read_values(t: &Tensor, dtype: DataType, at: usize, len: usize) -> Result<Vec
     Ok(to_f32(&t.read_range(at * elem, len * elem)?, dtype))
 }
 
+/// A refinement: `A` `[K, r]`, `B` `[r, N]` (row-major) and `r`.
+type Factors = (Vec<f32>, Vec<f32>, usize);
+
+/// One group's fit: its atoms (the mean first when kept), coefficients, refinements, report.
+struct Fit {
+    asked: usize,
+    atoms: usize,
+    /// Rows of the book: the atoms and the mean.
+    rows: usize,
+    /// `[rows, numel]` as stored (the weights' type), and as f32.
+    book_bytes: Vec<u8>,
+    book: Vec<f32>,
+    coeffs: Vec<Vec<f32>>,
+    /// `(A, B, r)` per block (as `[K, r]`, `[r, N]`), when refined.
+    refinements: Vec<Option<Factors>>,
+    kept: f64,
+    trace: f64,
+    layers: Vec<ShareLayer>,
+}
+
 /// Shares atoms among `members` (checked) of `kind`, rewriting the graph: the type's report.
 fn share_kind(
     model: &mut Model,
@@ -628,18 +812,108 @@ fn share_kind(
     let dims = first.dims().to_vec();
     let dtype = first.dtype()?;
     let numel = first.numel() as usize;
-    let tensors: Vec<&Tensor> = members
-        .iter()
-        .map(|m| g.initializer(&m.weight).expect("checked"))
-        .collect();
-    // Pass 1: the mean and the Gram of the centred stack, a chunk of every block at a time.
-    let mut mean = vec![0f32; if o.mean { numel } else { 0 }];
+    let layout_kn = kn_layout(g, &members[0].node, &members[0].weight);
+    // Groups of at least two blocks: as many as asked, or as the blocks allow.
+    let groups_asked = o.groups.max(1);
+    let segments = if groups_asked.min(l / 2) > 1 {
+        let tensors: Vec<&Tensor> = members
+            .iter()
+            .map(|m| g.initializer(&m.weight).expect("checked"))
+            .collect();
+        let (_, gram) = stack_gram(&tensors, dtype, numel, false)?;
+        segment(&gram, l, groups_asked.min(l / 2), count, o.mean)?
+    } else {
+        std::iter::once(0..l).collect()
+    };
+    let (k, n) = (dims_k(&dims, layout_kn), numel / dims_k(&dims, layout_kn));
+    let elem = if dtype == DataType::F16 { 2u64 } else { 4 };
+    let (mut groups, mut layers) = (vec![], vec![]);
+    let (mut params_after, mut kept, mut trace, mut asked, mut atoms) = (0u64, 0.0, 0.0, 0, 0);
+    let mut emission = None;
+    for (i, seg) in segments.iter().enumerate() {
+        let part = &members[seg.clone()];
+        let fit = fit_group(&model.graph, kind, part, count, o, &dims, dtype, layout_kn)?;
+        let tokens = projection_rows(model, part, layout_kn);
+        let r = fit
+            .refinements
+            .iter()
+            .flatten()
+            .map(|f| f.2)
+            .max()
+            .unwrap_or(0);
+        let cost = Cost::of(tokens, fit.rows, k, n, r);
+        let chosen = match o.emit {
+            ShareEmit::Synthesize => Emission::Synthesize,
+            // What cannot be projected is synthesized; the report says why.
+            ShareEmit::Project if tokens.is_some() => Emission::Project,
+            ShareEmit::Project => Emission::Synthesize,
+            ShareEmit::Auto => cost.choice(),
+        };
+        let base = if segments.len() > 1 {
+            format!("shared_atoms_{}_g{i}", kind.label())
+        } else {
+            format!("shared_atoms_{}", kind.label())
+        };
+        params_after += match chosen {
+            Emission::Synthesize => {
+                emit_synthesized(&mut model.graph, &base, part, &fit, &dims, dtype, layout_kn)?
+            }
+            Emission::Project => emit_projected(model, &base, part, &fit, k, n, dtype)?,
+        };
+        emission.get_or_insert((chosen, cost));
+        groups.push(ShareGroup {
+            blocks: part.iter().map(|m| m.block).collect(),
+            atoms: fit.atoms,
+            energy_kept: if fit.trace > 0.0 {
+                fit.kept / fit.trace
+            } else {
+                1.0
+            },
+        });
+        kept += fit.kept;
+        trace += fit.trace;
+        asked += fit.asked;
+        atoms += fit.atoms;
+        layers.extend(fit.layers);
+    }
+    let (emission, cost) = emission.expect("at least one group");
+    Ok(ShareKind {
+        kind,
+        blocks: l,
+        shape: dims,
+        atoms_asked: asked,
+        atoms,
+        mean: o.mean,
+        refine_rank: o.refine.get(kind).unwrap_or(0),
+        params_before: (l * numel) as u64,
+        params_after,
+        bytes_before: (l * numel) as u64 * elem,
+        bytes_after: params_after * elem,
+        energy_kept: if trace > 0.0 { kept / trace } else { 1.0 },
+        groups_asked,
+        groups,
+        emission,
+        cost,
+        layers,
+    })
+}
+
+/// The mean (when `centred`, else empty) and the `L×L` Gram of the (centred) stack of
+/// `tensors`, a chunk of every block at a time.
+fn stack_gram(
+    tensors: &[&Tensor],
+    dtype: DataType,
+    numel: usize,
+    centred: bool,
+) -> Result<(Vec<f32>, Vec<f64>)> {
+    let l = tensors.len();
+    let mut mean = vec![0f32; if centred { numel } else { 0 }];
     let mut gram = vec![0f64; l * l];
     let mut at = 0;
     while at < numel {
         let len = CHUNK.min(numel - at);
-        let mut rows = read_chunk(&tensors, dtype, at, len)?;
-        if o.mean {
+        let mut rows = read_chunk(tensors, dtype, at, len)?;
+        if centred {
             let m = &mut mean[at..at + len];
             for e in 0..len {
                 let s: f64 = rows.iter().map(|r| r[e] as f64).sum();
@@ -662,27 +936,136 @@ fn share_kind(
         }
         at += len;
     }
-    // The eigenpairs, largest first; atoms of (numerically) no weight are dropped.
-    let gm = Mat::<f64>::from_fn(l, l, |i, j| gram[i * l + j]);
+    Ok((mean, gram))
+}
+
+/// The eigenpairs of the symmetric `n×n` `gram`, largest first.
+fn eigen(gram: &[f64], n: usize) -> Result<Vec<(f64, Vec<f64>)>> {
+    let gm = Mat::<f64>::from_fn(n, n, |i, j| gram[i * n + j]);
     let eig = gm
         .self_adjoint_eigen(Side::Lower)
         .map_err(|e| wcc_ir::IrError::Other(format!("shared atoms: eigendecomposition: {e:?}")))?;
     let (u, lambda) = (eig.U(), eig.S().column_vector());
+    Ok((0..n)
+        .rev()
+        .map(|idx| (lambda[idx], (0..n).map(|b| u[(b, idx)]).collect()))
+        .collect())
+}
+
+/// What `atoms` atoms (and the mean) leave of the stack of blocks `seg`, in squared Frobenius
+/// norm, from the uncentred Gram of all `l` blocks (centred here, `G − r1ᵀ − 1rᵀ + t`).
+fn tail_energy(
+    gram: &[f64],
+    l: usize,
+    seg: std::ops::Range<usize>,
+    atoms: usize,
+    mean: bool,
+) -> Result<f64> {
+    let n = seg.len();
+    let mut sub: Vec<f64> = (0..n * n)
+        .map(|e| gram[(seg.start + e / n) * l + seg.start + e % n])
+        .collect();
+    if mean {
+        let r: Vec<f64> = (0..n)
+            .map(|i| sub[i * n..(i + 1) * n].iter().sum::<f64>() / n as f64)
+            .collect();
+        let t = r.iter().sum::<f64>() / n as f64;
+        for i in 0..n {
+            for j in 0..n {
+                sub[i * n + j] += t - r[i] - r[j];
+            }
+        }
+    }
+    let trace: f64 = (0..n).map(|i| sub[i * n + i]).sum();
+    let most = if mean { n - 1 } else { n };
+    let kept: f64 = eigen(&sub, n)?
+        .iter()
+        .take(atoms.min(most))
+        .map(|p| p.0.max(0.0))
+        .sum();
+    Ok((trace - kept).max(0.0))
+}
+
+/// Layer groups: the `groups` runs of consecutive blocks (each at least 2) whose own atoms
+/// leave the least of the stack (the summed [`tail_energy`]), by dynamic programming over the
+/// split points.
+fn segment(
+    gram: &[f64],
+    l: usize,
+    groups: usize,
+    count: Count,
+    mean: bool,
+) -> Result<Vec<std::ops::Range<usize>>> {
+    if l < 2 * groups {
+        return Err(wcc_ir::IrError::Other(format!(
+            "shared atoms: {l} blocks cannot make {groups} groups of at least 2"
+        )));
+    }
+    let mut cost = vec![f64::INFINITY; (l + 1) * (l + 1)];
+    for i in 0..l {
+        for j in i + 2..=l {
+            cost[i * (l + 1) + j] = tail_energy(gram, l, i..j, count.of(j - i), mean)?;
+        }
+    }
+    // best[g][j]: the least for blocks 0..j in g groups; from[g][j] where the last one starts.
+    let mut best = vec![vec![f64::INFINITY; l + 1]; groups + 1];
+    let mut from = vec![vec![0usize; l + 1]; groups + 1];
+    best[0][0] = 0.0;
+    for g in 1..=groups {
+        for j in 2 * g..=l {
+            for i in 2 * (g - 1)..=j - 2 {
+                let c = best[g - 1][i] + cost[i * (l + 1) + j];
+                if c < best[g][j] {
+                    best[g][j] = c;
+                    from[g][j] = i;
+                }
+            }
+        }
+    }
+    let mut out = vec![];
+    let mut j = l;
+    for g in (1..=groups).rev() {
+        let i = from[g][j];
+        out.push(i..j);
+        j = i;
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// Fits one group's atoms (matrix PCA of its blocks) and refinements.
+#[allow(clippy::too_many_arguments)]
+fn fit_group(
+    g: &Graph,
+    kind: Kind,
+    members: &[Member],
+    count: Count,
+    o: &ShareOptions,
+    dims: &[i64],
+    dtype: DataType,
+    layout_kn: bool,
+) -> Result<Fit> {
+    let l = members.len();
+    let numel = dims.iter().product::<i64>() as usize;
+    let tensors: Vec<&Tensor> = members
+        .iter()
+        .map(|m| g.initializer(&m.weight).expect("checked"))
+        .collect();
+    // Pass 1: the mean and the Gram of the centred stack.
+    let (mean, gram) = stack_gram(&tensors, dtype, numel, o.mean)?;
+    // The eigenpairs, largest first; atoms of (numerically) no weight are dropped.
     let trace: f64 = (0..l).map(|i| gram[i * l + i]).sum();
     let asked = count.of(l);
     let most = if o.mean { l - 1 } else { l };
-    let mut picked: Vec<(f64, Vec<f64>)> = vec![];
-    for idx in (0..l).rev().take(asked.min(most)) {
-        let lam = lambda[idx];
-        if lam <= 1e-12 * trace.max(f64::MIN_POSITIVE) {
-            break;
-        }
-        picked.push((lam, (0..l).map(|b| u[(b, idx)]).collect()));
-    }
-    let energy_kept = if trace > 0.0 {
-        picked.iter().map(|p| p.0).sum::<f64>() / trace
+    let picked: Vec<(f64, Vec<f64>)> = eigen(&gram, l)?
+        .into_iter()
+        .take(asked.min(most))
+        .take_while(|(lam, _)| *lam > 1e-12 * trace.max(f64::MIN_POSITIVE))
+        .collect();
+    let kept = if trace > 0.0 {
+        picked.iter().map(|p| p.0).sum::<f64>()
     } else {
-        1.0
+        0.0
     };
     let s = picked.len();
     // Pass 2: the atoms, `[S', numel]` (the mean first when kept).
@@ -726,7 +1109,6 @@ fn share_kind(
     // Per block: its synthesized weight's error, and the refinement's factors.
     let mut layers = vec![];
     let mut refinements = vec![];
-    let layout_kn = kn_layout(g, &members[0].node, &members[0].weight);
     for (b, m) in members.iter().enumerate() {
         let w = read_values(tensors[b], dtype, 0, numel)?;
         let mut w_hat = vec![0f32; numel];
@@ -739,18 +1121,18 @@ fn share_kind(
             .grams
             .as_ref()
             .and_then(|h| h.get(&m.input))
-            .filter(|h| h.k == if layout_kn { dims[0] } else { dims[1] } as usize);
+            .filter(|h| h.k == dims_k(dims, layout_kn));
         let rel = |w_hat: &[f32]| rel_error(&w, w_hat);
         let rel_error_shared = rel(&w_hat);
         let mut factors = None;
         if rank > 0 {
-            let (a, bm) = refine(&w, &w_hat, &dims, layout_kn, rank, gram, o.stats.damp)?;
-            let r = a.len() / dims_k(&dims, layout_kn);
+            let (a, bm) = refine(&w, &w_hat, dims, layout_kn, rank, gram, o.stats.damp)?;
+            let r = a.len() / dims_k(dims, layout_kn);
             // Add A·B (as stored) to Ŵ.
-            add_product(&mut w_hat, &a, &bm, &dims, layout_kn, r);
+            add_product(&mut w_hat, &a, &bm, dims, layout_kn, r);
             factors = Some((a, bm, r));
         }
-        let output_rel_error = gram.map(|h| output_error(h, &w, &w_hat, &dims, layout_kn));
+        let output_rel_error = gram.map(|h| output_error(h, &w, &w_hat, dims, layout_kn));
         layers.push(ShareLayer {
             block: m.block,
             weight: m.weight.clone(),
@@ -761,31 +1143,47 @@ fn share_kind(
         });
         refinements.push(factors);
     }
-    // Emission.
-    let g = &mut model.graph;
-    let base = format!("shared_atoms_{}", kind.label());
+    Ok(Fit {
+        asked,
+        atoms: s,
+        rows: rows_d,
+        book_bytes,
+        book,
+        coeffs,
+        refinements,
+        kept,
+        trace,
+        layers,
+    })
+}
+
+/// Emits `fit` as synthesized weights: each block's weight initializer becomes
+/// `MatMul(c_l, book) → Reshape` (`+ A·B`) under its own name. The parameters stored.
+fn emit_synthesized(
+    g: &mut Graph,
+    base: &str,
+    members: &[Member],
+    fit: &Fit,
+    dims: &[i64],
+    dtype: DataType,
+    layout_kn: bool,
+) -> Result<u64> {
+    let numel = fit.book.len() / fit.rows.max(1);
     let book_name = add(
         g,
         &format!("{base}_book"),
         dtype,
-        &[rows_d as i64, numel as i64],
-        book_bytes,
+        &[fit.rows as i64, numel as i64],
+        fit.book_bytes.clone(),
     )?;
     let shape_raw: Vec<u8> = dims.iter().flat_map(|d| d.to_le_bytes()).collect();
     let shape_name = add(g, &format!("{base}_shape"), DataType::I64, &[2], shape_raw)?;
-    let elem = if dtype == DataType::F16 { 2u64 } else { 4 };
-    let mut params_after = (rows_d * numel) as u64;
-    for ((m, c), factors) in members.iter().zip(&coeffs).zip(refinements) {
+    let mut params = (fit.rows * numel) as u64;
+    for ((m, c), factors) in members.iter().zip(&fit.coeffs).zip(&fit.refinements) {
         let w = m.weight.clone();
         g.initializers.retain(|t| t.name() != w);
-        let c_name = add(
-            g,
-            &format!("{w}_atom_coeffs"),
-            dtype,
-            &[1, rows_d as i64],
-            float_bytes(c, dtype),
-        )?;
-        params_after += rows_d as u64;
+        let c_name = add_coeffs(g, &w, c, dtype)?;
+        params += fit.rows as u64;
         let flat = fresh_name(g, &format!("{w}_synth_flat"));
         let mut nodes = vec![Node::new(
             &flat,
@@ -805,33 +1203,26 @@ fn share_kind(
             vec![shaped.clone()],
         ));
         if let Some((a, bm, r)) = factors {
-            params_after += (a.len() + bm.len()) as u64;
+            params += (a.len() + bm.len()) as u64;
             // As stored: [K, N] = A·B; [N, K] = Bᵀ·Aᵀ.
-            let (k, n) = (dims_k(&dims, layout_kn), numel / dims_k(&dims, layout_kn));
+            let r = *r;
+            let (k, n) = (dims_k(dims, layout_kn), numel / dims_k(dims, layout_kn));
             let (left, right, ld, rd) = if layout_kn {
-                (a, bm, [k as i64, r as i64], [r as i64, n as i64])
+                (
+                    a.clone(),
+                    bm.clone(),
+                    [k as i64, r as i64],
+                    [r as i64, n as i64],
+                )
             } else {
                 (
-                    transpose(&bm, r, n),
-                    transpose(&a, k, r),
+                    transpose(bm, r, n),
+                    transpose(a, k, r),
                     [n as i64, r as i64],
                     [r as i64, k as i64],
                 )
             };
-            let ln = add(
-                g,
-                &format!("{w}_refine_a"),
-                dtype,
-                &ld,
-                float_bytes(&left, dtype),
-            )?;
-            let rn = add(
-                g,
-                &format!("{w}_refine_b"),
-                dtype,
-                &rd,
-                float_bytes(&right, dtype),
-            )?;
+            let (ln, rn) = add_factors(g, &w, dtype, (&left, &ld), (&right, &rd))?;
             let ab = fresh_name(g, &format!("{w}_refine"));
             nodes.push(Node::new(&ab, "MatMul", vec![ln, rn], vec![ab.clone()]));
             nodes.push(Node::new(
@@ -843,21 +1234,211 @@ fn share_kind(
         }
         g.nodes.extend(nodes);
     }
-    Ok(ShareKind {
-        kind,
-        blocks: l,
-        shape: dims,
-        atoms_asked: asked,
-        atoms: s,
-        mean: o.mean,
-        refine_rank: rank,
-        params_before: (l * numel) as u64,
-        params_after,
-        bytes_before: (l * numel) as u64 * elem,
-        bytes_after: params_after * elem,
-        energy_kept,
-        layers,
-    })
+    Ok(params)
+}
+
+/// Emits `fit` with the input projected onto the atoms: the atoms side by side as one
+/// `[K, S'·N]` weight `D`, and each block's `y = x·W` as
+/// `MatMul(c_l, Reshape(MatMul(x, D), [.., S', N])) → Reshape([.., N])` (`+ (x·A)·B`), which
+/// replaces the block's MatMul. Nothing of it is constant but `D`: ONNX Runtime folds nothing.
+/// Only for `MatMul(x, W)` with `x` of known rank ≥ 2 ([`projection_rows`]). The parameters
+/// stored.
+fn emit_projected(
+    model: &mut Model,
+    base: &str,
+    members: &[Member],
+    fit: &Fit,
+    k: usize,
+    n: usize,
+    dtype: DataType,
+) -> Result<u64> {
+    let opset = model.default_opset();
+    let rank = {
+        let types = wcc_ir::infer::infer_graph(&model.graph, opset, None);
+        types.shape(&members[0].input).map_or(0, Vec::len)
+    };
+    let g = &mut model.graph;
+    let s = fit.rows;
+    let numel = k * n;
+    // D[k, a·N + c] = atom a's [k, c].
+    let mut d = vec![0f32; numel * s];
+    for a in 0..s {
+        for row in 0..k {
+            d[row * s * n + a * n..][..n].copy_from_slice(&fit.book[a * numel + row * n..][..n]);
+        }
+    }
+    let d_name = add(
+        g,
+        &format!("{base}_atoms"),
+        dtype,
+        &[k as i64, (s * n) as i64],
+        float_bytes(&d, dtype),
+    )?;
+    let lead = vec![0i64; rank - 1];
+    let shape_of = |tail: &[i64]| -> Vec<u8> {
+        lead.iter()
+            .chain(tail)
+            .flat_map(|d| d.to_le_bytes())
+            .collect()
+    };
+    let split = add(
+        g,
+        &format!("{base}_split_shape"),
+        DataType::I64,
+        &[rank as i64 + 1],
+        shape_of(&[s as i64, n as i64]),
+    )?;
+    let join = add(
+        g,
+        &format!("{base}_join_shape"),
+        DataType::I64,
+        &[rank as i64],
+        shape_of(&[n as i64]),
+    )?;
+    let mut params = (s * numel) as u64;
+    for ((m, c), factors) in members.iter().zip(&fit.coeffs).zip(&fit.refinements) {
+        let w = m.weight.clone();
+        g.initializers.retain(|t| t.name() != w);
+        let at = g
+            .nodes
+            .iter()
+            .position(|x| x.name == m.node)
+            .expect("checked by projection_rows");
+        let node = g.nodes.remove(at);
+        let y = node.outputs[0].clone();
+        let c_name = add_coeffs(g, &w, c, dtype)?;
+        params += s as u64;
+        let name = |g: &Graph, what: &str| fresh_name(g, &format!("{}_{what}", m.node));
+        let (p, p4, y4) = (
+            name(g, "atoms_proj"),
+            name(g, "atoms_split"),
+            name(g, "atoms_mix"),
+        );
+        let combined = if factors.is_some() {
+            name(g, "atoms_shared")
+        } else {
+            y.clone()
+        };
+        let mut nodes = vec![
+            Node::new(
+                &p,
+                "MatMul",
+                vec![m.input.clone(), d_name.clone()],
+                vec![p.clone()],
+            ),
+            Node::new(
+                &p4,
+                "Reshape",
+                vec![p.clone(), split.clone()],
+                vec![p4.clone()],
+            ),
+            Node::new(&y4, "MatMul", vec![c_name, p4], vec![y4.clone()]),
+            Node::new(
+                &format!("{y4}_join"),
+                "Reshape",
+                vec![y4, join.clone()],
+                vec![combined.clone()],
+            ),
+        ];
+        if let Some((a, bm, r)) = factors {
+            params += (a.len() + bm.len()) as u64;
+            let (ln, rn) = add_factors(
+                g,
+                &w,
+                dtype,
+                (a, &[k as i64, *r as i64]),
+                (bm, &[*r as i64, n as i64]),
+            )?;
+            let (xa, xab) = (name(g, "refine_in"), name(g, "refine"));
+            nodes.push(Node::new(
+                &xa,
+                "MatMul",
+                vec![m.input.clone(), ln],
+                vec![xa.clone()],
+            ));
+            nodes.push(Node::new(&xab, "MatMul", vec![xa, rn], vec![xab.clone()]));
+            nodes.push(Node::new(
+                &format!("{xab}_add"),
+                "Add",
+                vec![combined, xab],
+                vec![y.clone()],
+            ));
+        }
+        g.nodes.extend(nodes);
+    }
+    Ok(params)
+}
+
+fn add_coeffs(g: &mut Graph, w: &str, c: &[f32], dtype: DataType) -> Result<String> {
+    add(
+        g,
+        &format!("{w}_atom_coeffs"),
+        dtype,
+        &[1, c.len() as i64],
+        float_bytes(c, dtype),
+    )
+}
+
+/// The refinement's two factors as initializers (`(values, dims)` each).
+fn add_factors(
+    g: &mut Graph,
+    w: &str,
+    dtype: DataType,
+    left: (&[f32], &[i64]),
+    right: (&[f32], &[i64]),
+) -> Result<(String, String)> {
+    let ln = add(
+        g,
+        &format!("{w}_refine_a"),
+        dtype,
+        left.1,
+        float_bytes(left.0, dtype),
+    )?;
+    let rn = add(
+        g,
+        &format!("{w}_refine_b"),
+        dtype,
+        right.1,
+        float_bytes(right.0, dtype),
+    )?;
+    Ok((ln, rn))
+}
+
+const NOT_PROJECTABLE: &str = "only a MatMul(x, W) whose x has a known rank of at least 2 can \
+                               have its input projected onto the atoms";
+
+/// The rows `x` has per call (the product of its leading dims) when every block's projection is
+/// a `MatMul(x, W)` with `x` of known rank ≥ 2: `Some(None)` when a leading dim is symbolic;
+/// `None` when the input cannot be projected.
+fn projection_rows(model: &Model, members: &[Member], layout_kn: bool) -> Option<Option<u64>> {
+    let g = &model.graph;
+    if !layout_kn {
+        return None;
+    }
+    let types = wcc_ir::infer::infer_graph(g, model.default_opset(), None);
+    let mut rows: Option<Option<u64>> = None;
+    for m in members {
+        let node = g.nodes.iter().find(|n| n.name == m.node)?;
+        if !node.is("MatMul") || node.inputs.get(1) != Some(&m.weight) {
+            return None;
+        }
+        let shape = types.shape(&node.inputs[0])?;
+        if shape.len() < 2 || shape.len() != types.shape(&members[0].input)?.len() {
+            return None;
+        }
+        let lead: Option<u64> = shape[..shape.len() - 1]
+            .iter()
+            .map(|d| match d {
+                wcc_ir::Dim::Known(v) if *v >= 0 => Some(*v as u64),
+                _ => None,
+            })
+            .product();
+        rows = Some(match rows {
+            None => lead,
+            Some(a) => a.zip(lead).map(|(a, b)| a.max(b)),
+        });
+    }
+    rows
 }
 
 /// Whether the weight `w` read by `node` is stored `[K, N]` (MatMul's B, Gemm without transB,
@@ -1032,6 +1613,41 @@ mod tests {
         assert!("q:-1".parse::<RankSpec>().is_err());
         assert_eq!(Count::Fraction(0.5).of(6), 3);
         assert_eq!(Count::Fraction(0.01).of(6), 1);
+    }
+
+    /// Layer groups: blocks 0-3 are multiples of one matrix and 4-8 of another (plus a little
+    /// of a third everywhere); with one atom per group and no mean the split found is 4 | 5,
+    /// and it leaves almost nothing, where one dictionary of one atom leaves the second matrix.
+    #[test]
+    fn groups_split_where_the_blocks_change() {
+        let (l, numel) = (9, 6);
+        let a = [1.0, 2.0, 0.0, -1.0, 0.5, 0.0];
+        let b = [0.0, -1.0, 3.0, 0.0, 1.0, 2.0];
+        let c = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+        let w: Vec<Vec<f64>> = (0..l)
+            .map(|i| {
+                let (m, s) = if i < 4 {
+                    (&a, 1.0 + i as f64)
+                } else {
+                    (&b, 2.0 - 0.1 * i as f64)
+                };
+                (0..numel)
+                    .map(|e| s * m[e] + 1e-3 * i as f64 * c[e])
+                    .collect()
+            })
+            .collect();
+        let gram: Vec<f64> = (0..l * l)
+            .map(|e| (0..numel).map(|x| w[e / l][x] * w[e % l][x]).sum())
+            .collect();
+        let segs = segment(&gram, l, 2, Count::Atoms(1), false).unwrap();
+        assert_eq!(segs, vec![0..4, 4..9]);
+        let grouped: f64 = segs
+            .iter()
+            .map(|s| tail_energy(&gram, l, s.clone(), 1, false).unwrap())
+            .sum();
+        let one = tail_energy(&gram, l, 0..l, 1, false).unwrap();
+        assert!(grouped < 1e-3 * one, "{grouped} vs {one}");
+        assert!(segment(&gram, l, 5, Count::Atoms(1), false).is_err());
     }
 
     /// The whitened refinement lowers the output error on the statistics more than the plain

@@ -209,6 +209,22 @@ pub struct OptimizeArgs {
     /// not their differences from the mean).
     #[arg(long, requires = "share_atoms")]
     pub share_no_mean: bool,
+    /// --share-atoms in G runs of consecutive blocks, each with its own mean and S atoms (the
+    /// split whose atoms leave the least of the weights).
+    #[arg(long, value_name = "G", default_value_t = 1, requires = "share_atoms",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub share_groups: usize,
+    /// How --share-atoms' weights reach their projections: `synthesize` each block's weight
+    /// from the atoms (ONNX Runtime folds it back at session start unless constant folding is
+    /// off), `project` the input onto the atoms (no weight exists; S' times the multiply-adds),
+    /// or `auto`: the fewer multiply-adds per call, counting the synthesis.
+    #[arg(
+        long,
+        value_name = "FORM",
+        default_value = "auto",
+        requires = "share_atoms"
+    )]
+    pub share_emit: wcc_driver::ShareEmit,
     /// Where the result will run, which decides what it may contain: portable (standard ONNX;
     /// int4 as DequantizeLinear at opset 21, else MatMulNBits), ort-cpu and ort-cuda (ONNX
     /// Runtime's MatMulNBits/GatherBlockQuantized for int4/int8, fused 4-bit kernels on CUDA), or
@@ -423,6 +439,8 @@ impl OptimizeArgs {
                     atoms,
                     mean: !self.share_no_mean,
                     refine: self.share_refine_rank.clone().unwrap_or_default(),
+                    groups: self.share_groups,
+                    emit: self.share_emit,
                     ..Default::default()
                 }),
             target: self.target,

@@ -147,6 +147,7 @@ fn options_for(choice: &BTreeMap<Kind, (usize, usize)>, stats: &Statistics) -> S
         refine: PerKind(refine),
         mean: true,
         stats: stats.clone(),
+        ..Default::default()
     }
 }
 
