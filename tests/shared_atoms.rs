@@ -375,15 +375,16 @@ fn compress_finds_the_planted_sharing_within_the_gate() {
     );
     let s = r.share_search.as_ref().expect("the search ran");
     let json = serde_json::to_value(s).unwrap();
-    let kinds: Vec<(String, Option<(usize, usize)>)> = s
-        .kinds
-        .iter()
-        .map(|k| (k.kind.label().to_string(), k.chosen))
-        .collect();
-    assert_eq!(kinds.len(), 4, "{json}");
-    for (k, chosen) in &kinds {
-        let (atoms, _) = chosen.unwrap_or_else(|| panic!("{k} not shared: {json}"));
-        assert!(atoms <= 3, "{k}: {atoms} atoms for 3 planted");
+    assert_eq!(s.kinds.len(), 4, "{json}");
+    for k in &s.kinds {
+        let c = k
+            .chosen
+            .unwrap_or_else(|| panic!("{} not shared: {json}", k.kind.label()));
+        assert!(
+            c.atoms * c.groups <= 3,
+            "{}: {c} for 3 planted",
+            k.kind.label()
+        );
     }
     let kept = s.tries.iter().find(|t| t.passed).expect("a kept try");
     assert!(kept.measured_share <= 0.25, "{json}");
@@ -417,7 +418,7 @@ fn groups_and_input_projection_reproduce_every_family() {
         let inputs = inputs(stem, "inputs");
         let original = load(stem);
         let opts = ShareOptions {
-            groups: 2,
+            groups: "2".parse().unwrap(),
             emit: ShareEmit::Project,
             ..atoms("all:64", "2", true)
         };

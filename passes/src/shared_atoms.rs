@@ -190,6 +190,27 @@ impl std::str::FromStr for PerKind<Count> {
     }
 }
 
+/// Layer groups of a type: runs of consecutive blocks with a dictionary each (at least 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Groups(pub usize);
+
+/// `--share-groups G`: layer groups per type (`all:G`, a bare `G`, or `q:G,…`).
+pub type GroupSpec = PerKind<Groups>;
+
+impl std::str::FromStr for PerKind<Groups> {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        PerKind::parse_with(
+            s,
+            |v| match v.parse::<usize>() {
+                Ok(g) if g >= 1 => Ok(Groups(g)),
+                _ => Err(format!("'{v}': not a number of layer groups (1 or more)")),
+            },
+            |_, g| g,
+        )
+    }
+}
+
 /// `--share-refine-rank R`: the refinement's rank per type (0: none). A single `R` gives Q, O and
 /// QKV `R`, K and V `⌈R/2⌉`.
 pub type RankSpec = PerKind<usize>;
@@ -221,8 +242,9 @@ pub struct ShareOptions {
     pub refine: RankSpec,
     /// Calibration statistics (`H = XᵀX` of each projection's input) that whiten the refinement.
     pub stats: crate::Statistics,
-    /// Runs of consecutive blocks with a dictionary each (1: one for all the blocks).
-    pub groups: usize,
+    /// Runs of consecutive blocks with a dictionary each, per type (absent: one for all the
+    /// blocks).
+    pub groups: GroupSpec,
     /// How the weights reach their projections (the cost model's choice by default).
     pub emit: ShareEmit,
 }
@@ -332,7 +354,7 @@ impl Default for ShareOptions {
             mean: true,
             refine: PerKind::default(),
             stats: crate::Statistics::default(),
-            groups: 1,
+            groups: PerKind::default(),
             emit: ShareEmit::Auto,
         }
     }
@@ -814,7 +836,7 @@ fn share_kind(
     let numel = first.numel() as usize;
     let layout_kn = kn_layout(g, &members[0].node, &members[0].weight);
     // Groups of at least two blocks: as many as asked, or as the blocks allow.
-    let groups_asked = o.groups.max(1);
+    let groups_asked = o.groups.get(kind).map_or(1, |g| g.0.max(1));
     let segments = if groups_asked.min(l / 2) > 1 {
         let tensors: Vec<&Tensor> = members
             .iter()

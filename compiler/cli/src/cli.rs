@@ -210,10 +210,9 @@ pub struct OptimizeArgs {
     #[arg(long, requires = "share_atoms")]
     pub share_no_mean: bool,
     /// --share-atoms in G runs of consecutive blocks, each with its own mean and S atoms (the
-    /// split whose atoms leave the least of the weights).
-    #[arg(long, value_name = "G", default_value_t = 1, requires = "share_atoms",
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-    pub share_groups: usize,
+    /// split whose atoms leave the least of the weights): `G`, `all:G` or per type `q:G,o:G`.
+    #[arg(long, value_name = "G", requires = "share_atoms")]
+    pub share_groups: Option<wcc_driver::GroupSpec>,
     /// How --share-atoms' weights reach their projections: `synthesize` each block's weight
     /// from the atoms (ONNX Runtime folds it back at session start unless constant folding is
     /// off), `project` the input onto the atoms (no weight exists; S' times the multiply-adds),
@@ -439,7 +438,7 @@ impl OptimizeArgs {
                     atoms,
                     mean: !self.share_no_mean,
                     refine: self.share_refine_rank.clone().unwrap_or_default(),
-                    groups: self.share_groups,
+                    groups: self.share_groups.clone().unwrap_or_default(),
                     emit: self.share_emit,
                     ..Default::default()
                 }),

@@ -39,7 +39,7 @@ pub use verify::{RemovedOutput, Verification};
 /// `--drop SPEC`: which sublayers, how many.
 pub use wcc_passes::layer_drop::DropSpec;
 /// What `--vq-bits` quantizes and how.
-pub use wcc_passes::shared_atoms::{AtomSpec, RankSpec, ShareEmit, ShareOptions};
+pub use wcc_passes::shared_atoms::{AtomSpec, GroupSpec, RankSpec, ShareEmit, ShareOptions};
 /// What structure discovery found (`wcc inspect --structure`).
 pub use wcc_passes::structure::Structure;
 /// What `--int4` quantizes and how.

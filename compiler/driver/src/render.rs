@@ -166,9 +166,8 @@ pub fn share_search(r: &crate::share::ShareSearch) -> String {
             .iter()
             .map(|t| {
                 format!(
-                    "{}+mean r{}: {:.0}% of the bytes, {}",
-                    t.atoms,
-                    t.refine_rank,
+                    "{}: {:.0}% of the bytes, {}",
+                    t.setting,
                     100.0 * t.bytes_after as f64 / k.bytes_before.max(1) as f64,
                     t.share
                         .map(|u| format!("{:.1}% of the gate", u * 100.0))
@@ -183,7 +182,7 @@ pub fn share_search(r: &crate::share::ShareSearch) -> String {
             k.blocks,
             tried.join("; "),
             k.chosen
-                .map(|(a, r)| format!("{a} atoms + mean, rank {r}"))
+                .map(|c| c.to_string())
                 .unwrap_or_else(|| "left alone".into())
         );
     }

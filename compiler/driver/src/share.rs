@@ -11,7 +11,8 @@ use serde::Serialize;
 use wcc_ir::pass::{PassManager, PassRecord};
 use wcc_ir::Model;
 use wcc_passes::shared_atoms::{
-    calibration_inputs, shareable, Count, Kind, PerKind, ShareOptions, ShareReport, SharedAtoms,
+    calibration_inputs, shareable, Count, Groups, Kind, PerKind, ShareOptions, ShareReport,
+    SharedAtoms,
 };
 use wcc_passes::Statistics;
 
@@ -59,11 +60,29 @@ const NEGLIGIBLE: f64 = 0.01;
 /// Tries at the combination of the types' choices, at most.
 const COMBINED_TRIES: usize = 3;
 
+/// A type's sharing: atoms per layer group, the refinement's rank, layer groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Setting {
+    pub atoms: usize,
+    pub refine_rank: usize,
+    pub groups: usize,
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}+mean r{}", self.atoms, self.refine_rank)?;
+        if self.groups > 1 {
+            write!(f, " ×{} groups", self.groups)?;
+        }
+        Ok(())
+    }
+}
+
 /// One setting tried for one projection type, alone.
 #[derive(Debug, Clone, Serialize)]
 pub struct SettingTried {
-    pub atoms: usize,
-    pub refine_rank: usize,
+    #[serde(flatten)]
+    pub setting: Setting,
     pub bytes_after: u64,
     /// The share of the gate it uses alone, over what the model used before (`None`: it could
     /// not be run).
@@ -77,8 +96,8 @@ pub struct KindSearch {
     pub blocks: usize,
     pub bytes_before: u64,
     pub tried: Vec<SettingTried>,
-    /// The setting chosen (atoms, refinement rank), if any.
-    pub chosen: Option<(usize, usize)>,
+    /// The setting chosen, if any.
+    pub chosen: Option<Setting>,
 }
 
 /// One combination of the types' choices, built and measured.
@@ -111,9 +130,10 @@ pub struct ShareSearch {
     pub notes: Vec<String>,
 }
 
-/// The settings worth trying for a type of `blocks` blocks of `shape`: (atoms, rank), each
-/// storing fewer parameters than the blocks (atoms + mean + coefficients + refinement factors).
-fn settings(blocks: usize, shape: &[i64]) -> Vec<(usize, usize)> {
+/// The settings worth trying for a type of `blocks` blocks of `shape`, each storing fewer
+/// parameters than the blocks (atoms + mean per group, coefficients, refinement factors): one
+/// dictionary, and two layer groups where the blocks make groups of three or more.
+fn settings(blocks: usize, shape: &[i64]) -> Vec<Setting> {
     let (a, b) = match shape {
         [a, b] => (*a as u64, *b as u64),
         _ => return vec![],
@@ -123,28 +143,37 @@ fn settings(blocks: usize, shape: &[i64]) -> Vec<(usize, usize)> {
     let mut ranks = vec![0, (small / 32).max(1), (small / 8).max(1)];
     ranks.dedup();
     let mut out = vec![];
-    for s in 1..blocks.saturating_sub(1) {
-        for &r in &ranks {
-            let params = (s as u64 + 1) * numel + l * (s as u64 + 1) + l * r * (a + b);
-            if params < l * numel {
-                out.push((s, r as usize));
+    for g in [1u64, 2].into_iter().filter(|g| *g == 1 || blocks >= 6) {
+        for s in 1..(blocks / g as usize).saturating_sub(1) {
+            for &r in &ranks {
+                let params = g * (s as u64 + 1) * numel + l * (s as u64 + 1) + l * r * (a + b);
+                if params < l * numel {
+                    out.push(Setting {
+                        atoms: s,
+                        refine_rank: r as usize,
+                        groups: g as usize,
+                    });
+                }
             }
         }
     }
     out
 }
 
-/// `options` with only `kind` shared as `(atoms, rank)` (or every kind in `choice`).
-fn options_for(choice: &BTreeMap<Kind, (usize, usize)>, stats: &Statistics) -> ShareOptions {
+/// The options that share every kind in `choice` as its setting says.
+fn options_for(choice: &BTreeMap<Kind, Setting>, stats: &Statistics) -> ShareOptions {
     let mut atoms = BTreeMap::new();
     let mut refine = BTreeMap::new();
-    for (&k, &(s, r)) in choice {
-        atoms.insert(k, Count::Atoms(s));
-        refine.insert(k, r);
+    let mut groups = BTreeMap::new();
+    for (&k, s) in choice {
+        atoms.insert(k, Count::Atoms(s.atoms));
+        refine.insert(k, s.refine_rank);
+        groups.insert(k, Groups(s.groups));
     }
     ShareOptions {
         atoms: PerKind(atoms),
         refine: PerKind(refine),
+        groups: PerKind(groups),
         mean: true,
         stats: stats.clone(),
         ..Default::default()
@@ -154,7 +183,7 @@ fn options_for(choice: &BTreeMap<Kind, (usize, usize)>, stats: &Statistics) -> S
 /// `model` shared as `choice` says, and the pass's report (what the search measures).
 fn trial(
     model: &Model,
-    choice: &BTreeMap<Kind, (usize, usize)>,
+    choice: &BTreeMap<Kind, Setting>,
     stats: &Statistics,
 ) -> Result<(Model, ShareReport), Error> {
     let mut m = model.clone();
@@ -232,8 +261,12 @@ pub fn search(
         return done(report);
     }
     // The refinement's statistics, on the half the fits use.
-    let every: BTreeMap<Kind, (usize, usize)> =
-        able.iter().map(|(s, _)| (s.kind, (1, 1))).collect();
+    let refined = Setting {
+        atoms: 1,
+        refine_rank: 1,
+        groups: 1,
+    };
+    let every: BTreeMap<Kind, Setting> = able.iter().map(|(s, _)| (s.kind, refined)).collect();
     let names = calibration_inputs(model, &options_for(&every, &Statistics::default()));
     let backend = p.exec.backend_for(p.original);
     let stats = Statistics {
@@ -252,15 +285,16 @@ pub fn search(
             tried: vec![],
             chosen: None,
         };
-        // Per rank, more atoms only until one costs next to nothing of the gate.
+        // Per rank and groups, more atoms only until one costs next to nothing of the gate.
         let mut settled = std::collections::BTreeSet::new();
-        for &(atoms, rank) in tries {
+        for &setting in tries {
             n += 1;
             progress(Step::Sharing { done: n, of: total });
-            if settled.contains(&rank) {
+            let family = (setting.refine_rank, setting.groups);
+            if settled.contains(&family) {
                 continue;
             }
-            let one = BTreeMap::from([(s.kind, (atoms, rank))]);
+            let one = BTreeMap::from([(s.kind, setting)]);
             let (cand, r) = trial(model, &one, &stats)?;
             let Some(rk) = r.kinds.first() else { continue };
             k.bytes_before = rk.bytes_before;
@@ -268,11 +302,10 @@ pub fn search(
                 .ok()
                 .map(|(u, _, _)| (u - base).max(0.0));
             if share.is_some_and(|u| u <= NEGLIGIBLE) {
-                settled.insert(rank);
+                settled.insert(family);
             }
             k.tried.push(SettingTried {
-                atoms,
-                refine_rank: rank,
+                setting,
                 bytes_after: rk.bytes_after,
                 share,
             });
@@ -295,11 +328,10 @@ pub fn search(
                 .min_by(|a, b| a.2.total_cmp(&b.2));
             report.notes.push(match least {
                 Some((k, t, s)) => format!(
-                    "none shared: the least costly setting ({} {} atoms + mean, rank {}) alone \
-                     uses {:.1}% of the gate, over the {:.1}% sharing may use",
+                    "none shared: the least costly setting ({} {}) alone uses {:.1}% of the \
+                     gate, over the {:.1}% sharing may use",
                     k.kind.label(),
-                    t.atoms,
-                    t.refine_rank,
+                    t.setting,
                     s * 100.0,
                     budget * 100.0
                 ),
@@ -307,10 +339,8 @@ pub fn search(
             });
             break;
         }
-        let picks: BTreeMap<Kind, (usize, usize)> = choice
-            .iter()
-            .map(|&(k, t)| (k.kind, (t.atoms, t.refine_rank)))
-            .collect();
+        let picks: BTreeMap<Kind, Setting> =
+            choice.iter().map(|&(k, t)| (k.kind, t.setting)).collect();
         let estimated: f64 = choice.iter().map(|(_, t)| t.share.unwrap_or(0.0)).sum();
         let (cand, r) = trial(model, &picks, &stats)?;
         let saved: u64 = r
@@ -326,7 +356,7 @@ pub fn search(
             budget,
             choice: picks
                 .iter()
-                .map(|(k, (s, r))| format!("{} {s} atoms rank {r}", k.label()))
+                .map(|(k, s)| format!("{} {s}", k.label()))
                 .collect(),
             estimated_share: estimated,
             measured_share: measured,
