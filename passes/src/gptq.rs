@@ -63,8 +63,8 @@ impl Gram {
         let base = self.quadratic(w0);
         move |w_hat| {
             if base > 0.0 {
-                let d: Vec<f32> = w0.iter().zip(w_hat).map(|(a, b)| a - b).collect();
-                (self.quadratic(&d) / base).sqrt()
+                let d = |i: usize| (w0[i] - w_hat[i]) as f64;
+                (self.quadratic_of(w0.len() / self.k.max(1), d) / base).sqrt()
             } else {
                 0.0
             }
@@ -74,20 +74,34 @@ impl Gram {
     /// `Σ_rows δ H δᵀ` for `d` `[N, K]` (the output error of a weight change `d` on the
     /// calibration data, squared): `Σ (D H) ∘ D`.
     pub fn quadratic(&self, d: &[f32]) -> f64 {
+        self.quadratic_of(d.len() / self.k.max(1), |i| d[i] as f64)
+    }
+
+    /// [`Gram::quadratic`] of the `[N, K]` matrix whose element `i` (row-major) is `d(i)`,
+    /// `QUADRATIC_ROWS` rows at a time: what is held is `H` (not copied) and a block's rows.
+    fn quadratic_of(&self, n: usize, d: impl Fn(usize) -> f64) -> f64 {
         let k = self.k;
-        let n = d.len() / k;
-        let dm = Mat::<f64>::from_fn(n, k, |r, c| d[r * k + c] as f64);
-        let h = Mat::<f64>::from_fn(k, k, |i, j| self.h[i * k + j]);
-        let dh = &dm * &h;
+        if k == 0 {
+            return 0.0;
+        }
+        let h = faer::MatRef::from_row_major_slice(&self.h, k, k);
         let mut s = 0.0;
-        for c in 0..k {
-            for r in 0..n {
-                s += dh[(r, c)] * dm[(r, c)];
+        for r0 in (0..n).step_by(QUADRATIC_ROWS) {
+            let rows = QUADRATIC_ROWS.min(n - r0);
+            let dm = Mat::<f64>::from_fn(rows, k, |r, c| d((r0 + r) * k + c));
+            let dh = &dm * h;
+            for r in 0..rows {
+                for c in 0..k {
+                    s += dh[(r, c)] * dm[(r, c)];
+                }
             }
         }
         s
     }
 }
+
+/// Rows of a weight change [`Gram::quadratic`] multiplies by `H` at once.
+const QUADRATIC_ROWS: usize = 256;
 
 /// A rounding rule GPTQ applies one input column at a time.
 pub trait ColumnRounding {

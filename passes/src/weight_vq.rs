@@ -628,6 +628,32 @@ impl Codec {
         w
     }
 
+    /// `rel_error(w0, decode(idx))` without the decoded copy: the same values, summed in the
+    /// same order.
+    fn rel_error(&self, w0: &[f32], idx: &[Vec<u32>], n: usize, k: usize) -> f64 {
+        let v = self.v;
+        let per = n / v;
+        let (mut err, mut norm) = (0f64, 0f64);
+        for r in 0..n {
+            let (j, t) = (r / v, r % v);
+            for q in 0..k {
+                let at = q * per + j;
+                let ids = [idx[0][at], idx.get(1).map_or(0, |i| i[at])];
+                let (a, b) = (
+                    w0[r * k + q],
+                    self.value(ids, t) * self.scale[q] + self.shift[q],
+                );
+                err += ((a - b) as f64).powi(2);
+                norm += (a as f64).powi(2);
+            }
+        }
+        if norm > 0.0 {
+            (err / norm).sqrt()
+        } else {
+            0.0
+        }
+    }
+
     /// Every vector of `w'` (normalized, in `vectors`' order) coded to its nearest centroids.
     fn nearest(&self, points: &[f32], k: usize, per: usize) -> Vec<Vec<u32>> {
         let v = self.v;
@@ -758,9 +784,14 @@ fn code(
             codec = codec.searched();
         }
         let nearest = codec.nearest(&points, k, per);
+        // What is held at once: the weight, its vectors and their indices, and one decoded or
+        // error-fed copy (none without calibration: the error is taken as the codes decode).
+        drop(points);
         let (idx, w_hat, out_err, out_err_nearest) = match gram {
             Some(h) => {
-                let plain = codec.decode(&nearest, n, k);
+                let error = h.output_error(&w0);
+                let e0 = error(&codec.decode(&nearest, n, k));
+                drop(nearest);
                 let mut w = w0.clone();
                 let mut r = VqRounding {
                     codec: &codec,
@@ -768,16 +799,20 @@ fn code(
                 };
                 gptq::quantize(&mut w, n, h, o.stats.damp, &mut r)
                     .map_err(wcc_ir::IrError::Other)?;
+                drop(w);
                 let idx = r.idx;
                 let w_hat = codec.decode(&idx, n, k);
-                let error = h.output_error(&w0);
-                let (e, e0) = (error(&w_hat), error(&plain));
-                (idx, w_hat, Some(e), Some(e0))
+                let e = error(&w_hat);
+                (idx, Some(w_hat), Some(e), Some(e0))
             }
             None => {
-                let w_hat = codec.decode(&nearest, n, k);
+                let w_hat = held.is_some().then(|| codec.decode(&nearest, n, k));
                 (nearest, w_hat, None, None)
             }
+        };
+        let rel = match &w_hat {
+            Some(w_hat) => rel_error(&w0, w_hat),
+            None => codec.rel_error(&w0, &idx, n, k),
         };
         out.push(Coded {
             k,
@@ -785,8 +820,8 @@ fn code(
             v,
             centroids: o.centroids,
             dtype_bytes,
-            rel_error: rel_error(&w0, &w_hat),
-            heldout_output_rel_error: heldout_error(&w0, &w_hat, held),
+            rel_error: rel,
+            heldout_output_rel_error: w_hat.and_then(|w_hat| heldout_error(&w0, &w_hat, held)),
             outlier_columns: n_out,
             norm: o
                 .normalize
