@@ -143,3 +143,55 @@ fn saving_over_an_input_file_is_refused() {
         std::fs::read(dir.path().join("m.onnx.data")).unwrap()
     );
 }
+
+/// A model over protobuf's 2 GB limit reaches ONNX Runtime as a file with external data in a
+/// temporary folder (`Backend::prepare_from_file`, what `prepare_model` does past the limit):
+/// on a fixture it computes bit for bit what the serialized model computes, on two runs of the
+/// same session (the folder outlives the load), and the folder is gone with the session.
+#[test]
+fn onnx_runtime_loads_a_model_from_a_file_with_external_data() {
+    let backend = ort();
+    for stem in ["bert.legacy", "llama.dynamo"] {
+        let m = load(stem);
+        let x = inputs(stem, "inputs");
+        let want = backend.run_model(&m, &x).unwrap();
+        let before = wcc_ort_folders();
+        let mut prepared = backend.prepare_from_file(&m).unwrap();
+        assert_eq!(
+            wcc_ort_folders().len(),
+            before.len() + 1,
+            "{stem}: no folder"
+        );
+        for _ in 0..2 {
+            let got = prepared.run(&x).unwrap();
+            for f in wcc_runtime::compare_outputs(&want, &got).unwrap() {
+                assert!(f.bitwise_equal, "{stem}: {}", f.name);
+            }
+        }
+        drop(prepared);
+        assert_eq!(
+            wcc_ort_folders(),
+            before,
+            "{stem}: the folder outlived the session"
+        );
+    }
+    assert!(wcc_runtime::Backend::Tract
+        .prepare_from_file(&load("bert.legacy"))
+        .is_err());
+}
+
+/// The temporary folders ONNX Runtime's file loads use, now.
+fn wcc_ort_folders() -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("wcc-ort-"))
+        })
+        .collect();
+    v.sort();
+    v
+}

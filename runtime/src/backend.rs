@@ -66,25 +66,39 @@ impl Backend {
         self.prepare(model, inputs)?.run(inputs)
     }
 
-    /// Runs `m` once on `inputs`. tract gets the model without its large tensors and reads those
-    /// from where wcc holds them (one copy fewer of every weight, and no message holding them);
-    /// ONNX Runtime gets the whole serialized model.
+    /// Runs `m` once on `inputs` (see [`Backend::prepare_model`]).
     pub fn run_model(
         &self,
         m: &wcc_ir::Model,
         inputs: &NamedArrays,
     ) -> Result<NamedArrays, RunError> {
+        self.prepare_model(m, inputs)?.run(inputs)
+    }
+
+    /// Loads `m` for runs on inputs shaped as `inputs`. tract gets the model without its large
+    /// tensors and reads those from where wcc holds them (one copy fewer of every weight, and no
+    /// message holding them); ONNX Runtime gets the serialized model, or, when its tensors pass
+    /// protobuf's 2 GB limit, a file with external data written to a temporary folder (kept while
+    /// the session lives).
+    pub fn prepare_model(
+        &self,
+        m: &wcc_ir::Model,
+        inputs: &NamedArrays,
+    ) -> Result<Box<dyn Prepared>, RunError> {
         let setup = |e: wcc_ir::IrError| RunError::Setup(e.to_string());
         match self {
             Backend::Tract => {
                 let (bytes, refs) =
                     wcc_ir::export::to_bytes_with_refs(m, REF_MIN_BYTES).map_err(setup)?;
-                self.prepare_with(Cow::Owned(bytes), refs, inputs, false)?
-                    .run(inputs)
+                self.prepare_with(Cow::Owned(bytes), refs, inputs, false)
             }
-            Backend::Ort { .. } => {
-                self.run_owned(wcc_ir::export::to_bytes(m).map_err(setup)?, inputs)
-            }
+            Backend::Ort { .. } if needs_file(m) => self.prepare_from_file(m),
+            Backend::Ort { .. } => self.prepare_with(
+                Cow::Owned(wcc_ir::export::to_bytes(m).map_err(setup)?),
+                vec![],
+                inputs,
+                false,
+            ),
         }
     }
 
@@ -145,6 +159,54 @@ impl Backend {
             })
         })?;
         Ok(Box::new(Guarded { backend, inner }))
+    }
+}
+
+impl Backend {
+    /// Loads `m` on ONNX Runtime from a file with external data written to a temporary folder
+    /// (kept while the session lives): what [`Backend::prepare_model`] does for a model over
+    /// protobuf's limit. tract is not loaded this way (it reads the tensors where wcc holds them).
+    pub fn prepare_from_file(&self, m: &wcc_ir::Model) -> Result<Box<dyn Prepared>, RunError> {
+        let Backend::Ort { lib, provider } = self else {
+            return Err(RunError::Setup(
+                "only ONNX Runtime loads a model from a file here".into(),
+            ));
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("wcc-ort-")
+            .tempdir()
+            .map_err(|e| RunError::Setup(format!("a temporary folder: {e}")))?;
+        let path = dir.path().join("model.onnx");
+        let opts = wcc_ir::export::SaveOptions {
+            external_data: true,
+            ..Default::default()
+        };
+        wcc_ir::export::save(m, &path, &opts)
+            .map_err(|e| RunError::Setup(format!("writing the model for ONNX Runtime: {e}")))?;
+        let inner = guarded(self.name(), || {
+            crate::ort_backend::OrtModel::load_file(&path, lib.as_deref(), *provider)
+        })?;
+        Ok(Box::new(Guarded {
+            backend: self.name(),
+            inner: Box::new(InFolder { inner, _dir: dir }),
+        }))
+    }
+}
+
+/// Whether `m` must reach ONNX Runtime as a file: its tensors pass protobuf's 2 GB limit.
+fn needs_file(m: &wcc_ir::Model) -> bool {
+    wcc_ir::export::tensor_bytes(m) > wcc_ir::export::AUTO_EXTERNAL_BYTES
+}
+
+/// A model ONNX Runtime loaded from a temporary folder, kept as long as the session.
+struct InFolder<T> {
+    inner: T,
+    _dir: tempfile::TempDir,
+}
+
+impl<T: Prepared> Prepared for InFolder<T> {
+    fn run(&mut self, inputs: &NamedArrays) -> Result<NamedArrays, RunError> {
+        self.inner.run(inputs)
     }
 }
 

@@ -49,7 +49,6 @@ pub fn for_each_batch(
     f: &mut BatchFn,
 ) -> Result<(), String> {
     let probe = expose(model, names);
-    let bytes = wcc_ir::export::to_bytes(&probe).map_err(|e| e.to_string())?;
     let mut prepared: Option<(Vec<Vec<usize>>, PreparedModel)> = None;
     for batch in batches {
         let batch = crate::inputs::own_inputs(model, batch);
@@ -57,7 +56,9 @@ pub fn for_each_batch(
         if prepared.as_ref().is_none_or(|(s, _)| *s != shapes) {
             prepared = Some((
                 shapes,
-                backend.prepare(&bytes, &batch).map_err(|e| e.to_string())?,
+                backend
+                    .prepare_model(&probe, &batch)
+                    .map_err(|e| e.to_string())?,
             ));
         }
         let (_, model_run) = prepared.as_mut().expect("prepared above");

@@ -94,22 +94,41 @@ pub struct OrtModel {
 
 impl OrtModel {
     pub fn load(bytes: &[u8], lib: Option<&Path>, provider: Provider) -> Result<Self, RunError> {
+        Self::with_session(Self::builder(lib, provider)?.commit_from_memory(bytes))
+    }
+
+    /// Loads the model file at `path` (its external data beside it): how a model over
+    /// protobuf's 2 GB limit reaches ONNX Runtime.
+    pub fn load_file(
+        path: &Path,
+        lib: Option<&Path>,
+        provider: Provider,
+    ) -> Result<Self, RunError> {
+        Self::with_session(Self::builder(lib, provider)?.commit_from_file(path))
+    }
+
+    fn builder(
+        lib: Option<&Path>,
+        provider: Provider,
+    ) -> Result<ort::session::builder::SessionBuilder, RunError> {
         let env = init(lib)?;
         let ep = match provider {
             Provider::Cpu => ort::ep::CPU::default().build().error_on_failure(),
             Provider::Cuda => ort::ep::CUDA::default().build().error_on_failure(),
             Provider::TensorRt => ort::ep::TensorRT::default().build().error_on_failure(),
         };
-        let session = Session::builder(env)
+        Session::builder(env)
             .map_err(err)?
             .with_execution_providers([ep])
             .map_err(|e| {
                 RunError::Setup(format!(
                     "execution provider {provider:?} cannot be registered: {e}"
                 ))
-            })?
-            .commit_from_memory(bytes)
-            .map_err(err)?;
+            })
+    }
+
+    fn with_session(session: ort::Result<Session>) -> Result<Self, RunError> {
+        let session = session.map_err(err)?;
         let output_names = session
             .outputs()
             .iter()
