@@ -855,7 +855,8 @@ fn share_kind(
     for (i, seg) in segments.iter().enumerate() {
         let part = &members[seg.clone()];
         let fit = fit_group(&model.graph, kind, part, count, o, &dims, dtype, layout_kn)?;
-        let tokens = projection_rows(model, part, layout_kn);
+        let projectable = projection(model, part, layout_kn);
+        let tokens = projectable.map(|p| p.rows);
         let r = fit
             .refinements
             .iter()
@@ -867,7 +868,7 @@ fn share_kind(
         let chosen = match o.emit {
             ShareEmit::Synthesize => Emission::Synthesize,
             // What cannot be projected is synthesized; the report says why.
-            ShareEmit::Project if tokens.is_some() => Emission::Project,
+            ShareEmit::Project if projectable.is_some() => Emission::Project,
             ShareEmit::Project => Emission::Synthesize,
             ShareEmit::Auto => cost.choice(),
         };
@@ -880,7 +881,10 @@ fn share_kind(
             Emission::Synthesize => {
                 emit_synthesized(&mut model.graph, &base, part, &fit, &dims, dtype, layout_kn)?
             }
-            Emission::Project => emit_projected(model, &base, part, &fit, k, n, dtype)?,
+            Emission::Project => {
+                let rank = projectable.expect("projected only when projectable").rank;
+                emit_projected(&mut model.graph, &base, part, &fit, (k, n, rank), dtype)?
+            }
         };
         emission.get_or_insert((chosen, cost));
         groups.push(ShareGroup {
@@ -1263,23 +1267,16 @@ fn emit_synthesized(
 /// `[K, S'·N]` weight `D`, and each block's `y = x·W` as
 /// `MatMul(c_l, Reshape(MatMul(x, D), [.., S', N])) → Reshape([.., N])` (`+ (x·A)·B`), which
 /// replaces the block's MatMul. Nothing of it is constant but `D`: ONNX Runtime folds nothing.
-/// Only for `MatMul(x, W)` with `x` of known rank ≥ 2 ([`projection_rows`]). The parameters
-/// stored.
+/// Only for `MatMul(x, W)` with `x` of known rank ≥ 2 ([`projection`]; `rank` is x's). The
+/// parameters stored.
 fn emit_projected(
-    model: &mut Model,
+    g: &mut Graph,
     base: &str,
     members: &[Member],
     fit: &Fit,
-    k: usize,
-    n: usize,
+    (k, n, rank): (usize, usize, usize),
     dtype: DataType,
 ) -> Result<u64> {
-    let opset = model.default_opset();
-    let rank = {
-        let types = wcc_ir::infer::infer_graph(&model.graph, opset, None);
-        types.shape(&members[0].input).map_or(0, Vec::len)
-    };
-    let g = &mut model.graph;
     let s = fit.rows;
     let numel = k * n;
     // D[k, a·N + c] = atom a's [k, c].
@@ -1325,7 +1322,7 @@ fn emit_projected(
             .nodes
             .iter()
             .position(|x| x.name == m.node)
-            .expect("checked by projection_rows");
+            .expect("checked by projection");
         let node = g.nodes.remove(at);
         let y = node.outputs[0].clone();
         let c_name = add_coeffs(g, &w, c, dtype)?;
@@ -1429,15 +1426,22 @@ fn add_factors(
 const NOT_PROJECTABLE: &str = "only a MatMul(x, W) whose x has a known rank of at least 2 can \
                                have its input projected onto the atoms";
 
-/// The rows `x` has per call (the product of its leading dims) when every block's projection is
-/// a `MatMul(x, W)` with `x` of known rank ≥ 2: `Some(None)` when a leading dim is symbolic;
-/// `None` when the input cannot be projected.
-fn projection_rows(model: &Model, members: &[Member], layout_kn: bool) -> Option<Option<u64>> {
+/// A group whose input can be projected onto its atoms: `x`'s rank, and its rows per call (the
+/// product of its leading dims; `None` when one is symbolic).
+#[derive(Clone, Copy)]
+struct Projectable {
+    rank: usize,
+    rows: Option<u64>,
+}
+
+/// Whether every block's projection is a `MatMul(x, W)` with `x` of one known rank ≥ 2.
+fn projection(model: &Model, members: &[Member], layout_kn: bool) -> Option<Projectable> {
     let g = &model.graph;
     if !layout_kn {
         return None;
     }
     let types = wcc_ir::infer::infer_graph(g, model.default_opset(), None);
+    let rank = types.shape(&members.first()?.input)?.len();
     let mut rows: Option<Option<u64>> = None;
     for m in members {
         let node = g.nodes.iter().find(|n| n.name == m.node)?;
@@ -1445,7 +1449,7 @@ fn projection_rows(model: &Model, members: &[Member], layout_kn: bool) -> Option
             return None;
         }
         let shape = types.shape(&node.inputs[0])?;
-        if shape.len() < 2 || shape.len() != types.shape(&members[0].input)?.len() {
+        if shape.len() < 2 || shape.len() != rank {
             return None;
         }
         let lead: Option<u64> = shape[..shape.len() - 1]
@@ -1460,7 +1464,7 @@ fn projection_rows(model: &Model, members: &[Member], layout_kn: bool) -> Option
             Some(a) => a.zip(lead).map(|(a, b)| a.max(b)),
         });
     }
-    rows
+    Some(Projectable { rank, rows: rows? })
 }
 
 /// Whether the weight `w` read by `node` is stored `[K, N]` (MatMul's B, Gemm without transB,
